@@ -97,7 +97,8 @@ impl ConfigError {
             path: path.to_path_buf(),
             line,
             column,
-            message: err.message().trim().to_string(),
+            // One line: a user reads it in a terminal, and tools read errors line by line.
+            message: err.message().trim().lines().map(str::trim).collect::<Vec<_>>().join("; "),
             source_line,
             table,
         }
