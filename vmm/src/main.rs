@@ -1,1 +1,65 @@
-fn main() {}
+//! `spanvm`: the command line of a spanvm node.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use vmm::stop::StopReason;
+
+/// spanvm: one guest across several machines.
+#[derive(Parser)]
+#[command(name = "spanvm", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run this node's part of the guest (a single-node config runs the whole guest).
+    Run {
+        /// The node's config file.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Validate a node config and print the guest layout it describes.
+    Check {
+        /// The node's config file.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Measure spanvm against a minimal baseline measured in the same run.
+    Bench {
+        #[command(subcommand)]
+        what: BenchWhat,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchWhat {
+    /// Exit round trips (port I/O, MMIO, MSR) and IPI latency against a raw KVM loop.
+    Exits,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run { config } => vmm::commands::run(&config),
+        Command::Check { config } => vmm::commands::check(&config).map(|()| StopReason::PowerOff),
+        Command::Bench {
+            what: BenchWhat::Exits,
+        } => vmm::bench::exits::run().map(|()| StopReason::PowerOff),
+    };
+    match result {
+        Ok(StopReason::PowerOff) => ExitCode::SUCCESS,
+        Ok(reason) => {
+            eprintln!("spanvm: {reason}");
+            ExitCode::from(reason.exit_code() as u8)
+        }
+        Err(e) => {
+            eprintln!("spanvm: error: {e}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,24 @@
+# hello: vCPU 0 greets on the serial port; every vCPU reports its index and exits. The smallest
+# probe, and the one `spanvm run` shows first.
+.include "rt.S"
+
+cpl0_init:
+    ret
+
+user_main:
+    test r15, r15
+    jnz 1f
+    lea rsi, [rip + greeting]
+    call rt_puts
+    mov rdi, [rip + rt_vcpu_count]
+    call rt_putu
+    lea rsi, [rip + greeting_end]
+    call rt_puts
+1:  mov edi, 0x4f4c4548          # "HELO"
+    mov rsi, r15
+    call rt_report
+    mov edi, 0
+    call rt_exit
+
+greeting:     .asciz "hello from a spanvm probe guest, running at CPL3 on vCPU 0 of "
+greeting_end: .asciz "\n"

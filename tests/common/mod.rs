@@ -1,0 +1,142 @@
+//! Helpers shared by the end-to-end tests: write node configs, run the real `spanvm` binary as
+//! a child process, and parse what probes report.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// The `spanvm` binary built for these tests.
+pub fn spanvm() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_spanvm"))
+}
+
+/// A single-node config running `probe` on `vcpus` vCPUs with `memory_mib` of RAM.
+pub fn single_node_config(dir: &Path, probe: &str, vcpus: u32, memory_mib: u64) -> PathBuf {
+    let list: Vec<String> = (0..vcpus).map(|v| v.to_string()).collect();
+    let text = format!(
+        "node = 0\n\n[guest]\nvcpus = {vcpus}\nmemory_mib = {memory_mib}\nprobe = \"{probe}\"\n\n[[nodes]]\nid = 0\naddress = \"127.0.0.1:7900\"\nvcpus = [{}]\n",
+        list.join(", ")
+    );
+    let path = dir.join(format!("{probe}-{vcpus}.toml"));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Waits for `child` at most `limit`, killing it after that (the test then fails on the status).
+pub fn wait_with_limit(mut child: Child, limit: Duration) -> Output {
+    let mut stdout = child.stdout.take().unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let out_reader = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = stdout.read_to_end(&mut s);
+        s
+    });
+    let err_reader = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = stderr.read_to_end(&mut s);
+        s
+    });
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            break child.wait().unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Output {
+        status,
+        stdout: out_reader.join().unwrap(),
+        stderr: err_reader.join().unwrap(),
+    }
+}
+
+/// Runs `spanvm` with `args` (and extra environment), waiting at most `limit`.
+pub fn run_spanvm(args: &[&str], env: &[(&str, &str)], limit: Duration) -> Output {
+    let mut cmd = Command::new(spanvm());
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    wait_with_limit(cmd.spawn().expect("cannot start spanvm"), limit)
+}
+
+/// What a probe run printed, parsed: `PROBE vcpu=N KEY=value` lines.
+pub struct ProbeRun {
+    pub output: Output,
+    pub reports: HashMap<(usize, String), u64>,
+}
+
+impl ProbeRun {
+    pub fn stdout(&self) -> String {
+        String::from_utf8_lossy(&self.output.stdout).into_owned()
+    }
+    pub fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.output.stderr).into_owned()
+    }
+    /// The value vCPU `vcpu` reported under `key`; panics with the whole output if missing.
+    pub fn get(&self, vcpu: usize, key: &str) -> u64 {
+        match self.reports.get(&(vcpu, key.to_string())) {
+            Some(v) => *v,
+            None => panic!(
+                "vCPU {vcpu} did not report {key}\nstdout:\n{}\nstderr:\n{}",
+                self.stdout(),
+                self.stderr()
+            ),
+        }
+    }
+    /// Asserts the run ended with exit code 0 and every listed vCPU reported EXIT=0.
+    pub fn assert_success(&self, vcpus: usize) {
+        assert!(
+            self.output.status.success(),
+            "spanvm failed: {:?}\nstdout:\n{}\nstderr:\n{}",
+            self.output.status,
+            self.stdout(),
+            self.stderr()
+        );
+        for v in 0..vcpus {
+            assert_eq!(self.get(v, "EXIT"), 0, "vCPU {v} exit status");
+        }
+    }
+}
+
+pub fn parse_reports(stdout: &str) -> HashMap<(usize, String), u64> {
+    let mut map = HashMap::new();
+    for line in stdout.lines() {
+        let Some(rest) = line.strip_prefix("PROBE vcpu=") else {
+            continue;
+        };
+        let Some((vcpu, kv)) = rest.split_once(' ') else {
+            continue;
+        };
+        let Some((key, value)) = kv.split_once('=') else {
+            continue;
+        };
+        if let (Ok(vcpu), Ok(value)) = (vcpu.parse(), value.parse()) {
+            map.insert((vcpu, key.to_string()), value);
+        }
+    }
+    map
+}
+
+/// Runs `probe` on one node with `vcpus` vCPUs through `spanvm run`.
+pub fn run_probe(probe: &str, vcpus: u32, memory_mib: u64) -> ProbeRun {
+    let dir = tempfile::tempdir().unwrap();
+    let config = single_node_config(dir.path(), probe, vcpus, memory_mib);
+    let output = run_spanvm(
+        &["run", "--config", config.to_str().unwrap()],
+        &[],
+        Duration::from_secs(300),
+    );
+    let reports = parse_reports(&String::from_utf8_lossy(&output.stdout));
+    ProbeRun { output, reports }
+}

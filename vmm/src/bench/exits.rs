@@ -1,0 +1,195 @@
+//! `spanvm bench exits`: exit round trips and IPI latency through spanvm's exit loop, each beside
+//! the same guest code driven by a minimal loop written here against KVM directly (the anchor).
+//!
+//! The guest measures exits itself (TSC ticks around a loop of exits, `images/probes/bench_exits.S`),
+//! so both loops are timed the same way. The IPI latency is half the ping-pong round trip of
+//! `ipi-xapic` (two vCPUs, every IPI through the user-space APIC); its anchor is the raw
+//! `KVM_INTERRUPT` round trip: inject into a halted vCPU, time until its handler's port write
+//! exits.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Instant;
+
+use devices::probe_port::ProbeEvent;
+use kvm_ioctls::VcpuExit;
+use resources::NodeConfig;
+
+use crate::commands::CommandError;
+use crate::hypervisor::inject_interrupt;
+use crate::probe::layout::{
+    PROBE_PORT_EXIT, PROBE_PORT_KEY, PROBE_PORT_NOP, PROBE_PORT_VALUE_HI, PROBE_PORT_VALUE_LO,
+};
+use crate::stop::StopReason;
+use crate::vm::NodeVm;
+
+const INJECT_ROUNDS: usize = 5000;
+
+fn bench_config(probe: &str, vcpus: u32) -> Result<NodeConfig, CommandError> {
+    let list: Vec<String> = (0..vcpus).map(|v| v.to_string()).collect();
+    let text = format!(
+        "node = 0\n[guest]\nvcpus = {vcpus}\nmemory_mib = 64\nprobe = \"{probe}\"\n\n[[nodes]]\nid = 0\naddress = \"127.0.0.1:1\"\nvcpus = [{}]\n",
+        list.join(", ")
+    );
+    Ok(NodeConfig::parse(&text, Path::new("<spanvm bench>"))?)
+}
+
+fn reports(events: &[ProbeEvent]) -> HashMap<String, u64> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            ProbeEvent::Report {
+                vcpu: 0,
+                key,
+                value,
+            } => Some((ProbeEvent::key_text(key), *value)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Runs `probe` through spanvm's own exit loop; returns vCPU 0's reports.
+fn through_spanvm(probe: &str, vcpus: u32) -> Result<(HashMap<String, u64>, u32), CommandError> {
+    let vm = NodeVm::build(&bench_config(probe, vcpus)?)?;
+    let platform = vm.platform().clone();
+    let khz = vm.tsc_khz();
+    match vm.run()? {
+        StopReason::PowerOff => Ok((reports(&platform.probe_events()), khz)),
+        other => Err(CommandError::Bench(format!(
+            "probe {probe} under spanvm stopped: {other}"
+        ))),
+    }
+}
+
+/// Runs `bench-exits` on one vCPU with the smallest loop that can run it.
+fn through_raw_loop() -> Result<HashMap<String, u64>, CommandError> {
+    let vm = NodeVm::build(&bench_config("bench-exits", 1)?)?;
+    let (_vm, _mem, _platform, mut fds, _khz) = vm.into_parts();
+    let (_, fd) = fds
+        .pop()
+        .ok_or_else(|| CommandError::Bench("no vCPU".into()))?;
+    let mut fd = fd;
+    let mut out = HashMap::new();
+    let (mut key, mut low) = ([0u8; 4], 0u32);
+    loop {
+        match fd.run() {
+            Ok(VcpuExit::IoOut(port, data)) => {
+                let mut b = [0u8; 4];
+                b[..data.len().min(4)].copy_from_slice(&data[..data.len().min(4)]);
+                let v = u32::from_le_bytes(b);
+                match u64::from(port) {
+                    PROBE_PORT_NOP => {}
+                    PROBE_PORT_KEY => key = v.to_le_bytes(),
+                    PROBE_PORT_VALUE_LO => low = v,
+                    PROBE_PORT_VALUE_HI => {
+                        out.insert(
+                            ProbeEvent::key_text(&key),
+                            (u64::from(v) << 32) | u64::from(low),
+                        );
+                    }
+                    PROBE_PORT_EXIT => return Ok(out),
+                    _ => {}
+                }
+            }
+            Ok(VcpuExit::MmioWrite(..)) => {}
+            Ok(VcpuExit::MmioRead(_, data)) => data.fill(0xff),
+            Ok(VcpuExit::X86Rdmsr(exit)) => *exit.data = 0,
+            Ok(VcpuExit::X86Wrmsr(_)) => {}
+            Ok(VcpuExit::IrqWindowOpen) | Err(_) => {}
+            Ok(other) => {
+                return Err(CommandError::Bench(format!(
+                    "raw loop: unexpected exit {other:?}"
+                )))
+            }
+        }
+    }
+}
+
+/// The raw `KVM_INTERRUPT` round trip in microseconds (median).
+fn raw_injection_us() -> Result<f64, CommandError> {
+    let vm = NodeVm::build(&bench_config("bench-inject", 1)?)?;
+    let (_vm, _mem, _platform, mut fds, _khz) = vm.into_parts();
+    let (_, mut fd) = fds
+        .pop()
+        .ok_or_else(|| CommandError::Bench("no vCPU".into()))?;
+    let fail = |what: String| CommandError::Bench(format!("raw injection: {what}"));
+    // Run until the guest halts with interrupts enabled.
+    loop {
+        match fd.run() {
+            Ok(VcpuExit::Hlt) => break,
+            Ok(VcpuExit::IoOut(..)) | Ok(VcpuExit::X86Wrmsr(_)) | Ok(VcpuExit::X86Rdmsr(_)) => {}
+            Ok(other) => return Err(fail(format!("unexpected exit {other:?} before hlt"))),
+            Err(e) => return Err(fail(e.to_string())),
+        }
+    }
+    let mut samples = Vec::with_capacity(INJECT_ROUNDS);
+    for _ in 0..INJECT_ROUNDS {
+        let t0 = Instant::now();
+        inject_interrupt(&fd, 0x60).map_err(|e| fail(e.to_string()))?;
+        loop {
+            match fd.run() {
+                Ok(VcpuExit::IoOut(port, _)) if u64::from(port) == PROBE_PORT_NOP => break,
+                Ok(VcpuExit::Hlt) => {
+                    return Err(fail("guest halted without taking the interrupt".into()))
+                }
+                Ok(_) => {}
+                Err(e) => return Err(fail(e.to_string())),
+            }
+        }
+        samples.push(t0.elapsed().as_secs_f64() * 1e6);
+        // Back to hlt (iret, then the loop's hlt).
+        loop {
+            match fd.run() {
+                Ok(VcpuExit::Hlt) => break,
+                Ok(_) => {}
+                Err(e) => return Err(fail(e.to_string())),
+            }
+        }
+    }
+    samples.sort_by(f64::total_cmp);
+    Ok(samples[samples.len() / 2])
+}
+
+fn ticks_us(ticks: u64, khz: u32) -> f64 {
+    ticks as f64 * 1000.0 / f64::from(khz)
+}
+
+/// Runs the benchmark and prints its table.
+pub fn run() -> Result<(), CommandError> {
+    let (ours, khz) = through_spanvm("bench-exits", 1)?;
+    let raw = through_raw_loop()?;
+    let (ipi, ipi_khz) = through_spanvm("ipi-xapic", 2)?;
+    let inject = raw_injection_us()?;
+    let get = |m: &HashMap<String, u64>, k: &str| {
+        m.get(k)
+            .copied()
+            .ok_or_else(|| CommandError::Bench(format!("the probe did not report {k}")))
+    };
+    println!("spanvm bench exits (TSC {khz} kHz; guest-timed means; anchor = same guest code, minimal KVM loop)");
+    println!(
+        "{:<34} {:>12} {:>12} {:>8}",
+        "exit round trip", "spanvm µs", "raw KVM µs", "ratio"
+    );
+    for (label, key) in [
+        ("port I/O, guest CPL0", "P0IO"),
+        ("MMIO, guest CPL0", "P0MM"),
+        ("MSR (rdmsr), guest CPL0", "P0MS"),
+        ("port I/O, guest CPL3", "P3IO"),
+        ("MMIO, guest CPL3", "P3MM"),
+    ] {
+        let a = ticks_us(get(&ours, key)?, khz);
+        let b = ticks_us(get(&raw, key)?, khz);
+        println!("{label:<34} {a:>12.2} {b:>12.2} {:>8.2}", a / b);
+    }
+    println!("{:<34} {:>12} {:>12}", "(MSR at CPL3)", "n/a", "n/a");
+    let one_way = ticks_us(get(&ipi, "IPRT")?, ipi_khz) / 2.0;
+    println!(
+        "{:<34} {:>12.2} {:>12.2} {:>8.2}",
+        "IPI one way (xAPIC) vs KVM_INTERRUPT",
+        one_way,
+        inject,
+        one_way / inject
+    );
+    println!("(rdmsr at CPL3 raises #GP on every host, so there is no CPL3 MSR exit to time.)");
+    Ok(())
+}

@@ -1,0 +1,3 @@
+//! `spanvm bench`: measurements, each printed beside an anchor measured in the same run.
+
+pub mod exits;

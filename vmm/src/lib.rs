@@ -1,0 +1,13 @@
+//! The spanvm VMM: KVM setup, guest memory, vCPU threads and their exit loop, the platform
+//! wiring, probe guests, and the commands of the `spanvm` binary.
+
+pub mod bench;
+pub mod commands;
+pub mod hypervisor;
+pub mod memory;
+pub mod platform;
+pub mod probe;
+pub mod stop;
+pub mod tsc;
+pub mod vcpu;
+pub mod vm;

@@ -1,0 +1,159 @@
+//! Guest memory of one node.
+//!
+//! Backing: one private anonymous mapping (`MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE`) that
+//! covers guest-physical 0 up to the end of RAM, the MMIO gap included, so that a guest-physical
+//! address is an offset into it and a page number is `gpa / 4096` on every node. We chose
+//! anonymous memory over a memfd because the DSM needs exactly what userfaultfd offers for it
+//! since Linux 5.7: MISSING faults for Invalid pages, write-protect faults for Shared pages,
+//! `UFFDIO_COPY` (optionally write-protected) to install a page atomically, and `MADV_DONTNEED`
+//! to drop one so that the next access faults again; a memfd would add page-cache semantics we do
+//! not want (pages surviving a drop in the cache, shared-mapping writeback) for nothing in
+//! return. `MAP_NORESERVE` because most of a large guest is never touched on a given node. Only
+//! the RAM parts are registered with KVM; the gap stays unbacked address space.
+//!
+//! Every access the VMM makes goes through this mapping, so under the DSM it faults like a guest
+//! access would.
+
+use std::ptr::NonNull;
+
+use resources::{Layout, RamRegion};
+
+use crate::hypervisor::{HypervisorError, KvmVm};
+
+/// Errors of guest memory.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    /// The host would not give us the address space.
+    #[error("cannot reserve {size} bytes of address space for guest memory: {source}")]
+    Map { size: u64, source: std::io::Error },
+    /// A VMM access outside guest RAM (a bug or a bad guest-supplied address).
+    #[error("guest-physical range {gpa:#x}..{end:#x} is not guest RAM")]
+    OutOfRange { gpa: u64, end: u64 },
+    /// KVM refused the memory slot.
+    #[error(transparent)]
+    Register(#[from] HypervisorError),
+}
+
+/// The guest's RAM as this node maps it.
+pub struct GuestMemory {
+    base: NonNull<u8>,
+    len: u64,
+    ram: Vec<RamRegion>,
+}
+
+// SAFETY: the mapping is plain memory shared by the vCPU and device threads; all accesses go
+// through raw pointers with bounds checks, and concurrent guest accesses are the guest's business.
+unsafe impl Send for GuestMemory {}
+// SAFETY: as above; no method hands out references into the mapping.
+unsafe impl Sync for GuestMemory {}
+
+impl GuestMemory {
+    /// Maps the guest-physical space of `layout`.
+    pub fn new(layout: &Layout) -> Result<Self, MemoryError> {
+        let len = layout.ram_end();
+        // SAFETY: a fresh anonymous mapping at an address of the kernel's choice; the result is
+        // checked before use.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(MemoryError::Map {
+                size: len,
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        let base = NonNull::new(ptr.cast::<u8>()).ok_or_else(|| MemoryError::Map {
+            size: len,
+            source: std::io::Error::other("null mapping"),
+        })?;
+        Ok(Self {
+            base,
+            len,
+            ram: layout.ram.clone(),
+        })
+    }
+
+    /// Registers the RAM regions with KVM, one slot each.
+    pub fn register(&self, vm: &KvmVm) -> Result<(), MemoryError> {
+        for (slot, region) in self.ram.iter().enumerate() {
+            let host = self.base.as_ptr() as u64 + region.gpa;
+            // SAFETY: the region lies inside our mapping, which lives as long as `self`, and the
+            // VMM keeps `self` alive until the VM is gone.
+            unsafe { vm.add_memory(slot as u32, region.gpa, region.size, host)? };
+        }
+        Ok(())
+    }
+
+    /// Host address of guest-physical 0: the DSM registers `[host_base, host_base + len)`.
+    pub fn host_base(&self) -> *mut u8 {
+        self.base.as_ptr()
+    }
+
+    /// Length of the mapping (end of RAM, the gap included).
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether the mapping is empty (never, for a valid layout).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn check(&self, gpa: u64, len: usize) -> Result<*mut u8, MemoryError> {
+        let end = gpa
+            .checked_add(len as u64)
+            .ok_or(MemoryError::OutOfRange { gpa, end: u64::MAX })?;
+        let inside = self
+            .ram
+            .iter()
+            .any(|r| gpa >= r.gpa && end <= r.gpa + r.size);
+        if !inside {
+            return Err(MemoryError::OutOfRange { gpa, end });
+        }
+        // SAFETY: `gpa + len <= self.len` because every RAM region lies inside the mapping.
+        Ok(unsafe { self.base.as_ptr().add(gpa as usize) })
+    }
+
+    /// Copies `data` into guest memory at `gpa`.
+    pub fn write(&self, gpa: u64, data: &[u8]) -> Result<(), MemoryError> {
+        let dst = self.check(gpa, data.len())?;
+        // SAFETY: `check` proved the destination lies inside guest RAM of our mapping; the source
+        // is a distinct Rust slice.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), dst, data.len()) };
+        Ok(())
+    }
+
+    /// Copies guest memory at `gpa` into `out`.
+    pub fn read(&self, gpa: u64, out: &mut [u8]) -> Result<(), MemoryError> {
+        let src = self.check(gpa, out.len())?;
+        // SAFETY: `check` proved the source lies inside guest RAM of our mapping.
+        unsafe { std::ptr::copy_nonoverlapping(src, out.as_mut_ptr(), out.len()) };
+        Ok(())
+    }
+
+    /// Writes a little-endian u64.
+    pub fn write_u64(&self, gpa: u64, value: u64) -> Result<(), MemoryError> {
+        self.write(gpa, &value.to_le_bytes())
+    }
+
+    /// Reads a little-endian u64.
+    pub fn read_u64(&self, gpa: u64) -> Result<u64, MemoryError> {
+        let mut b = [0u8; 8];
+        self.read(gpa, &mut b)?;
+        Ok(u64::from_le_bytes(b))
+    }
+}
+
+impl Drop for GuestMemory {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly what `new` mapped; no references into it outlive `self`.
+        unsafe { libc::munmap(self.base.as_ptr().cast(), self.len as usize) };
+    }
+}

@@ -1,0 +1,291 @@
+//! The exit loop of one local vCPU: enter the guest, handle what made it exit, inject pending
+//! interrupts, repeat until the node stops.
+
+use std::sync::Arc;
+
+use devices::apic::LocalApic;
+use kvm_ioctls::{VcpuExit, VcpuFd};
+
+use crate::hypervisor::{inject_interrupt, HypervisorError, MSR_APIC_BASE, MSR_TSC_DEADLINE};
+use crate::platform::Platform;
+use crate::stop::StopReason;
+use crate::tsc;
+use crate::vcpu::{kick, RunState, VcpuShared};
+
+const X2APIC_MSRS: std::ops::RangeInclusive<u32> = 0x800..=0x8ff;
+const LAPIC_WINDOW: u64 = 0x1000;
+
+/// Errors that stop a vCPU.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    /// `KVM_RUN` itself failed.
+    #[error("vCPU {vcpu}: KVM_RUN failed: {source}")]
+    Run {
+        vcpu: usize,
+        source: kvm_ioctls::Error,
+    },
+    /// Injecting an interrupt failed.
+    #[error("vCPU {vcpu}: {source}")]
+    Inject {
+        vcpu: usize,
+        source: HypervisorError,
+    },
+    /// KVM could not run the guest's instruction (or entry failed).
+    #[error(
+        "vCPU {vcpu}: KVM internal error, suberror {suberror}, at RIP {rip:#x} (data {data:x?})"
+    )]
+    Internal {
+        vcpu: usize,
+        suberror: u32,
+        rip: u64,
+        data: Vec<u64>,
+    },
+    /// An exit spanvm does not handle.
+    #[error("vCPU {vcpu}: unexpected exit {what}")]
+    UnexpectedExit { vcpu: usize, what: String },
+    /// The kick signal handler could not be installed.
+    #[error("cannot install the vCPU kick signal handler: {0}")]
+    KickHandler(std::io::Error),
+}
+
+/// What the loop needs that is not KVM: the platform and this vCPU's shared state.
+pub struct VcpuLoop {
+    pub fd: VcpuFd,
+    pub shared: Arc<VcpuShared>,
+    pub platform: Arc<Platform>,
+}
+
+impl VcpuLoop {
+    /// Runs the vCPU until the node stops. The calling thread becomes the vCPU thread.
+    pub fn run(mut self) -> Result<(), VcpuError> {
+        kick::install_handler().map_err(VcpuError::KickHandler)?;
+        // SAFETY: pthread_self has no preconditions.
+        self.shared.set_thread(unsafe { libc::pthread_self() });
+        let run_ptr: *mut kvm_bindings::kvm_run = self.fd.get_kvm_run();
+        // SAFETY: the kvm_run mapping belongs to `self.fd`, which lives until this function
+        // returns, and we unregister before returning.
+        unsafe { kick::register_current(run_ptr) };
+        let result = self.run_loop();
+        kick::unregister_current();
+        self.shared.set_state(RunState::InVmm);
+        result
+    }
+
+    fn stopping(&self) -> bool {
+        self.platform.stop().requested() || self.shared.finished()
+    }
+
+    fn run_loop(&mut self) -> Result<(), VcpuError> {
+        let index = self.shared.index;
+        loop {
+            self.shared.set_state(RunState::InGuest);
+            if self.stopping() {
+                return Ok(());
+            }
+            self.prepare_injection()?;
+            let exit = self.fd.run();
+            self.shared.set_state(RunState::InVmm);
+            match exit {
+                Ok(exit) => match exit {
+                    VcpuExit::IoOut(port, data) => {
+                        if !self.platform.io_bus.write(index, u64::from(port), data) {
+                            self.platform
+                                .unclaimed_io
+                                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                    }
+                    VcpuExit::IoIn(port, data) => {
+                        if !self.platform.io_bus.read(index, u64::from(port), data) {
+                            data.fill(0xff);
+                            self.platform
+                                .unclaimed_io
+                                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                    }
+                    VcpuExit::MmioRead(addr, data) => {
+                        mmio_read(&self.shared, &self.platform, addr, data)
+                    }
+                    VcpuExit::MmioWrite(addr, data) => {
+                        mmio_write(&self.shared, &self.platform, addr, data);
+                    }
+                    VcpuExit::X86Rdmsr(exit) => {
+                        let result = {
+                            let mut apic = self.shared.lock_apic();
+                            read_msr(&mut apic, exit.index)
+                        };
+                        match result {
+                            Some(v) => *exit.data = v,
+                            None => *exit.error = 1,
+                        }
+                    }
+                    VcpuExit::X86Wrmsr(exit) => {
+                        let (index_, value) = (exit.index, exit.data);
+                        let effects = {
+                            let mut apic = self.shared.lock_apic();
+                            write_msr(&mut apic, index_, value)
+                        };
+                        match effects {
+                            Some(e) => self.platform.apply_apic_effects(&self.shared, e),
+                            None => *exit.error = 1,
+                        }
+                    }
+                    VcpuExit::Hlt => self.halt(),
+                    VcpuExit::IrqWindowOpen | VcpuExit::Intr => {}
+                    VcpuExit::Shutdown => {
+                        self.platform.request_stop(StopReason::Reset(format!(
+                            "triple fault on vCPU {index}"
+                        )));
+                    }
+                    VcpuExit::SystemEvent(kind, _) => {
+                        let reason = match kind {
+                            kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => StopReason::PowerOff,
+                            kvm_bindings::KVM_SYSTEM_EVENT_RESET => {
+                                StopReason::Reset(format!("system reset from vCPU {index}"))
+                            }
+                            other => {
+                                StopReason::Error(format!("vCPU {index}: system event {other}"))
+                            }
+                        };
+                        self.platform.request_stop(reason);
+                    }
+                    VcpuExit::InternalError => return Err(self.internal_error()),
+                    VcpuExit::FailEntry(reason, cpu) => {
+                        return Err(VcpuError::UnexpectedExit {
+                            vcpu: index,
+                            what: format!("entry failure {reason:#x} on host CPU {cpu}"),
+                        })
+                    }
+                    other => {
+                        return Err(VcpuError::UnexpectedExit {
+                            vcpu: index,
+                            what: format!("{other:?}"),
+                        });
+                    }
+                },
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    self.fd.set_kvm_immediate_exit(0);
+                }
+                Err(source) => {
+                    return Err(VcpuError::Run {
+                        vcpu: index,
+                        source,
+                    })
+                }
+            }
+        }
+    }
+
+    /// Injects the highest pending interrupt if the guest can take it now, otherwise asks KVM
+    /// to exit as soon as it can (the interrupt-window protocol).
+    fn prepare_injection(&mut self) -> Result<(), VcpuError> {
+        let run = self.fd.get_kvm_run();
+        let ready = run.ready_for_interrupt_injection != 0 && run.if_flag != 0;
+        let mut apic = self.shared.lock_apic();
+        let want_window = match apic.has_injectable() {
+            None => false,
+            Some(_) if ready => {
+                let vector = apic.acknowledge();
+                let more = apic.has_injectable().is_some();
+                drop(apic);
+                if let Some(v) = vector {
+                    inject_interrupt(&self.fd, v).map_err(|source| VcpuError::Inject {
+                        vcpu: self.shared.index,
+                        source,
+                    })?;
+                }
+                more
+            }
+            Some(_) => true,
+        };
+        self.fd.get_kvm_run().request_interrupt_window = u8::from(want_window);
+        Ok(())
+    }
+
+    /// `hlt`: sleep until an interrupt the guest can take arrives (or the node stops).
+    fn halt(&mut self) {
+        let if_flag = self.fd.get_kvm_run().if_flag != 0;
+        let mut apic = self.shared.lock_apic();
+        self.shared.set_state(RunState::Halted);
+        while !self.stopping() {
+            if if_flag && apic.has_injectable().is_some() {
+                break;
+            }
+            apic = self
+                .shared
+                .wakeup
+                .wait(apic)
+                .unwrap_or_else(|p| p.into_inner());
+        }
+        self.shared.set_state(RunState::InVmm);
+    }
+
+    fn internal_error(&mut self) -> VcpuError {
+        let rip = self.fd.get_regs().map(|r| r.rip).unwrap_or(0);
+        let run = self.fd.get_kvm_run();
+        // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so `internal` is the member KVM
+        // filled in.
+        let internal = unsafe { run.__bindgen_anon_1.internal };
+        let n = (internal.ndata as usize).min(internal.data.len());
+        VcpuError::Internal {
+            vcpu: self.shared.index,
+            suberror: internal.suberror,
+            rip,
+            data: internal.data[..n].to_vec(),
+        }
+    }
+}
+
+fn in_lapic_window(apic: &LocalApic, addr: u64) -> Option<u64> {
+    let base = apic.apic_base() & !0xfff;
+    let xapic_enabled = apic.apic_base() & (1 << 11) != 0 && apic.apic_base() & (1 << 10) == 0;
+    (xapic_enabled && addr >= base && addr < base + LAPIC_WINDOW).then(|| addr - base)
+}
+
+fn mmio_read(shared: &VcpuShared, platform: &Platform, addr: u64, data: &mut [u8]) {
+    {
+        let mut apic = shared.lock_apic();
+        if let Some(offset) = in_lapic_window(&apic, addr) {
+            apic.mmio_read(offset, data, tsc::now());
+            return;
+        }
+    }
+    if Platform::is_ioapic(addr) {
+        platform.ioapic_read(addr, data);
+    } else if !platform.mmio_bus.read(shared.index, addr, data) {
+        data.fill(0xff);
+    }
+}
+
+fn mmio_write(shared: &VcpuShared, platform: &Platform, addr: u64, data: &[u8]) {
+    let effects = {
+        let mut apic = shared.lock_apic();
+        in_lapic_window(&apic, addr).map(|offset| apic.mmio_write(offset, data, tsc::now()))
+    };
+    if let Some(e) = effects {
+        platform.apply_apic_effects(shared, e);
+    } else if Platform::is_ioapic(addr) {
+        platform.ioapic_write(addr, data);
+    } else {
+        platform.mmio_bus.write(shared.index, addr, data);
+    }
+}
+
+/// An MSR read that reached user space; `None` makes the guest take #GP, as KVM would for an
+/// MSR it does not know.
+fn read_msr(apic: &mut LocalApic, msr: u32) -> Option<u64> {
+    match msr {
+        MSR_APIC_BASE => Some(apic.apic_base()),
+        MSR_TSC_DEADLINE => Some(apic.tsc_deadline()),
+        m if X2APIC_MSRS.contains(&m) => apic.msr_read(m, tsc::now()).ok(),
+        _ => None,
+    }
+}
+
+fn write_msr(apic: &mut LocalApic, msr: u32, value: u64) -> Option<devices::apic::ApicEffects> {
+    match msr {
+        MSR_APIC_BASE => apic.set_apic_base(value).ok(),
+        MSR_TSC_DEADLINE => Some(apic.set_tsc_deadline(value, tsc::now())),
+        m if X2APIC_MSRS.contains(&m) => apic.msr_write(m, value, tsc::now()).ok(),
+        _ => None,
+    }
+}

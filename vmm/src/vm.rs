@@ -1,0 +1,221 @@
+//! One node's VM: KVM, guest memory, the platform, the guest image, and the threads that run
+//! the local vCPUs, until something stops it.
+
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use kvm_ioctls::VcpuFd;
+use resources::{GuestImage, NodeConfig};
+
+use crate::hypervisor::{Hypervisor, HypervisorError, KvmVm};
+use crate::memory::{GuestMemory, MemoryError};
+use crate::platform::{Platform, PlatformError};
+use crate::probe::loader::{self, LoaderError};
+use crate::stop::{Stop, StopReason};
+use crate::vcpu::exit_loop::VcpuLoop;
+use crate::vcpu::timer::run_timer;
+
+/// Errors of bringing a node's VM up.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// KVM could not be opened or set up.
+    #[error(transparent)]
+    Hypervisor(#[from] HypervisorError),
+    /// Guest memory could not be set up.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// The platform could not be built.
+    #[error(transparent)]
+    Platform(#[from] PlatformError),
+    /// The probe could not be loaded.
+    #[error(transparent)]
+    Loader(#[from] LoaderError),
+    /// The config names a probe that does not exist.
+    #[error("there is no probe guest called `{name}`; the built-in probes are: {known}")]
+    UnknownProbe { name: String, known: String },
+    /// Linux guests come with the boot path.
+    #[error(
+        "Linux guests are not supported by this build yet (guest.linux in {0}); use a probe guest"
+    )]
+    LinuxNotSupported(String),
+    /// A thread could not be started.
+    #[error("cannot start a thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// A node's VM, built and ready to run.
+pub struct NodeVm {
+    _vm: KvmVm,
+    _memory: Arc<GuestMemory>,
+    platform: Arc<Platform>,
+    fds: Vec<(usize, VcpuFd)>,
+    tsc_khz: u32,
+}
+
+impl NodeVm {
+    /// Builds the VM of `config`'s node and loads its guest.
+    pub fn build(config: &NodeConfig) -> Result<Self, VmError> {
+        let layout = &config.layout;
+        let hv = Hypervisor::open()?;
+        let vm = hv.create_vm()?;
+        let memory = Arc::new(GuestMemory::new(layout)?);
+        memory.register(&vm)?;
+        let local: Vec<usize> = config.local().vcpus.iter().map(|&v| v as usize).collect();
+        let mut fds = Vec::new();
+        for i in 0..layout.vcpu_count {
+            let fd = vm.create_vcpu(i)?;
+            if local.contains(&(i as usize)) {
+                fds.push((i as usize, fd));
+            }
+        }
+        let tsc_khz = match fds.first() {
+            Some((_, fd)) => fd.get_tsc_khz().map_err(|source| HypervisorError::Ioctl {
+                what: "KVM_GET_TSC_KHZ",
+                source,
+            })?,
+            None => 1_000_000,
+        };
+        let stop = Arc::new(Stop::default());
+        let platform = Platform::new(layout.vcpu_count as usize, &local, tsc_khz, stop)?;
+
+        match &layout.guest {
+            GuestImage::Probe { name } => {
+                let img = crate::probe::image(name).ok_or_else(|| VmError::UnknownProbe {
+                    name: name.clone(),
+                    known: crate::probe::names().collect::<Vec<_>>().join(", "),
+                })?;
+                let entry = if config.node == layout.master() {
+                    loader::load(name, img, layout, &memory)?
+                } else {
+                    loader::parse_image(name, img)?.0
+                };
+                for (i, fd) in &fds {
+                    loader::setup_vcpu(fd, *i, entry, layout, config.node, tsc_khz)?;
+                }
+            }
+            GuestImage::Linux { .. } => {
+                return Err(VmError::LinuxNotSupported(
+                    config.path.display().to_string(),
+                ))
+            }
+        }
+        Ok(Self {
+            _vm: vm,
+            _memory: memory,
+            platform,
+            fds,
+            tsc_khz,
+        })
+    }
+
+    /// The TSC frequency the vCPUs run at.
+    pub fn tsc_khz(&self) -> u32 {
+        self.tsc_khz
+    }
+
+    /// The platform (to request a stop from outside, e.g. on Ctrl-C).
+    pub fn platform(&self) -> &Arc<Platform> {
+        &self.platform
+    }
+
+    /// Takes the VM apart for a benchmark that drives the vCPUs with its own loop.
+    pub fn into_parts(
+        self,
+    ) -> (
+        KvmVm,
+        Arc<GuestMemory>,
+        Arc<Platform>,
+        Vec<(usize, VcpuFd)>,
+        u32,
+    ) {
+        (
+            self._vm,
+            self._memory,
+            self.platform,
+            self.fds,
+            self.tsc_khz,
+        )
+    }
+
+    /// Runs every local vCPU until the node stops; returns why it stopped.
+    pub fn run(self) -> Result<StopReason, VmError> {
+        let platform = self.platform.clone();
+        let mut vcpu_threads: Vec<JoinHandle<()>> = Vec::new();
+        let mut timer_threads: Vec<JoinHandle<()>> = Vec::new();
+        for (index, fd) in self.fds {
+            let Some(shared) = platform.vcpu(index).cloned() else {
+                continue;
+            };
+            let timer_shared = shared.clone();
+            let stop = platform.stop().clone();
+            let khz = self.tsc_khz;
+            timer_threads.push(
+                std::thread::Builder::new()
+                    .name(format!("timer{index}"))
+                    .spawn(move || run_timer(timer_shared, stop, khz))
+                    .map_err(VmError::Thread)?,
+            );
+            let p = platform.clone();
+            vcpu_threads.push(
+                std::thread::Builder::new()
+                    .name(format!("vcpu{index}"))
+                    .spawn(move || {
+                        let vcpu_loop = VcpuLoop {
+                            fd,
+                            shared,
+                            platform: p.clone(),
+                        };
+                        if let Err(e) = vcpu_loop.run() {
+                            p.request_stop(StopReason::Error(e.to_string()));
+                        }
+                    })
+                    .map_err(VmError::Thread)?,
+            );
+        }
+        if vcpu_threads.is_empty() {
+            // A node with no local vCPUs only serves memory and devices; it runs until stopped.
+            while !platform.stop().requested() {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+        }
+        for t in vcpu_threads {
+            let _ = t.join();
+        }
+        // Every vCPU thread is gone: make sure the timers see a stop even after a clean finish.
+        platform.request_stop(StopReason::PowerOff);
+        for t in timer_threads {
+            let _ = t.join();
+        }
+        Ok(platform.stop().reason().unwrap_or(StopReason::PowerOff))
+    }
+}
+
+/// Blocks SIGINT and SIGTERM in the calling thread (and so in every thread it starts later) and
+/// starts a thread that turns them into `on_signal()`.
+pub fn handle_termination_signals(on_signal: impl Fn() + Send + 'static) -> std::io::Result<()> {
+    // SAFETY: sigset manipulation on a local, zero-initialised set; pthread_sigmask only changes
+    // this thread's mask.
+    let set = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        set
+    };
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || loop {
+            let mut sig = 0;
+            // SAFETY: `set` is a valid signal set and `sig` a valid out-pointer.
+            if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
+                on_signal();
+            }
+        })?;
+    Ok(())
+}
+
+/// Keeps `Stop` in scope for users of this module.
+pub type SharedStop = Arc<Stop>;
