@@ -5,7 +5,8 @@
 #
 # Registers at the CPL0 entry, set by the loader (vmm/src/probe/loader.rs):
 #   rdi vCPU index   rsi vCPU count   rdx guest RAM bytes   rcx TSC kHz
-#   r8  node id      r9  node count   r10 user stack top    rsp kernel stack top
+#   r8  node id      r9  node count   r10 user stack top    r11 the probe's argument
+#   rsp kernel stack top
 # Page tables identity-map all guest-physical memory (2 MiB pages, user-accessible), the GDT and
 # a per-vCPU TSS are loaded, and the IDT points at the 256 stubs below.
 
@@ -41,6 +42,7 @@ rt_entry:
     RT_STORE rt_ram_bytes, rdx
     RT_STORE rt_tsc_khz, rcx
     RT_STORE rt_node_count, r9
+    RT_STORE rt_probe_arg, r11
     mov r15, rdi
     mov r14, r10
     # kvmclock: this vCPU's pvclock structure, enabled (bit 0)
@@ -295,6 +297,7 @@ rt_vcpu_count: .quad 0
 rt_ram_bytes:  .quad 0
 rt_tsc_khz:    .quad 0
 rt_node_count: .quad 0
+rt_probe_arg:  .quad 0              # guest.probe_arg of the config (0 if not given)
 .balign 64
 rt_handlers:   .skip 256*8
 .balign 4096

@@ -38,7 +38,7 @@ impl Layout {
         }
         lines.push(format!("transport {}", self.transport));
         match &self.guest {
-            GuestImage::Probe { name } => lines.push(format!("guest probe {name}")),
+            GuestImage::Probe { name, arg } => lines.push(format!("guest probe {name} arg {arg}")),
             GuestImage::Linux { cmdline, .. } => {
                 // Debug quoting keeps a command line with odd characters on one line.
                 lines.push(format!("guest linux cmdline {cmdline:?}"));

@@ -117,8 +117,9 @@ impl ClusterDescription {
         let _ = writeln!(out, "vcpus = {}", layout.vcpu_count);
         let _ = writeln!(out, "memory_mib = {}", layout.memory_size / MIB);
         match &layout.guest {
-            GuestImage::Probe { name } => {
+            GuestImage::Probe { name, arg } => {
                 let _ = writeln!(out, "probe = {}", toml_str(name));
+                let _ = writeln!(out, "probe_arg = {arg}");
             }
             GuestImage::Linux {
                 kernel,

@@ -34,6 +34,7 @@ fn default_cluster_round_trips_probe() {
     let t = TestDir::new();
     let probe = GuestImage::Probe {
         name: "mem-bench_2".to_string(),
+        arg: 7,
     };
     let cluster = ClusterDescription::default_cluster(probe, 256, &addrs());
     assert_eq!(cluster.node_count(), 2);

@@ -88,7 +88,7 @@ fn write_gap(out: &mut String) {
 
 fn describe_guest(guest: &GuestImage) -> String {
     match guest {
-        GuestImage::Probe { name } => format!("probe `{name}`"),
+        GuestImage::Probe { name, arg } => format!("probe `{name}` (arg {arg})"),
         GuestImage::Linux {
             kernel,
             initrd,

@@ -37,6 +37,9 @@ pub enum GuestImage {
     Probe {
         /// Name of the probe, `[a-z0-9_-]+`.
         name: String,
+        /// A number handed to the probe at entry (its meaning is the probe's: a round count,
+        /// say); 0 when not given.
+        arg: u64,
     },
     /// A Linux kernel (paths are absolute once validated).
     Linux {

@@ -20,6 +20,7 @@ fn addrs() -> Vec<SocketAddr> {
 fn two_node_layout(memory_mib: u64) -> Layout {
     let probe = GuestImage::Probe {
         name: "hello".to_string(),
+        arg: 0,
     };
     ClusterDescription::default_cluster(probe, memory_mib, &addrs()).layout
 }
@@ -227,7 +228,7 @@ fn canonical_lists_facts_and_hash_follows_it() {
         "home 0x8000000 0x8000000 node 1",
         "ram 0x0 0x10000000",
         "transport tcp",
-        "guest probe hello",
+        "guest probe hello arg 0",
     ] {
         assert!(text.lines().any(|l| l == line), "no `{line}` in\n{text}");
     }

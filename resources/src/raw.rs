@@ -29,6 +29,7 @@ pub(crate) struct RawGuest {
     pub vcpus: i64,
     pub memory_mib: i64,
     pub probe: Option<String>,
+    pub probe_arg: Option<i64>,
     pub linux: Option<RawLinux>,
     pub home: Option<Vec<RawHome>>,
 }

@@ -185,8 +185,19 @@ fn validate_image(path: &Path, guest: &RawGuest) -> Result<GuestImage, ConfigErr
                 && name.bytes().all(|b| {
                     b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-'
                 });
+            let arg = match guest.probe_arg {
+                None => 0,
+                Some(a) if a >= 0 => a as u64,
+                Some(a) => {
+                    return Err(ConfigError::invalid(
+                        path,
+                        "guest.probe_arg",
+                        format!("{a} is negative; give a number >= 0"),
+                    ))
+                }
+            };
             if valid {
-                Ok(GuestImage::Probe { name: name.clone() })
+                Ok(GuestImage::Probe { name: name.clone(), arg })
             } else {
                 Err(ConfigError::invalid(
                     path,
@@ -195,6 +206,11 @@ fn validate_image(path: &Path, guest: &RawGuest) -> Result<GuestImage, ConfigErr
                 ))
             }
         }
+        (None, Some(_)) if guest.probe_arg.is_some() => Err(ConfigError::invalid(
+            path,
+            "guest.probe_arg",
+            "given for a Linux guest; it only applies to probe guests, remove it",
+        )),
         (None, Some(linux)) => validate_linux(path, linux),
     }
 }

@@ -480,3 +480,14 @@ fn rdma_transport_accepted() {
     let layout = t.parse(&text).unwrap().layout;
     assert_eq!(layout.transport, crate::TransportKind::Rdma);
 }
+
+#[test]
+fn probe_arg_is_handed_to_the_probe_and_must_not_be_negative() {
+    let t = TestDir::new();
+    let config = t.parse(&with_guest_extra("probe_arg = 100000")).unwrap();
+    assert_eq!(
+        config.layout.guest,
+        crate::GuestImage::Probe { name: "hello".into(), arg: 100000 }
+    );
+    invalid_field(&t, &with_guest_extra("probe_arg = -1"), "guest.probe_arg", "negative");
+}

@@ -1,0 +1,56 @@
+//! The two traits between the transport and its users: what receives frames, and what sends
+//! them (the backend: TCP now, RDMA later).
+
+use crate::channel::{Channel, NodeId};
+use crate::error::TransportError;
+use crate::frame::{Frame, FrameRef};
+
+/// What receives frames and learns of lost peers.
+///
+/// Called on the receiver thread of the (peer, channel) the frame came in on, so frames of one
+/// (peer, channel) arrive in order; keep the call short, since the connection is not read while
+/// it runs. Frames may arrive before [`crate::TcpMesh::establish`] has returned (peers start
+/// sending as soon as their own setup is done). The transport has checked the header only:
+/// validate every field against the guest layout before acting on it.
+pub trait FrameHandler: Send + Sync {
+    /// A frame arrived from `from` on `channel`.
+    fn on_frame(&self, from: NodeId, channel: Channel, frame: Frame);
+
+    /// `peer` is gone: its connections broke, it sent a malformed frame, or it was silent past
+    /// the liveness limit. Called exactly once per peer, never after [`Transport::shutdown`].
+    /// All connections to the peer are closed by the time this is called.
+    fn on_peer_lost(&self, peer: NodeId, why: &str);
+}
+
+/// A set of authenticated connections to every peer.
+///
+/// Hold it as `Arc<dyn Transport>`. A handler that needs to reply should reach the transport
+/// through a `Weak` or a `OnceLock` set after setup: the transport owns the handler, so a strong
+/// reference back keeps both alive until [`Transport::shutdown`].
+pub trait Transport: Send + Sync {
+    /// This node.
+    fn me(&self) -> NodeId;
+
+    /// Every peer, in id order (lost ones included).
+    fn peers(&self) -> Vec<NodeId>;
+
+    /// Sends one frame; thread-safe, the frame is written whole (one writer lock per
+    /// connection). Refuses payloads over [`crate::MAX_PAYLOAD`] and reserved kinds. A write
+    /// error makes the peer lost.
+    fn send(&self, to: NodeId, channel: Channel, frame: &Frame) -> Result<(), TransportError> {
+        self.send_ref(to, channel, frame.view())
+    }
+
+    /// Like [`Transport::send`], with a borrowed payload (a page straight from memory).
+    fn send_ref(
+        &self,
+        to: NodeId,
+        channel: Channel,
+        frame: FrameRef<'_>,
+    ) -> Result<(), TransportError>;
+
+    /// Closes every connection and stops the transport's threads; nothing is reported lost
+    /// here (the peers, though, see this node lost). Waits for the threads, except when called
+    /// from one of them (a handler).
+    fn shutdown(&self);
+}

@@ -1,0 +1,277 @@
+//! Both ends of the handshake over real loopback sockets.
+
+use std::net::{TcpListener, TcpStream};
+use std::thread;
+
+use super::*;
+
+fn creds(me: NodeId, secret: &[u8], layout: &str) -> Credentials {
+    Credentials {
+        me,
+        secret: secret.to_vec(),
+        layout: layout.to_string(),
+        layout_hash: Sha256::digest(layout.as_bytes()).into(),
+    }
+}
+
+/// A connected (dialer, acceptor) pair, with the handshake timeouts the mesh sets.
+fn socket_pair() -> (TcpStream, TcpStream) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let dialer = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    let (acceptor, _) = listener.accept().unwrap();
+    for s in [&dialer, &acceptor] {
+        s.set_read_timeout(Some(HANDSHAKE_IO_TIMEOUT)).unwrap();
+    }
+    (dialer, acceptor)
+}
+
+fn admit_any(_: NodeId, _: Channel) -> Result<(), Refusal> {
+    Ok(())
+}
+
+/// Runs `dial` from node `d` to node `a` and `accept` on node `a` concurrently.
+fn run(
+    d: &Credentials,
+    a: &Credentials,
+    dialed_as: NodeId,
+    admit: &(dyn Fn(NodeId, Channel) -> Result<(), Refusal> + Sync),
+) -> (
+    Result<(), TransportError>,
+    Result<(NodeId, Channel), TransportError>,
+) {
+    let (mut dialer, mut acceptor) = socket_pair();
+    let dial_addr = dialer.peer_addr().unwrap();
+    let accept_from = acceptor.peer_addr().unwrap();
+    thread::scope(|s| {
+        let accepted = s.spawn(move || accept(&mut acceptor, a, accept_from, admit));
+        let dialed = dial(&mut dialer, d, dialed_as, dial_addr, Channel::Forward);
+        (dialed, accepted.join().unwrap())
+    })
+}
+
+#[test]
+fn matching_nodes_agree_on_who_and_which_channel() {
+    let (dialed, accepted) = run(
+        &creds(1, b"s3cret", "layout\n"),
+        &creds(0, b"s3cret", "layout\n"),
+        0,
+        &admit_any,
+    );
+    dialed.unwrap();
+    assert_eq!(accepted.unwrap(), (1, Channel::Forward));
+}
+
+#[test]
+fn a_wrong_secret_is_refused_on_both_ends_naming_the_other_node() {
+    let (dialed, accepted) = run(
+        &creds(1, b"secret-one", "layout\n"),
+        &creds(0, b"secret-two", "layout\n"),
+        0,
+        &admit_any,
+    );
+    let dialed = dialed.unwrap_err();
+    assert!(
+        matches!(dialed, TransportError::WrongSecret { peer: 0, .. }),
+        "{dialed}"
+    );
+    assert!(dialed
+        .to_string()
+        .contains("node 0 and this node do not share the cluster secret"));
+    let accepted = accepted.unwrap_err();
+    assert!(
+        matches!(accepted, TransportError::WrongSecret { peer: 1, .. }),
+        "{accepted}"
+    );
+    assert!(
+        accepted
+            .to_string()
+            .contains("node 1 refused this node's proof"),
+        "{accepted}"
+    );
+}
+
+#[test]
+fn a_layout_mismatch_names_the_first_differing_line_on_both_ends() {
+    let (dialed, accepted) = run(
+        &creds(1, b"s", "nodes 2\nvcpus 2\nvcpu 0 node 0\nvcpu 1 node 1\n"),
+        &creds(0, b"s", "nodes 2\nvcpus 2\nvcpu 0 node 0\nvcpu 1 node 0\n"),
+        0,
+        &admit_any,
+    );
+    match dialed.unwrap_err() {
+        TransportError::LayoutMismatch { peer, difference } => {
+            assert_eq!(peer, 0);
+            assert_eq!(
+                difference,
+                "layout differs from node 0 at line 4: here `vcpu 1 node 1`, node 0 has `vcpu 1 node 0`"
+            );
+        }
+        other => panic!("expected a layout mismatch, got {other}"),
+    }
+    match accepted.unwrap_err() {
+        TransportError::LayoutMismatch { peer, difference } => {
+            assert_eq!(peer, 1);
+            assert_eq!(
+                difference,
+                "layout differs from node 1 at line 4: here `vcpu 1 node 0`, node 1 has `vcpu 1 node 1`"
+            );
+        }
+        other => panic!("expected a layout mismatch, got {other}"),
+    }
+}
+
+#[test]
+fn a_node_dialing_the_wrong_address_is_told_who_answered() {
+    let (dialed, accepted) = run(&creds(3, b"s", "l"), &creds(0, b"s", "l"), 2, &admit_any);
+    let dialed = dialed.unwrap_err();
+    assert!(
+        matches!(dialed, TransportError::UnexpectedNode { .. }),
+        "{dialed}"
+    );
+    assert!(
+        dialed
+            .to_string()
+            .contains("expecting node 2, but this is node 0"),
+        "{dialed}"
+    );
+    assert!(matches!(
+        accepted.unwrap_err(),
+        TransportError::UnexpectedNode {
+            remote: Remote { id: Some(3), .. },
+            ..
+        }
+    ));
+}
+
+#[test]
+fn a_refused_admission_reaches_the_dialer_as_a_duplicate() {
+    let duplicate = |peer: NodeId, channel: Channel| {
+        Err(Refusal {
+            code: RefusalCode::DuplicateConnection,
+            message: format!("node 0 already has a {channel} connection from node {peer}"),
+        })
+    };
+    let (dialed, accepted) = run(&creds(1, b"s", "l"), &creds(0, b"s", "l"), 0, &duplicate);
+    let dialed = dialed.unwrap_err();
+    assert!(
+        matches!(
+            dialed,
+            TransportError::DuplicateConnection {
+                peer: 0,
+                channel: Channel::Forward,
+                ..
+            }
+        ),
+        "{dialed}"
+    );
+    assert!(dialed
+        .to_string()
+        .contains("already has a forward connection from node 1"));
+    assert!(matches!(
+        accepted.unwrap_err(),
+        TransportError::DuplicateConnection { peer: 1, .. }
+    ));
+}
+
+#[test]
+fn another_protocol_version_is_refused_with_both_versions() {
+    let (mut dialer, mut acceptor) = socket_pair();
+    let from = acceptor.peer_addr().unwrap();
+    let a = creds(0, b"s", "l");
+    thread::scope(|s| {
+        let accepted = s.spawn(|| accept(&mut acceptor, &a, from, &admit_any));
+        write_records(
+            &mut dialer,
+            &[Record::ForeignHello {
+                version: 99,
+                from: Some(1),
+            }],
+        )
+        .unwrap();
+        match read_record(&mut dialer).unwrap() {
+            Record::Refused(refusal) => {
+                assert_eq!(refusal.code, RefusalCode::VersionMismatch);
+                assert!(refusal
+                    .message
+                    .contains("version 1, the other end version 99"));
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        drop(dialer);
+        let err = accepted.join().unwrap().unwrap_err();
+        assert!(
+            matches!(
+                err,
+                TransportError::VersionMismatch {
+                    remote: Remote { id: Some(1), .. },
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    });
+}
+
+#[test]
+fn an_unknown_channel_and_a_stranger_are_refused() {
+    let a = creds(0, b"s", "l");
+    let (mut dialer, mut acceptor) = socket_pair();
+    let from = acceptor.peer_addr().unwrap();
+    write_records(
+        &mut dialer,
+        &[Record::Hello(Hello {
+            from: 1,
+            to: 0,
+            channel: 9,
+            nonce: [0; NONCE_LEN],
+        })],
+    )
+    .unwrap();
+    dialer.shutdown(Shutdown::Write).unwrap();
+    let err = accept(&mut acceptor, &a, from, &admit_any).unwrap_err();
+    assert!(
+        err.to_string().contains("channel 9, which does not exist"),
+        "{err}"
+    );
+
+    let (mut stranger, mut acceptor) = socket_pair();
+    let from = acceptor.peer_addr().unwrap();
+    std::io::Write::write_all(&mut stranger, b"GET / HTTP/1.0\r\n\r\n").unwrap();
+    let err = accept(&mut acceptor, &a, from, &admit_any).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            TransportError::Handshake {
+                remote: Remote { id: None, .. },
+                ..
+            }
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_proof_is_bound_to_direction_and_channel() {
+    let nonce = [5u8; NONCE_LEN];
+    let remote = Remote::node(1, "127.0.0.1:1".parse().unwrap());
+    let proof = make_proof(b"k", &nonce, 1, 0, Channel::DsmBulk, remote).unwrap();
+    assert!(verify_proof(b"k", &nonce, 1, 0, Channel::DsmBulk, &proof));
+    assert!(!verify_proof(b"k", &nonce, 0, 1, Channel::DsmBulk, &proof));
+    assert!(!verify_proof(b"k", &nonce, 1, 0, Channel::Control, &proof));
+    assert!(!verify_proof(
+        b"k",
+        &[6; NONCE_LEN],
+        1,
+        0,
+        Channel::DsmBulk,
+        &proof
+    ));
+    assert!(!verify_proof(
+        b"other",
+        &nonce,
+        1,
+        0,
+        Channel::DsmBulk,
+        &proof
+    ));
+}

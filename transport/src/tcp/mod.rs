@@ -1,0 +1,140 @@
+//! The TCP backend: a full mesh of TCP connections, one per (peer, channel).
+
+mod connection;
+mod inner;
+mod liveness;
+mod receiver;
+mod setup;
+
+use std::net::TcpListener;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::api::{FrameHandler, Transport};
+use crate::channel::{Channel, NodeId};
+use crate::config::MeshConfig;
+use crate::error::TransportError;
+use crate::frame::FrameRef;
+use crate::handshake::Credentials;
+
+use inner::MeshInner;
+
+/// A node's connections to every other node, over TCP. Dropping the last `Arc` shuts it down.
+pub struct TcpMesh {
+    inner: Arc<MeshInner>,
+}
+
+impl TcpMesh {
+    /// Listens on `cfg.listen`, connects to every peer (retrying until `connect_timeout`),
+    /// authenticates and compares layouts on every connection, waits until every node has all
+    /// its connections, then starts one receiver thread per (peer, channel) delivering to
+    /// `handler`. Fails if any peer is lost before setup ends (the handler may have been told
+    /// of that loss as well).
+    pub fn establish(
+        cfg: MeshConfig,
+        handler: Arc<dyn FrameHandler>,
+    ) -> Result<Arc<TcpMesh>, TransportError> {
+        cfg.validate()?;
+        let listener = TcpListener::bind(cfg.listen).map_err(|source| TransportError::Listen {
+            addr: cfg.listen,
+            source,
+        })?;
+        Self::establish_on(listener, cfg, handler)
+    }
+
+    /// Like [`TcpMesh::establish`], on a listener the caller bound already (for instance on
+    /// port 0, or inherited from a supervisor). `cfg.listen` is then only used in messages.
+    pub fn establish_on(
+        listener: TcpListener,
+        cfg: MeshConfig,
+        handler: Arc<dyn FrameHandler>,
+    ) -> Result<Arc<TcpMesh>, TransportError> {
+        cfg.validate()?;
+        let deadline = Instant::now() + cfg.connect_timeout;
+        let creds = Credentials::new(&cfg);
+        let streams = setup::connect_all(&listener, &cfg, &creds, deadline)?;
+        // Nobody else may connect once the mesh is complete.
+        drop(listener);
+
+        let inner = Arc::new(MeshInner::new(&cfg, handler, streams)?);
+        // From here on, an early return drops `mesh`, which closes everything and stops the
+        // threads started so far.
+        let mesh = Arc::new(TcpMesh {
+            inner: Arc::clone(&inner),
+        });
+        liveness::start_heartbeats(&inner)?;
+        let mut control_readers = setup::await_mesh_ready(&inner, deadline, cfg.connect_timeout)?;
+
+        inner.set_running();
+        for link in inner.links.values() {
+            for channel in Channel::ALL {
+                let from_barrier = match channel {
+                    Channel::Control => control_readers.remove(&link.id),
+                    _ => None,
+                };
+                let reader = match from_barrier {
+                    Some(reader) => reader,
+                    None => {
+                        let spinning = inner.busy_poll && channel == Channel::DsmRequest;
+                        link.conn(channel).reader(spinning).map_err(|source| {
+                            TransportError::Socket {
+                                peer: link.id,
+                                channel,
+                                source,
+                            }
+                        })?
+                    }
+                };
+                receiver::start_receiver(&inner, link.id, channel, reader)?;
+            }
+        }
+        liveness::start_watchdog(&inner)?;
+        if let Some(peer) = inner.first_lost() {
+            return Err(TransportError::LostDuringSetup {
+                peer,
+                why: "one of its connections failed while the mesh was starting".to_string(),
+            });
+        }
+        Ok(mesh)
+    }
+
+    /// Whether `peer` has been declared lost.
+    pub fn is_lost(&self, peer: NodeId) -> bool {
+        self.inner
+            .links
+            .get(&peer)
+            .is_some_and(|link| link.is_lost())
+    }
+}
+
+impl Transport for TcpMesh {
+    fn me(&self) -> NodeId {
+        self.inner.me
+    }
+
+    fn peers(&self) -> Vec<NodeId> {
+        self.inner.links.keys().copied().collect()
+    }
+
+    fn send_ref(
+        &self,
+        to: NodeId,
+        channel: Channel,
+        frame: FrameRef<'_>,
+    ) -> Result<(), TransportError> {
+        self.inner.send_ref(to, channel, frame)
+    }
+
+    fn shutdown(&self) {
+        self.inner.shutdown();
+    }
+}
+
+impl Drop for TcpMesh {
+    fn drop(&mut self) {
+        self.inner.shutdown();
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,223 @@
+//! A real mesh node against a hand-driven peer that authenticates properly and then breaks
+//! the rules: malformed frames, reserved kinds, silence, a duplicate connection.
+
+use std::io::Write;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::{Condvar, Mutex};
+use std::thread;
+use std::time::Duration;
+
+use super::connection::prepare_socket;
+use super::*;
+use crate::config::Liveness;
+use crate::frame::{Frame, FrameHeader, KIND_MESH_READY, MAX_PAYLOAD};
+use crate::handshake;
+
+/// Frames delivered, and losses reported.
+type Events = (Vec<(NodeId, Channel, Frame)>, Vec<(NodeId, String)>);
+
+#[derive(Default)]
+struct Recorder {
+    events: Mutex<Events>,
+    changed: Condvar,
+}
+
+impl FrameHandler for Recorder {
+    fn on_frame(&self, from: NodeId, channel: Channel, frame: Frame) {
+        self.events.lock().unwrap().0.push((from, channel, frame));
+        self.changed.notify_all();
+    }
+    fn on_peer_lost(&self, peer: NodeId, why: &str) {
+        self.events.lock().unwrap().1.push((peer, why.to_string()));
+        self.changed.notify_all();
+    }
+}
+
+impl Recorder {
+    /// The losses, once there is at least one (or after 20 s, to fail instead of hanging).
+    fn wait_for_loss(&self) -> Vec<(NodeId, String)> {
+        let guard = self.events.lock().unwrap();
+        let (guard, _) = self
+            .changed
+            .wait_timeout_while(guard, Duration::from_secs(20), |e| e.1.is_empty())
+            .unwrap();
+        guard.1.clone()
+    }
+}
+
+const LAYOUT: &str = "spanvm-layout 1\nnodes 2\n";
+
+/// Heartbeats, but a silence limit no test reaches: losses seen are for the reason tested.
+fn patient() -> Liveness {
+    Liveness {
+        heartbeat_interval: Duration::from_millis(100),
+        silence_timeout: Duration::from_secs(30),
+    }
+}
+
+fn config(me: NodeId, listen: SocketAddr, peers: Vec<(NodeId, SocketAddr)>) -> MeshConfig {
+    MeshConfig {
+        me,
+        listen,
+        peers,
+        secret: b"unit-test-secret".to_vec(),
+        layout_canonical: LAYOUT.to_string(),
+        connect_timeout: Duration::from_secs(10),
+        busy_poll: false,
+        liveness: patient(),
+    }
+}
+
+/// Node 0 as a real mesh, and node 1 played by hand: all four channels authenticated and the
+/// mesh-ready signal sent. Returns node 1's streams in channel order.
+fn mesh_with_hand_peer(liveness: Liveness) -> (Arc<TcpMesh>, Arc<Recorder>, Vec<TcpStream>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr0 = listener.local_addr().unwrap();
+    let addr1: SocketAddr = "127.0.0.1:1".parse().unwrap();
+    let mut cfg0 = config(0, addr0, vec![(1, addr1)]);
+    cfg0.liveness = liveness;
+    let cfg1 = config(1, addr1, vec![(0, addr0)]);
+    let recorder = Arc::new(Recorder::default());
+    let handler: Arc<dyn FrameHandler> = recorder.clone();
+    let node0 = thread::spawn(move || TcpMesh::establish_on(listener, cfg0, handler));
+
+    let creds1 = Credentials::new(&cfg1);
+    let mut streams = Vec::new();
+    for channel in Channel::ALL {
+        let mut stream = TcpStream::connect(addr0).unwrap();
+        prepare_socket(&stream).unwrap();
+        handshake::dial(&mut stream, &creds1, 0, addr0, channel).unwrap();
+        streams.push(stream);
+    }
+    write_frame(&mut streams[Channel::Control.index()], KIND_MESH_READY, 0);
+    let mesh = node0.join().unwrap().unwrap();
+    (mesh, recorder, streams)
+}
+
+fn write_frame(stream: &mut TcpStream, kind: u16, payload_len: u32) {
+    let header = FrameHeader {
+        kind,
+        flags: 0,
+        payload_len,
+        id: 7,
+        arg: 0,
+    };
+    stream.write_all(&header.encode()).unwrap();
+}
+
+#[test]
+fn frames_from_a_hand_driven_peer_are_delivered() {
+    let (mesh, recorder, mut streams) = mesh_with_hand_peer(patient());
+    let frame = Frame {
+        kind: 3,
+        flags: 1,
+        id: 99,
+        arg: 5,
+        payload: vec![0x5A; 4096],
+    };
+    let mut bytes = Vec::new();
+    frame.encode_into(&mut bytes);
+    streams[Channel::DsmBulk.index()].write_all(&bytes).unwrap();
+    let events = recorder.events.lock().unwrap();
+    let (events, _) = recorder
+        .changed
+        .wait_timeout_while(events, Duration::from_secs(20), |e| e.0.is_empty())
+        .unwrap();
+    assert_eq!(events.0, vec![(1, Channel::DsmBulk, frame)]);
+    drop(events);
+    mesh.shutdown();
+}
+
+#[test]
+fn an_oversized_length_is_rejected_and_the_peer_dropped() {
+    let (mesh, recorder, mut streams) = mesh_with_hand_peer(patient());
+    write_frame(
+        &mut streams[Channel::DsmBulk.index()],
+        1,
+        MAX_PAYLOAD as u32 + 1,
+    );
+    let losses = recorder.wait_for_loss();
+    assert_eq!(losses.len(), 1);
+    assert_eq!(losses[0].0, 1);
+    assert!(losses[0].1.contains("malformed frame"), "{}", losses[0].1);
+    assert!(
+        losses[0].1.contains("exceeds the maximum of 4352"),
+        "{}",
+        losses[0].1
+    );
+    assert!(mesh.is_lost(1));
+    assert!(matches!(
+        mesh.send(1, Channel::Forward, &Frame::default()),
+        Err(TransportError::PeerLost { peer: 1 })
+    ));
+    assert!(recorder.events.lock().unwrap().0.is_empty());
+}
+
+#[test]
+fn a_reserved_kind_on_a_data_channel_is_rejected() {
+    let (_mesh, recorder, mut streams) = mesh_with_hand_peer(patient());
+    write_frame(&mut streams[Channel::Forward.index()], 0xFF10, 0);
+    let losses = recorder.wait_for_loss();
+    assert_eq!(losses.len(), 1);
+    assert!(
+        losses[0]
+            .1
+            .contains("reserved kind 0xff10 on the forward channel"),
+        "{}",
+        losses[0].1
+    );
+}
+
+#[test]
+fn a_peer_that_stops_talking_without_closing_is_lost_after_the_silence_limit() {
+    let liveness = Liveness {
+        heartbeat_interval: Duration::from_millis(50),
+        silence_timeout: Duration::from_millis(400),
+    };
+    let (mesh, recorder, streams) = mesh_with_hand_peer(liveness);
+    // The hand-driven peer keeps every socket open and sends nothing, not even heartbeats.
+    let losses = recorder.wait_for_loss();
+    assert_eq!(losses.len(), 1);
+    assert_eq!(losses[0].0, 1);
+    assert!(losses[0].1.contains("no heartbeat"), "{}", losses[0].1);
+    assert!(mesh.is_lost(1));
+    drop(streams);
+}
+
+#[test]
+fn a_second_connection_for_the_same_channel_is_refused_as_a_duplicate() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr0 = listener.local_addr().unwrap();
+    let addr1: SocketAddr = "127.0.0.1:1".parse().unwrap();
+    let mut cfg0 = config(0, addr0, vec![(1, addr1)]);
+    cfg0.connect_timeout = Duration::from_secs(2);
+    let creds0 = Credentials::new(&cfg0);
+    let creds1 = Credentials::new(&config(1, addr1, vec![(0, addr0)]));
+    thread::scope(|s| {
+        let acceptor = s.spawn(|| {
+            let deadline = Instant::now() + cfg0.connect_timeout;
+            setup::connect_all(&listener, &cfg0, &creds0, deadline)
+        });
+        let mut first = TcpStream::connect(addr0).unwrap();
+        prepare_socket(&first).unwrap();
+        handshake::dial(&mut first, &creds1, 0, addr0, Channel::DsmRequest).unwrap();
+        let mut second = TcpStream::connect(addr0).unwrap();
+        prepare_socket(&second).unwrap();
+        let err = handshake::dial(&mut second, &creds1, 0, addr0, Channel::DsmRequest).unwrap_err();
+        assert!(
+            matches!(err, TransportError::DuplicateConnection { peer: 0, .. }),
+            "{err}"
+        );
+        assert!(
+            err.to_string()
+                .contains("is a second process running as node 1?"),
+            "{err}"
+        );
+        // The other three channels never come: the acceptor gives up naming the duplicate.
+        let err = acceptor.join().unwrap().unwrap_err();
+        assert!(
+            matches!(err, TransportError::DuplicateConnection { peer: 1, .. }),
+            "{err}"
+        );
+    });
+}
