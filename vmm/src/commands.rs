@@ -5,7 +5,7 @@ use std::path::Path;
 use resources::{ConfigError, NodeConfig};
 
 use crate::stop::StopReason;
-use crate::vm::{handle_termination_signals, NodeVm, VmError};
+use crate::vm::{handle_signals, NodeVm, VmError};
 
 /// Errors of a command.
 #[derive(Debug, thiserror::Error)]
@@ -19,6 +19,9 @@ pub enum CommandError {
     /// Signal handling could not be set up.
     #[error("cannot set up signal handling: {0}")]
     Signals(std::io::Error),
+    /// The cluster could not be run.
+    #[error(transparent)]
+    Cluster(#[from] crate::cluster::ClusterError),
     /// A benchmark could not run.
     #[error("benchmark: {0}")]
     Bench(String),
@@ -32,12 +35,27 @@ pub fn check(config: &Path) -> Result<(), CommandError> {
     Ok(())
 }
 
-/// `spanvm run`: run this node until the guest stops.
+/// `spanvm run` / `spanvm node`: run this node until the guest stops. In a cluster the DSM
+/// statistics are printed at exit and on SIGUSR1.
 pub fn run(config: &Path) -> Result<StopReason, CommandError> {
     let cfg = NodeConfig::load(config)?;
-    let vm = NodeVm::build(&cfg)?;
+    let mut vm = NodeVm::build(&cfg)?;
     let platform = vm.platform().clone();
-    handle_termination_signals(move || platform.request_stop(StopReason::Interrupted))
-        .map_err(CommandError::Signals)?;
-    Ok(vm.run()?)
+    let dsm = vm.dsm();
+    let dsm_on_request = dsm.clone();
+    handle_signals(move |sig| {
+        if sig == libc::SIGUSR1 {
+            if let Some(d) = &dsm_on_request {
+                eprint!("{}", d.stats());
+            }
+        } else {
+            platform.request_stop(StopReason::Interrupted);
+        }
+    })
+    .map_err(CommandError::Signals)?;
+    let reason = vm.run()?;
+    if let Some(d) = dsm {
+        eprint!("{}", d.stats());
+    }
+    Ok(reason)
 }

@@ -2,7 +2,9 @@
 //! wiring, probe guests, and the commands of the `spanvm` binary.
 
 pub mod bench;
+pub mod cluster;
 pub mod commands;
+pub mod distributed;
 pub mod hypervisor;
 pub mod memory;
 pub mod platform;

@@ -89,6 +89,7 @@ pub struct Platform {
     stop: Arc<Stop>,
     probe_console: Arc<ProbeConsole>,
     probe_events: Mutex<Vec<ProbeEvent>>,
+    on_local_finish: std::sync::OnceLock<Box<dyn Fn(StopReason) + Send + Sync>>,
     /// Port accesses nobody claims (counted for the statistics).
     pub unclaimed_io: std::sync::atomic::AtomicU64,
 }
@@ -157,6 +158,7 @@ impl Platform {
                 stop,
                 probe_console,
                 probe_events: Mutex::new(Vec::new()),
+                on_local_finish: std::sync::OnceLock::new(),
                 unclaimed_io: Default::default(),
             }
         });
@@ -194,6 +196,19 @@ impl Platform {
         }
     }
 
+    /// Decides what happens when this node's vCPUs are done (or one failed): by default the
+    /// node stops; in a cluster the control protocol decides when everyone stops.
+    pub fn on_local_finish(&self, hook: Box<dyn Fn(StopReason) + Send + Sync>) {
+        let _ = self.on_local_finish.set(hook);
+    }
+
+    fn local_finished(&self, reason: StopReason) {
+        match self.on_local_finish.get() {
+            Some(hook) => hook(reason),
+            None => self.request_stop(reason),
+        }
+    }
+
     /// Everything the probe reported so far, in order.
     pub fn probe_events(&self) -> Vec<ProbeEvent> {
         self.probe_events
@@ -221,9 +236,9 @@ impl Platform {
                     v.finish();
                 }
                 if status != 0 {
-                    self.request_stop(StopReason::ProbeFailed { vcpu, status });
+                    self.local_finished(StopReason::ProbeFailed { vcpu, status });
                 } else if self.local_vcpus().all(|v| v.finished()) {
-                    self.request_stop(StopReason::PowerOff);
+                    self.local_finished(StopReason::PowerOff);
                 }
             }
         }

@@ -2,7 +2,8 @@
 //! polls it, and the process exit code tells which.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Condvar, Mutex};
+use std::time::Duration;
 
 /// Why the guest stopped.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,6 +56,7 @@ impl std::fmt::Display for StopReason {
 pub struct Stop {
     flag: AtomicBool,
     reason: Mutex<Option<StopReason>>,
+    requested: Condvar,
 }
 
 impl Stop {
@@ -66,7 +68,18 @@ impl Stop {
         }
         *r = Some(reason);
         self.flag.store(true, Ordering::SeqCst);
+        self.requested.notify_all();
         true
+    }
+
+    /// Waits until a stop is requested or `timeout` passes; returns whether one was requested.
+    pub fn wait(&self, timeout: Duration) -> bool {
+        let r = self.reason.lock().unwrap_or_else(|p| p.into_inner());
+        let (r, _) = self
+            .requested
+            .wait_timeout_while(r, timeout, |r| r.is_none())
+            .unwrap_or_else(|p| p.into_inner());
+        r.is_some()
     }
 
     /// Whether a stop was requested (cheap: checked on every exit).

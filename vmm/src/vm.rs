@@ -3,10 +3,12 @@
 
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use kvm_ioctls::VcpuFd;
 use resources::{GuestImage, NodeConfig};
 
+use crate::distributed::{Distributed, DistributedError, CONNECT_TIMEOUT};
 use crate::hypervisor::{Hypervisor, HypervisorError, KvmVm};
 use crate::memory::{GuestMemory, MemoryError};
 use crate::platform::{Platform, PlatformError};
@@ -41,12 +43,19 @@ pub enum VmError {
     /// A thread could not be started.
     #[error("cannot start a thread: {0}")]
     Thread(std::io::Error),
+    /// Joining the cluster failed.
+    #[error(transparent)]
+    Distributed(#[from] DistributedError),
+    /// The master never said the guest is loaded.
+    #[error("the master (node 0) did not start the guest within {0:?}")]
+    NoStart(std::time::Duration),
 }
 
 /// A node's VM, built and ready to run.
 pub struct NodeVm {
     _vm: KvmVm,
     _memory: Arc<GuestMemory>,
+    distributed: Option<Distributed>,
     platform: Arc<Platform>,
     fds: Vec<(usize, VcpuFd)>,
     tsc_khz: u32,
@@ -59,6 +68,12 @@ impl NodeVm {
         let hv = Hypervisor::open()?;
         let vm = hv.create_vm()?;
         let memory = Arc::new(GuestMemory::new(layout)?);
+        // Several nodes: the memory goes under the DSM before anything touches it.
+        let distributed = if layout.node_count() > 1 {
+            Some(Distributed::join(config, &memory)?)
+        } else {
+            None
+        };
         memory.register(&vm)?;
         let local: Vec<usize> = config.local().vcpus.iter().map(|&v| v as usize).collect();
         let mut fds = Vec::new();
@@ -77,9 +92,14 @@ impl NodeVm {
         };
         let stop = Arc::new(Stop::default());
         let platform = Platform::new(layout.vcpu_count as usize, &local, tsc_khz, stop)?;
+        if let Some(d) = &distributed {
+            d.attach(&platform);
+            let control = d.control.clone();
+            platform.on_local_finish(Box::new(move |reason| control.local_done(reason)));
+        }
 
         match &layout.guest {
-            GuestImage::Probe { name } => {
+            GuestImage::Probe { name, arg } => {
                 let img = crate::probe::image(name).ok_or_else(|| VmError::UnknownProbe {
                     name: name.clone(),
                     known: crate::probe::names().collect::<Vec<_>>().join(", "),
@@ -90,7 +110,14 @@ impl NodeVm {
                     loader::parse_image(name, img)?.0
                 };
                 for (i, fd) in &fds {
-                    loader::setup_vcpu(fd, *i, entry, layout, config.node, tsc_khz)?;
+                    loader::setup_vcpu(fd, *i, entry, layout, config.node, tsc_khz, *arg)?;
+                }
+                if let Some(d) = &distributed {
+                    if config.node == layout.master() {
+                        d.control.announce_start();
+                    } else if !d.control.wait_for_start(CONNECT_TIMEOUT) {
+                        return Err(VmError::NoStart(CONNECT_TIMEOUT));
+                    }
                 }
             }
             GuestImage::Linux { .. } => {
@@ -102,6 +129,7 @@ impl NodeVm {
         Ok(Self {
             _vm: vm,
             _memory: memory,
+            distributed,
             platform,
             fds,
             tsc_khz,
@@ -137,12 +165,17 @@ impl NodeVm {
         )
     }
 
+    /// The DSM, when this node is one of several.
+    pub fn dsm(&self) -> Option<Arc<dsm::Dsm>> {
+        self.distributed.as_ref().map(|d| d.dsm.clone())
+    }
+
     /// Runs every local vCPU until the node stops; returns why it stopped.
-    pub fn run(self) -> Result<StopReason, VmError> {
+    pub fn run(&mut self) -> Result<StopReason, VmError> {
         let platform = self.platform.clone();
         let mut vcpu_threads: Vec<JoinHandle<()>> = Vec::new();
         let mut timer_threads: Vec<JoinHandle<()>> = Vec::new();
-        for (index, fd) in self.fds {
+        for (index, fd) in std::mem::take(&mut self.fds) {
             let Some(shared) = platform.vcpu(index).cloned() else {
                 continue;
             };
@@ -172,27 +205,37 @@ impl NodeVm {
                     .map_err(VmError::Thread)?,
             );
         }
-        if vcpu_threads.is_empty() {
-            // A node with no local vCPUs only serves memory and devices; it runs until stopped.
-            while !platform.stop().requested() {
-                std::thread::sleep(std::time::Duration::from_millis(50));
-            }
+        // The node runs until something stops it: its own vCPUs finishing (single node), the
+        // master's STOP, a lost peer, an error, or a signal.
+        while !platform.stop().wait(Duration::from_millis(500)) {}
+        let reason = platform.stop().reason().unwrap_or(StopReason::PowerOff);
+        // vCPU threads leave their loop at once unless one is blocked in a page fault that can
+        // no longer be served (a peer is gone): then it is left behind, and dies with the process.
+        join_for(vcpu_threads, Duration::from_millis(1500));
+        join_for(timer_threads, Duration::from_millis(500));
+        if let Some(d) = &self.distributed {
+            d.leave(&reason);
         }
-        for t in vcpu_threads {
-            let _ = t.join();
-        }
-        // Every vCPU thread is gone: make sure the timers see a stop even after a clean finish.
-        platform.request_stop(StopReason::PowerOff);
-        for t in timer_threads {
-            let _ = t.join();
-        }
-        Ok(platform.stop().reason().unwrap_or(StopReason::PowerOff))
+        Ok(reason)
     }
 }
 
-/// Blocks SIGINT and SIGTERM in the calling thread (and so in every thread it starts later) and
-/// starts a thread that turns them into `on_signal()`.
-pub fn handle_termination_signals(on_signal: impl Fn() + Send + 'static) -> std::io::Result<()> {
+/// Joins the threads that finish within `limit` of now.
+fn join_for(threads: Vec<JoinHandle<()>>, limit: Duration) {
+    let deadline = std::time::Instant::now() + limit;
+    for t in threads {
+        while !t.is_finished() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        if t.is_finished() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Blocks SIGINT, SIGTERM and SIGUSR1 in the calling thread (and so in every thread it starts
+/// later) and starts a thread that hands each to `on_signal(signal)`.
+pub fn handle_signals(on_signal: impl Fn(i32) + Send + 'static) -> std::io::Result<()> {
     // SAFETY: sigset manipulation on a local, zero-initialised set; pthread_sigmask only changes
     // this thread's mask.
     let set = unsafe {
@@ -200,6 +243,7 @@ pub fn handle_termination_signals(on_signal: impl Fn() + Send + 'static) -> std:
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, libc::SIGINT);
         libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGUSR1);
         if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
             return Err(std::io::Error::last_os_error());
         }
@@ -211,7 +255,7 @@ pub fn handle_termination_signals(on_signal: impl Fn() + Send + 'static) -> std:
             let mut sig = 0;
             // SAFETY: `set` is a valid signal set and `sig` a valid out-pointer.
             if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
-                on_signal();
+                on_signal(sig);
             }
         })?;
     Ok(())

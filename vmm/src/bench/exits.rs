@@ -50,7 +50,7 @@ fn reports(events: &[ProbeEvent]) -> HashMap<String, u64> {
 
 /// Runs `probe` through spanvm's own exit loop; returns vCPU 0's reports.
 fn through_spanvm(probe: &str, vcpus: u32) -> Result<(HashMap<String, u64>, u32), CommandError> {
-    let vm = NodeVm::build(&bench_config(probe, vcpus)?)?;
+    let mut vm = NodeVm::build(&bench_config(probe, vcpus)?)?;
     let platform = vm.platform().clone();
     let khz = vm.tsc_khz();
     match vm.run()? {

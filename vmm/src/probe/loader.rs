@@ -208,6 +208,7 @@ pub fn setup_vcpu(
     layout: &Layout,
     node: u32,
     tsc_khz: u32,
+    arg: u64,
 ) -> Result<(), LoaderError> {
     let err = |source| LoaderError::Registers {
         vcpu: index,
@@ -256,6 +257,7 @@ pub fn setup_vcpu(
         r8: u64::from(node),
         r9: layout.node_count() as u64,
         r10: block + STACK_BLOCK,
+        r11: arg,
         ..Default::default()
     };
     fd.set_regs(&regs).map_err(err)

@@ -1,0 +1,880 @@
+//! The DSM messages and their wire frames.
+//!
+//! A frame is `(kind: u16, flags: u16, id: u64, arg: u64, payload)`; the payload is either empty
+//! or exactly one page. `arg` is the guest-physical address of the page (page-aligned), `id` the
+//! request the message belongs to: the requester's node id in the top 8 bits and its sequence
+//! number in the low 56. Decoding checks every field against the layout ([`WireLimits`]) and
+//! rejects anything else with a [`ProtocolError`]; nothing a peer sends can make it panic.
+//!
+//! Which connection a message should travel on is [`DsmMessage::is_bulk`]: only a grant that
+//! carries page bytes is bulk; everything else is small and latency-critical. The protocol's
+//! correctness does not depend on ordering between the two classes (the requester collects the
+//! parts of a reply in any order; see `README.md`).
+
+use std::fmt;
+
+use thiserror::Error;
+
+use crate::{NodeId, PAGE_SHIFT, PAGE_SIZE};
+
+/// The frame kind of [`DsmMessage::Request`].
+pub const KIND_REQUEST: u16 = 1;
+/// The frame kind of [`DsmMessage::Fetch`].
+pub const KIND_FETCH: u16 = 2;
+/// The frame kind of [`DsmMessage::Invalidate`].
+pub const KIND_INVALIDATE: u16 = 3;
+/// The frame kind of [`DsmMessage::InvalidateAck`].
+pub const KIND_INVALIDATE_ACK: u16 = 4;
+/// The frame kind of [`DsmMessage::Grant`].
+pub const KIND_GRANT: u16 = 5;
+/// The frame kind of [`DsmMessage::Confirm`].
+pub const KIND_CONFIRM: u16 = 6;
+
+const FLAG_WRITE: u16 = 1 << 0;
+const DATA_SHIFT: u16 = 1;
+const DATA_MASK: u16 = 0b11 << DATA_SHIFT;
+const DATA_ZERO: u16 = 0;
+const DATA_KEEP: u16 = 1;
+const DATA_BYTES: u16 = 2;
+const ACKS_SHIFT: u16 = 8;
+const ACKS_MASK: u16 = 0xff << ACKS_SHIFT;
+
+/// The access a request asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Access {
+    /// A readable copy (Shared or better).
+    Read,
+    /// The only, writable copy (Modified).
+    Write,
+}
+
+impl fmt::Display for Access {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Access::Read => "read",
+            Access::Write => "write",
+        })
+    }
+}
+
+/// A request of one node for one page; every message that serves it carries its id.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct RequestId {
+    /// The requesting node.
+    pub node: NodeId,
+    /// The requester's sequence number (56 bits on the wire).
+    pub seq: u64,
+}
+
+impl RequestId {
+    /// Bits of the sequence number on the wire.
+    pub const SEQ_BITS: u32 = 56;
+    const SEQ_MASK: u64 = (1 << Self::SEQ_BITS) - 1;
+
+    /// The wire form: node in the top 8 bits, sequence in the low 56.
+    pub fn to_wire(self) -> u64 {
+        ((self.node as u64) << Self::SEQ_BITS) | (self.seq & Self::SEQ_MASK)
+    }
+
+    fn from_wire(wire: u64, limits: &WireLimits) -> Result<RequestId, ProtocolError> {
+        let node = (wire >> Self::SEQ_BITS) as NodeId;
+        limits.check_node(node)?;
+        Ok(RequestId {
+            node,
+            seq: wire & Self::SEQ_MASK,
+        })
+    }
+}
+
+impl fmt::Display for RequestId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}#{}", self.node, self.seq)
+    }
+}
+
+/// One page of guest memory, boxed so that it moves without copying.
+pub type PageBuf = Box<[u8; PAGE_SIZE]>;
+
+/// A zero-filled page buffer.
+pub fn new_page_buf() -> PageBuf {
+    Box::new([0u8; PAGE_SIZE])
+}
+
+/// What a grant gives the requester to install.
+#[derive(Clone, PartialEq, Eq)]
+pub enum GrantData {
+    /// The page was never written: install zeros (no bytes travel).
+    Zero,
+    /// The requester's own copy is valid (an upgrade Shared -> Modified): keep it.
+    Keep,
+    /// The page's current content.
+    Bytes(PageBuf),
+}
+
+impl fmt::Debug for GrantData {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            GrantData::Zero => f.write_str("Zero"),
+            GrantData::Keep => f.write_str("Keep"),
+            GrantData::Bytes(_) => f.write_str("Bytes(4096)"),
+        }
+    }
+}
+
+/// A DSM message between two nodes (or a node and itself).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DsmMessage {
+    /// Requester -> home: "I need `page` for `access`". The requester is `id.node`.
+    Request {
+        /// The page number.
+        page: u64,
+        /// The request.
+        id: RequestId,
+        /// What the requester needs.
+        access: Access,
+    },
+    /// Home -> the node whose copy will be the data source: "send your copy to `id.node`".
+    /// For a read, downgrade Modified to Shared first; for a write, also drop the copy and tell
+    /// the requester to expect `acks` invalidation acknowledgements besides this grant.
+    Fetch {
+        /// The page number.
+        page: u64,
+        /// The request being served.
+        id: RequestId,
+        /// The access being granted.
+        access: Access,
+        /// Acknowledgements the requester must collect besides the grant.
+        acks: u32,
+    },
+    /// Home -> a sharer: "drop your copy and acknowledge to `id.node`".
+    Invalidate {
+        /// The page number.
+        page: u64,
+        /// The request being served.
+        id: RequestId,
+    },
+    /// Sharer -> requester: "my copy is gone".
+    InvalidateAck {
+        /// The page number.
+        page: u64,
+        /// The request being served.
+        id: RequestId,
+    },
+    /// Home or data source -> requester: the access is granted once `acks` acknowledgements
+    /// have also arrived.
+    Grant {
+        /// The page number.
+        page: u64,
+        /// The request being served.
+        id: RequestId,
+        /// The access granted (always the one requested).
+        access: Access,
+        /// Invalidation acknowledgements to collect before installing.
+        acks: u32,
+        /// What to install.
+        data: GrantData,
+    },
+    /// Requester -> home: "installed"; the home may serve the next request for the page.
+    Confirm {
+        /// The page number.
+        page: u64,
+        /// The request that completed.
+        id: RequestId,
+    },
+}
+
+/// A message and the node it goes to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Outgoing {
+    /// Destination node (may be the sender itself).
+    pub to: NodeId,
+    /// The message.
+    pub msg: DsmMessage,
+}
+
+/// The layout facts a frame is checked against.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WireLimits {
+    /// Pages of guest-physical address space covered by the DSM.
+    pub page_count: u64,
+    /// Nodes in the cluster.
+    pub node_count: usize,
+}
+
+impl WireLimits {
+    fn check_node(&self, node: NodeId) -> Result<(), ProtocolError> {
+        if node < self.node_count {
+            Ok(())
+        } else {
+            Err(ProtocolError::NodeOutOfRange {
+                node: node as u64,
+                node_count: self.node_count,
+            })
+        }
+    }
+
+    fn page_of(&self, gpa: u64) -> Result<u64, ProtocolError> {
+        if gpa & (PAGE_SIZE as u64 - 1) != 0 {
+            return Err(ProtocolError::UnalignedAddress { gpa });
+        }
+        let page = gpa >> PAGE_SHIFT;
+        if page >= self.page_count {
+            return Err(ProtocolError::AddressOutOfRange {
+                gpa,
+                page_count: self.page_count,
+            });
+        }
+        Ok(page)
+    }
+}
+
+/// Errors of decoding or validating a DSM frame.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ProtocolError {
+    /// The frame kind is none of the DSM message kinds.
+    #[error("unknown DSM frame kind {kind}: the peer runs an incompatible spanvm")]
+    UnknownKind {
+        /// The kind received.
+        kind: u16,
+    },
+    /// Flag bits that the kind does not use, or a combination it forbids, are set.
+    #[error("DSM frame of kind {kind} has invalid flags {flags:#06x}")]
+    BadFlags {
+        /// The kind received.
+        kind: u16,
+        /// The flags received.
+        flags: u16,
+    },
+    /// The payload is neither empty nor one page as the kind requires.
+    #[error("DSM frame of kind {kind} has a {len}-byte payload, expected {expected}")]
+    BadPayloadLength {
+        /// The kind received.
+        kind: u16,
+        /// Payload bytes received.
+        len: usize,
+        /// Payload bytes the kind and flags require.
+        expected: usize,
+    },
+    /// The page address is not page-aligned.
+    #[error("DSM frame names guest address {gpa:#x}, which is not page-aligned")]
+    UnalignedAddress {
+        /// The address received.
+        gpa: u64,
+    },
+    /// The page address is beyond guest memory.
+    #[error(
+        "DSM frame names guest address {gpa:#x}, beyond the {page_count} pages of guest memory"
+    )]
+    AddressOutOfRange {
+        /// The address received.
+        gpa: u64,
+        /// Pages of guest memory in the layout.
+        page_count: u64,
+    },
+    /// A node id is not in the cluster.
+    #[error("DSM frame names node {node}, but the cluster has {node_count} nodes")]
+    NodeOutOfRange {
+        /// The node id received.
+        node: u64,
+        /// Nodes in the layout.
+        node_count: usize,
+    },
+    /// The acknowledgement count exceeds what the cluster can produce.
+    #[error("DSM frame asks for {acks} acknowledgements, but the cluster has {node_count} nodes")]
+    AckCountOutOfRange {
+        /// The count received.
+        acks: u32,
+        /// Nodes in the layout.
+        node_count: usize,
+    },
+    /// A byte frame is shorter than its header.
+    #[error(
+        "DSM frame of {len} bytes is shorter than the {} byte header",
+        Frame::HEADER_LEN
+    )]
+    Truncated {
+        /// Bytes received.
+        len: usize,
+    },
+    /// A byte frame's declared payload length differs from the bytes that follow the header.
+    #[error("DSM frame declares a {declared}-byte payload but carries {actual}")]
+    LengthMismatch {
+        /// The declared length.
+        declared: u64,
+        /// The bytes present.
+        actual: usize,
+    },
+    /// The message came from a node that has no business sending it.
+    #[error("DSM {what} for page {page:#x} came from node {from}, expected node {expected}")]
+    WrongSender {
+        /// Which message.
+        what: &'static str,
+        /// The page it names.
+        page: u64,
+        /// The node it came from.
+        from: NodeId,
+        /// The node that may send it.
+        expected: NodeId,
+    },
+    /// The message is addressed to a role this node does not have for the page.
+    #[error("DSM {what} for page {page:#x} reached node {me}, which is not {role}")]
+    WrongReceiver {
+        /// Which message.
+        what: &'static str,
+        /// The page it names.
+        page: u64,
+        /// This node.
+        me: NodeId,
+        /// The role the message needs ("its home", "the requester", ...).
+        role: &'static str,
+    },
+}
+
+/// A DSM frame in its field form (the transport carries these fields in its own header).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Frame {
+    /// Message kind (`KIND_*`).
+    pub kind: u16,
+    /// Kind-specific flags: access, grant data, acknowledgement count.
+    pub flags: u16,
+    /// The request id in wire form ([`RequestId::to_wire`]).
+    pub id: u64,
+    /// The guest-physical address of the page.
+    pub arg: u64,
+    /// Empty, or one page.
+    pub payload: Vec<u8>,
+}
+
+impl Frame {
+    /// Bytes of the little-endian header of [`Frame::encode_into`]:
+    /// kind u16, flags u16, payload length u32, id u64, arg u64.
+    pub const HEADER_LEN: usize = 24;
+
+    /// Appends the frame as bytes (header, then payload).
+    pub fn encode_into(&self, out: &mut Vec<u8>) {
+        out.reserve(Self::HEADER_LEN + self.payload.len());
+        out.extend_from_slice(&self.kind.to_le_bytes());
+        out.extend_from_slice(&self.flags.to_le_bytes());
+        // Payloads are at most one page, so the length fits.
+        out.extend_from_slice(&(self.payload.len() as u32).to_le_bytes());
+        out.extend_from_slice(&self.id.to_le_bytes());
+        out.extend_from_slice(&self.arg.to_le_bytes());
+        out.extend_from_slice(&self.payload);
+    }
+
+    /// Parses bytes written by [`Frame::encode_into`] (fields only; see
+    /// [`DsmMessage::from_frame`] for validation).
+    pub fn parse(bytes: &[u8]) -> Result<Frame, ProtocolError> {
+        let header: &[u8; Self::HEADER_LEN] = bytes
+            .get(..Self::HEADER_LEN)
+            .and_then(|h| h.try_into().ok())
+            .ok_or(ProtocolError::Truncated { len: bytes.len() })?;
+        let u16_at = |i: usize| u16::from_le_bytes([header[i], header[i + 1]]);
+        let u32_at =
+            |i: usize| u32::from_le_bytes([header[i], header[i + 1], header[i + 2], header[i + 3]]);
+        let u64_at = |i: usize| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&header[i..i + 8]);
+            u64::from_le_bytes(b)
+        };
+        let declared = u32_at(4) as u64;
+        let payload = &bytes[Self::HEADER_LEN..];
+        if declared != payload.len() as u64 {
+            return Err(ProtocolError::LengthMismatch {
+                declared,
+                actual: payload.len(),
+            });
+        }
+        Ok(Frame {
+            kind: u16_at(0),
+            flags: u16_at(2),
+            id: u64_at(8),
+            arg: u64_at(16),
+            payload: payload.to_vec(),
+        })
+    }
+}
+
+impl DsmMessage {
+    /// The page the message is about.
+    pub fn page(&self) -> u64 {
+        match self {
+            DsmMessage::Request { page, .. }
+            | DsmMessage::Fetch { page, .. }
+            | DsmMessage::Invalidate { page, .. }
+            | DsmMessage::InvalidateAck { page, .. }
+            | DsmMessage::Grant { page, .. }
+            | DsmMessage::Confirm { page, .. } => *page,
+        }
+    }
+
+    /// The request the message belongs to.
+    pub fn id(&self) -> RequestId {
+        match self {
+            DsmMessage::Request { id, .. }
+            | DsmMessage::Fetch { id, .. }
+            | DsmMessage::Invalidate { id, .. }
+            | DsmMessage::InvalidateAck { id, .. }
+            | DsmMessage::Grant { id, .. }
+            | DsmMessage::Confirm { id, .. } => *id,
+        }
+    }
+
+    /// A short name for logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            DsmMessage::Request { .. } => "request",
+            DsmMessage::Fetch { .. } => "fetch",
+            DsmMessage::Invalidate { .. } => "invalidate",
+            DsmMessage::InvalidateAck { .. } => "invalidate-ack",
+            DsmMessage::Grant { .. } => "grant",
+            DsmMessage::Confirm { .. } => "confirm",
+        }
+    }
+
+    /// Whether the message carries page bytes and belongs on the bulk connection; all others are
+    /// small and latency-critical (the request connection).
+    pub fn is_bulk(&self) -> bool {
+        matches!(
+            self,
+            DsmMessage::Grant {
+                data: GrantData::Bytes(_),
+                ..
+            }
+        )
+    }
+
+    /// Whether the home's directory handles the message (the others go to the node's pages).
+    pub fn is_for_home(&self) -> bool {
+        matches!(
+            self,
+            DsmMessage::Request { .. } | DsmMessage::Confirm { .. }
+        )
+    }
+
+    /// The page bytes the message carries (empty for all but a data grant).
+    pub fn payload(&self) -> &[u8] {
+        match self {
+            DsmMessage::Grant {
+                data: GrantData::Bytes(bytes),
+                ..
+            } => &bytes[..],
+            _ => &[],
+        }
+    }
+
+    /// The frame kind.
+    pub fn kind(&self) -> u16 {
+        match self {
+            DsmMessage::Request { .. } => KIND_REQUEST,
+            DsmMessage::Fetch { .. } => KIND_FETCH,
+            DsmMessage::Invalidate { .. } => KIND_INVALIDATE,
+            DsmMessage::InvalidateAck { .. } => KIND_INVALIDATE_ACK,
+            DsmMessage::Grant { .. } => KIND_GRANT,
+            DsmMessage::Confirm { .. } => KIND_CONFIRM,
+        }
+    }
+
+    /// The frame flags.
+    pub fn flags(&self) -> u16 {
+        let access_bit = |access: &Access| match access {
+            Access::Read => 0,
+            Access::Write => FLAG_WRITE,
+        };
+        // Ack counts are below MAX_NODES, so they fit the 8-bit field.
+        let acks_bits = |acks: &u32| ((*acks as u16) << ACKS_SHIFT) & ACKS_MASK;
+        match self {
+            DsmMessage::Request { access, .. } => access_bit(access),
+            DsmMessage::Fetch { access, acks, .. } => access_bit(access) | acks_bits(acks),
+            DsmMessage::Grant {
+                access, acks, data, ..
+            } => {
+                let data_bits = match data {
+                    GrantData::Zero => DATA_ZERO,
+                    GrantData::Keep => DATA_KEEP,
+                    GrantData::Bytes(_) => DATA_BYTES,
+                };
+                access_bit(access) | acks_bits(acks) | (data_bits << DATA_SHIFT)
+            }
+            DsmMessage::Invalidate { .. }
+            | DsmMessage::InvalidateAck { .. }
+            | DsmMessage::Confirm { .. } => 0,
+        }
+    }
+
+    /// The frame's `arg`: the guest-physical address of the page.
+    pub fn arg(&self) -> u64 {
+        self.page() << PAGE_SHIFT
+    }
+
+    /// The message as a frame (copies the page bytes, if any).
+    pub fn to_frame(&self) -> Frame {
+        Frame {
+            kind: self.kind(),
+            flags: self.flags(),
+            id: self.id().to_wire(),
+            arg: self.arg(),
+            payload: self.payload().to_vec(),
+        }
+    }
+
+    /// Decodes and validates a frame against the layout.
+    pub fn from_frame(frame: Frame, limits: &WireLimits) -> Result<DsmMessage, ProtocolError> {
+        let Frame {
+            kind,
+            flags,
+            id,
+            arg,
+            payload,
+        } = frame;
+        let bad_flags = || ProtocolError::BadFlags { kind, flags };
+        let allowed = match kind {
+            KIND_REQUEST => FLAG_WRITE,
+            KIND_FETCH => FLAG_WRITE | ACKS_MASK,
+            KIND_GRANT => FLAG_WRITE | ACKS_MASK | DATA_MASK,
+            KIND_INVALIDATE | KIND_INVALIDATE_ACK | KIND_CONFIRM => 0,
+            _ => return Err(ProtocolError::UnknownKind { kind }),
+        };
+        if flags & !allowed != 0 {
+            return Err(bad_flags());
+        }
+        let page = limits.page_of(arg)?;
+        let id = RequestId::from_wire(id, limits)?;
+        let access = if flags & FLAG_WRITE != 0 {
+            Access::Write
+        } else {
+            Access::Read
+        };
+        let acks = u32::from((flags & ACKS_MASK) >> ACKS_SHIFT);
+        if acks as usize >= limits.node_count.max(1) {
+            return Err(ProtocolError::AckCountOutOfRange {
+                acks,
+                node_count: limits.node_count,
+            });
+        }
+        if access == Access::Read && acks != 0 {
+            return Err(bad_flags());
+        }
+        let data_code = (flags & DATA_MASK) >> DATA_SHIFT;
+        let expected_payload = if kind == KIND_GRANT && data_code == DATA_BYTES {
+            PAGE_SIZE
+        } else {
+            0
+        };
+        if payload.len() != expected_payload {
+            return Err(ProtocolError::BadPayloadLength {
+                kind,
+                len: payload.len(),
+                expected: expected_payload,
+            });
+        }
+        Ok(match kind {
+            KIND_REQUEST => DsmMessage::Request { page, id, access },
+            KIND_FETCH => DsmMessage::Fetch {
+                page,
+                id,
+                access,
+                acks,
+            },
+            KIND_INVALIDATE => DsmMessage::Invalidate { page, id },
+            KIND_INVALIDATE_ACK => DsmMessage::InvalidateAck { page, id },
+            KIND_CONFIRM => DsmMessage::Confirm { page, id },
+            _ => {
+                let data = match (data_code, access) {
+                    (DATA_ZERO, _) => GrantData::Zero,
+                    (DATA_KEEP, Access::Write) => GrantData::Keep,
+                    (DATA_BYTES, _) => {
+                        let bytes: PageBuf = payload
+                            .into_boxed_slice()
+                            .try_into()
+                            .map_err(|_| bad_flags())?;
+                        GrantData::Bytes(bytes)
+                    }
+                    _ => return Err(bad_flags()),
+                };
+                DsmMessage::Grant {
+                    page,
+                    id,
+                    access,
+                    acks,
+                    data,
+                }
+            }
+        })
+    }
+
+    /// Checks that `from` may send this message to node `me`, given the page's `home`.
+    pub fn check_route(&self, from: NodeId, me: NodeId, home: NodeId) -> Result<(), ProtocolError> {
+        let page = self.page();
+        let id = self.id();
+        let wrong_sender = |expected| ProtocolError::WrongSender {
+            what: self.name(),
+            page,
+            from,
+            expected,
+        };
+        let wrong_receiver = |role| ProtocolError::WrongReceiver {
+            what: self.name(),
+            page,
+            me,
+            role,
+        };
+        match self {
+            DsmMessage::Request { .. } | DsmMessage::Confirm { .. } => {
+                if home != me {
+                    return Err(wrong_receiver("its home"));
+                }
+                if from != id.node {
+                    return Err(wrong_sender(id.node));
+                }
+            }
+            DsmMessage::Fetch { .. } | DsmMessage::Invalidate { .. } => {
+                if from != home {
+                    return Err(wrong_sender(home));
+                }
+                if id.node == me {
+                    return Err(wrong_receiver("a holder other than the requester"));
+                }
+            }
+            DsmMessage::Grant { .. } => {
+                if id.node != me {
+                    return Err(wrong_receiver("the requester"));
+                }
+            }
+            DsmMessage::InvalidateAck { .. } => {
+                if id.node != me {
+                    return Err(wrong_receiver("the requester"));
+                }
+                if from == me {
+                    return Err(wrong_receiver("a node other than the acknowledging sharer"));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const LIMITS: WireLimits = WireLimits {
+        page_count: 1 << 20,
+        node_count: 16,
+    };
+
+    fn message_strategy() -> impl Strategy<Value = DsmMessage> {
+        let page = 0..LIMITS.page_count;
+        let id = (0..LIMITS.node_count, 0..(1u64 << RequestId::SEQ_BITS))
+            .prop_map(|(node, seq)| RequestId { node, seq });
+        let access = prop_oneof![Just(Access::Read), Just(Access::Write)];
+        let acks = 0..LIMITS.node_count as u32;
+        let data = prop_oneof![
+            Just(GrantData::Zero),
+            Just(GrantData::Keep),
+            any::<u8>().prop_map(|b| {
+                let mut buf = new_page_buf();
+                buf.iter_mut()
+                    .enumerate()
+                    .for_each(|(i, x)| *x = b ^ (i as u8));
+                GrantData::Bytes(buf)
+            }),
+        ];
+        (page, id, access, acks, data, 0..6u8).prop_map(|(page, id, access, acks, data, which)| {
+            let acks = if access == Access::Read { 0 } else { acks };
+            match which {
+                0 => DsmMessage::Request { page, id, access },
+                1 => DsmMessage::Fetch {
+                    page,
+                    id,
+                    access,
+                    acks,
+                },
+                2 => DsmMessage::Invalidate { page, id },
+                3 => DsmMessage::InvalidateAck { page, id },
+                4 => {
+                    let data = match (access, data) {
+                        (Access::Read, GrantData::Keep) => GrantData::Zero,
+                        (_, d) => d,
+                    };
+                    DsmMessage::Grant {
+                        page,
+                        id,
+                        access,
+                        acks,
+                        data,
+                    }
+                }
+                _ => DsmMessage::Confirm { page, id },
+            }
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn valid_messages_round_trip(msg in message_strategy()) {
+            let frame = msg.to_frame();
+            let mut bytes = Vec::new();
+            frame.encode_into(&mut bytes);
+            let parsed = Frame::parse(&bytes).unwrap();
+            prop_assert_eq!(&parsed, &frame);
+            let decoded = DsmMessage::from_frame(parsed, &LIMITS).unwrap();
+            prop_assert_eq!(decoded, msg);
+        }
+
+        #[test]
+        fn arbitrary_frames_never_panic(
+            kind in 0u16..9,
+            flags in any::<u16>(),
+            id in any::<u64>(),
+            arg in any::<u64>(),
+            payload_len in prop_oneof![Just(0usize), Just(PAGE_SIZE), 0usize..5000],
+        ) {
+            let frame = Frame { kind, flags, id, arg, payload: vec![7; payload_len] };
+            if let Ok(msg) = DsmMessage::from_frame(frame.clone(), &LIMITS) {
+                // Whatever decodes is in range and encodes back to the same frame.
+                prop_assert!(msg.page() < LIMITS.page_count);
+                prop_assert!(msg.id().node < LIMITS.node_count);
+                prop_assert_eq!(msg.to_frame(), frame);
+            }
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+            if let Ok(frame) = Frame::parse(&bytes) {
+                let _ = DsmMessage::from_frame(frame, &LIMITS);
+            }
+        }
+    }
+
+    fn frame(kind: u16, flags: u16, node: u64, gpa: u64, payload: usize) -> Frame {
+        Frame {
+            kind,
+            flags,
+            id: node << RequestId::SEQ_BITS | 5,
+            arg: gpa,
+            payload: vec![0; payload],
+        }
+    }
+
+    #[test]
+    fn out_of_range_fields_are_rejected() {
+        let decode = |f| DsmMessage::from_frame(f, &LIMITS);
+        assert_eq!(
+            decode(frame(KIND_REQUEST, 0, 0, LIMITS.page_count << 12, 0)),
+            Err(ProtocolError::AddressOutOfRange {
+                gpa: LIMITS.page_count << 12,
+                page_count: LIMITS.page_count
+            })
+        );
+        assert_eq!(
+            decode(frame(KIND_REQUEST, 0, 0, 0x1008, 0)),
+            Err(ProtocolError::UnalignedAddress { gpa: 0x1008 })
+        );
+        assert_eq!(
+            decode(frame(KIND_CONFIRM, 0, 16, 0x1000, 0)),
+            Err(ProtocolError::NodeOutOfRange {
+                node: 16,
+                node_count: 16
+            })
+        );
+        assert_eq!(
+            decode(frame(99, 0, 0, 0, 0)),
+            Err(ProtocolError::UnknownKind { kind: 99 })
+        );
+        assert!(matches!(
+            decode(frame(KIND_GRANT, DATA_BYTES << DATA_SHIFT, 1, 0, 100)),
+            Err(ProtocolError::BadPayloadLength { .. })
+        ));
+        assert!(matches!(
+            decode(frame(KIND_GRANT, 0, 1, 0, PAGE_SIZE)),
+            Err(ProtocolError::BadPayloadLength { .. })
+        ));
+        // Keep is only meaningful for a write grant; acks only for writes; unknown bits refused.
+        assert!(matches!(
+            decode(frame(KIND_GRANT, DATA_KEEP << DATA_SHIFT, 1, 0, 0)),
+            Err(ProtocolError::BadFlags { .. })
+        ));
+        assert!(matches!(
+            decode(frame(KIND_FETCH, 2 << ACKS_SHIFT, 1, 0, 0)),
+            Err(ProtocolError::BadFlags { .. })
+        ));
+        assert!(matches!(
+            decode(frame(KIND_INVALIDATE, FLAG_WRITE, 1, 0, 0)),
+            Err(ProtocolError::BadFlags { .. })
+        ));
+        assert!(matches!(
+            decode(frame(KIND_FETCH, FLAG_WRITE | (16 << ACKS_SHIFT), 1, 0, 0)),
+            Err(ProtocolError::AckCountOutOfRange { .. })
+        ));
+        assert!(matches!(
+            Frame::parse(&[1, 0, 0]),
+            Err(ProtocolError::Truncated { len: 3 })
+        ));
+    }
+
+    #[test]
+    fn routes_are_checked() {
+        let id = RequestId { node: 2, seq: 1 };
+        let request = DsmMessage::Request {
+            page: 9,
+            id,
+            access: Access::Read,
+        };
+        assert!(request.check_route(2, 0, 0).is_ok());
+        assert!(request.check_route(3, 0, 0).is_err(), "spoofed requester");
+        assert!(request.check_route(2, 1, 0).is_err(), "not the home");
+        let invalidate = DsmMessage::Invalidate { page: 9, id };
+        assert!(invalidate.check_route(0, 1, 0).is_ok());
+        assert!(
+            invalidate.check_route(1, 3, 0).is_err(),
+            "not from the home"
+        );
+        assert!(
+            invalidate.check_route(0, 2, 0).is_err(),
+            "requester invalidated"
+        );
+        let ack = DsmMessage::InvalidateAck { page: 9, id };
+        assert!(ack.check_route(1, 2, 0).is_ok());
+        assert!(ack.check_route(1, 3, 0).is_err());
+        let grant = DsmMessage::Grant {
+            page: 9,
+            id,
+            access: Access::Read,
+            acks: 0,
+            data: GrantData::Zero,
+        };
+        assert!(!grant.is_for_home());
+        assert!(request.is_for_home() && DsmMessage::Confirm { page: 9, id }.is_for_home());
+        assert!(
+            grant.check_route(5, 2, 0).is_ok(),
+            "a data source may grant"
+        );
+        assert!(
+            grant.check_route(0, 3, 0).is_err(),
+            "grant to a non-requester"
+        );
+    }
+
+    #[test]
+    fn only_data_grants_are_bulk() {
+        let id = RequestId { node: 0, seq: 0 };
+        let grant = |data| DsmMessage::Grant {
+            page: 0,
+            id,
+            access: Access::Write,
+            acks: 0,
+            data,
+        };
+        assert!(grant(GrantData::Bytes(new_page_buf())).is_bulk());
+        assert!(!grant(GrantData::Zero).is_bulk());
+        assert!(!grant(GrantData::Keep).is_bulk());
+        assert!(!DsmMessage::Request {
+            page: 0,
+            id,
+            access: Access::Write
+        }
+        .is_bulk());
+    }
+}

@@ -1,0 +1,240 @@
+//! `spanvm cluster`: the one-machine convenience. It turns one cluster description (or the
+//! built-in default: 2 nodes x 1 vCPU) into per-node config files, starts every node as a child
+//! `spanvm node` process on loopback, shows each node's output with a `[node N]` prefix, and
+//! stops them all together.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use resources::{ClusterDescription, ConfigError, GuestImage};
+
+use crate::stop::StopReason;
+use crate::vm::handle_signals;
+
+/// The default guest of `spanvm cluster`: the shared-counter probe.
+pub const DEFAULT_PROBE: &str = "counter";
+/// Guest memory of the default cluster.
+pub const DEFAULT_MEMORY_MIB: u64 = 64;
+/// How long the others may take to stop after one node ended with an error.
+const STRAGGLER_GRACE: Duration = Duration::from_secs(5);
+
+/// Errors of `spanvm cluster`.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    /// The cluster description is unusable.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// Something on the local file system failed.
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// No free loopback port for the default cluster.
+    #[error("cannot find a free loopback port for the nodes: {0}")]
+    Ports(std::io::Error),
+    /// A node process could not be started.
+    #[error("cannot start node {node} ({exe}): {source}")]
+    Spawn {
+        node: usize,
+        exe: PathBuf,
+        source: std::io::Error,
+    },
+    /// Signal handling could not be set up.
+    #[error("cannot set up signal handling: {0}")]
+    Signals(std::io::Error),
+}
+
+fn io_err(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> ClusterError {
+    let path = path.to_path_buf();
+    move |source| ClusterError::Io { what, path, source }
+}
+
+fn free_loopback_ports(n: usize) -> Result<Vec<SocketAddr>, ClusterError> {
+    // Bind them all at once so they differ, then release them for the nodes.
+    let listeners = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0"))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(ClusterError::Ports)?;
+    listeners
+        .iter()
+        .map(|l| l.local_addr().map_err(ClusterError::Ports))
+        .collect()
+}
+
+fn write_secret(path: &Path) -> Result<(), ClusterError> {
+    let mut bytes = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .map_err(io_err(
+            "cannot read randomness from",
+            Path::new("/dev/urandom"),
+        ))?;
+    std::fs::write(path, bytes).map_err(io_err("cannot write the cluster secret", path))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(io_err("cannot restrict the cluster secret", path))
+}
+
+/// Copies a child's output to ours, line by line, with its node's prefix.
+fn relay(
+    node: usize,
+    from: impl Read + Send + 'static,
+    to_stderr: bool,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        for line in BufReader::new(from).split(b'\n') {
+            let Ok(line) = line else { break };
+            let text = String::from_utf8_lossy(&line);
+            if to_stderr {
+                let _ = writeln!(std::io::stderr().lock(), "[node {node}] {text}");
+            } else {
+                let _ = writeln!(std::io::stdout().lock(), "[node {node}] {text}");
+            }
+        }
+    })
+}
+
+/// Runs the cluster of `config` (or the default) until every node has stopped; returns the
+/// reason the guest stopped, judged from the nodes' exit codes.
+pub fn run(config: Option<&Path>, dir: Option<&Path>) -> Result<StopReason, ClusterError> {
+    let desc = match config {
+        Some(path) => ClusterDescription::load(path)?,
+        None => ClusterDescription::default_cluster(
+            GuestImage::Probe {
+                name: DEFAULT_PROBE.into(),
+                arg: 0,
+            },
+            DEFAULT_MEMORY_MIB,
+            &free_loopback_ports(2)?,
+        ),
+    };
+    let dir = match dir {
+        Some(d) => d.to_path_buf(),
+        None => std::env::temp_dir().join(format!("spanvm-cluster-{}", std::process::id())),
+    };
+    std::fs::create_dir_all(&dir).map_err(io_err("cannot create the node directory", &dir))?;
+    let secret = match &desc.secret_path {
+        Some(p) => p.clone(),
+        None => {
+            let p = dir.join("cluster.secret");
+            write_secret(&p)?;
+            p
+        }
+    };
+    let exe = std::env::current_exe().map_err(io_err(
+        "cannot find the spanvm binary",
+        Path::new("/proc/self/exe"),
+    ))?;
+    let mut files = Vec::new();
+    for id in 0..desc.node_count() {
+        let path = dir.join(format!("node-{id}.toml"));
+        std::fs::write(&path, desc.render_node_file(id as u32, &secret))
+            .map_err(io_err("cannot write the node config", &path))?;
+        files.push(path);
+    }
+    eprintln!(
+        "spanvm cluster: {} nodes, configs in {}",
+        files.len(),
+        dir.display()
+    );
+
+    let children: Arc<Mutex<Vec<Child>>> = Arc::new(Mutex::new(Vec::new()));
+    let signalled = children.clone();
+    handle_signals(move |sig| {
+        if sig == libc::SIGUSR1 {
+            return;
+        }
+        for c in signalled.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            // SAFETY: kill(2) on a child we started and have not reaped yet.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        }
+    })
+    .map_err(ClusterError::Signals)?;
+
+    let mut relays = Vec::new();
+    for (id, file) in files.iter().enumerate() {
+        let mut child = Command::new(&exe)
+            .arg("node")
+            .arg("--config")
+            .arg(file)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|source| ClusterError::Spawn {
+                node: id,
+                exe: exe.clone(),
+                source,
+            })?;
+        if let Some(out) = child.stdout.take() {
+            relays.push(relay(id, out, false));
+        }
+        if let Some(err) = child.stderr.take() {
+            relays.push(relay(id, err, true));
+        }
+        children
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(child);
+    }
+
+    // Wait for every node; once one fails, the others get a grace period, then are killed.
+    let mut codes: Vec<Option<i32>> = vec![None; files.len()];
+    let mut first_failure: Option<Instant> = None;
+    while codes.iter().any(Option::is_none) {
+        {
+            let mut kids = children.lock().unwrap_or_else(|p| p.into_inner());
+            for (i, c) in kids.iter_mut().enumerate() {
+                if codes[i].is_none() {
+                    if let Ok(Some(status)) = c.try_wait() {
+                        let code = status.code().unwrap_or(128 + 9);
+                        codes[i] = Some(code);
+                        if code != 0 && first_failure.is_none() {
+                            first_failure = Some(Instant::now());
+                        }
+                    }
+                }
+            }
+            if first_failure.is_some_and(|t| t.elapsed() > STRAGGLER_GRACE) {
+                for (i, c) in kids.iter_mut().enumerate() {
+                    if codes[i].is_none() {
+                        eprintln!("spanvm cluster: node {i} did not stop; killing it");
+                        let _ = c.kill();
+                    }
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for r in relays {
+        let _ = r.join();
+    }
+    let summary: Vec<String> = codes
+        .iter()
+        .enumerate()
+        .map(|(i, c)| format!("node {i}: {}", c.unwrap_or(-1)))
+        .collect();
+    eprintln!("spanvm cluster: exit codes {}", summary.join(", "));
+    // The master's code says what happened to the guest; a node that died says more.
+    let worst = codes
+        .iter()
+        .flatten()
+        .copied()
+        .find(|&c| c != 0 && c != 5)
+        .or_else(|| codes.iter().flatten().copied().find(|&c| c != 0))
+        .unwrap_or(0);
+    Ok(match worst {
+        0 => StopReason::PowerOff,
+        3 => StopReason::Reset("a node reported a guest reset".into()),
+        4 => StopReason::ProbeFailed { vcpu: 0, status: 1 },
+        5 => StopReason::PeerLost("a node lost its peer".into()),
+        130 => StopReason::Interrupted,
+        c => StopReason::Error(format!("a node exited with code {c}")),
+    })
+}

@@ -1,0 +1,168 @@
+//! A node that is one of several: the transport mesh to its peers, the DSM over its guest
+//! memory, and the control protocol that starts and stops the guest on every node together.
+
+pub mod control;
+pub mod link;
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use dsm::{Dsm, DsmConfig, UffdGuestPages};
+use resources::NodeConfig;
+use transport::{Channel, Frame, FrameHandler, MeshConfig, NodeId, TcpMesh, Transport};
+
+use crate::memory::GuestMemory;
+use crate::platform::Platform;
+use crate::stop::StopReason;
+use control::Control;
+use link::MeshLink;
+
+/// How long a node waits for its peers to come up.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Errors of joining the cluster.
+#[derive(Debug, thiserror::Error)]
+pub enum DistributedError {
+    /// The cluster secret could not be read.
+    #[error(transparent)]
+    Secret(#[from] resources::ConfigError),
+    /// A multi-node config without a secret (validation should have caught it).
+    #[error("{0}: a cluster of several nodes needs `secret`")]
+    NoSecret(String),
+    /// The guest memory could not be put under userfaultfd.
+    #[error("cannot put guest memory under userfaultfd: {0}")]
+    Uffd(#[from] dsm::UffdError),
+    /// The DSM could not start.
+    #[error("cannot start the DSM: {0}")]
+    Dsm(#[from] dsm::DsmError),
+    /// The mesh could not be established.
+    #[error(transparent)]
+    Transport(#[from] transport::TransportError),
+}
+
+/// What receives frames from peers: DSM traffic to the DSM, control to the control protocol.
+struct NodeHandler {
+    dsm: OnceLock<Arc<Dsm>>,
+    control: Arc<Control>,
+}
+
+impl FrameHandler for NodeHandler {
+    fn on_frame(&self, from: NodeId, channel: Channel, frame: Frame) {
+        match channel {
+            Channel::DsmRequest | Channel::DsmBulk => {
+                if let Some(dsm) = self.dsm.get() {
+                    dsm.on_frame(
+                        from as usize,
+                        dsm::Frame {
+                            kind: frame.kind,
+                            flags: frame.flags,
+                            id: frame.id,
+                            arg: frame.arg,
+                            payload: frame.payload,
+                        },
+                    );
+                }
+            }
+            Channel::Control => self.control.on_frame(from, &frame),
+            Channel::Forward => {
+                eprintln!("spanvm: node {from} sent a forwarding frame (kind {}), which this build does not use; ignored", frame.kind);
+            }
+        }
+    }
+
+    fn on_peer_lost(&self, peer: NodeId, why: &str) {
+        if !self.control.is_stopping_cleanly() {
+            // Pending faults stay blocked for good: a page is never made up from nothing.
+            if let Some(dsm) = self.dsm.get() {
+                dsm.fail(&format!("node {peer} lost"));
+            }
+        }
+        self.control.peer_lost(peer, why);
+    }
+}
+
+/// The distributed side of a node.
+pub struct Distributed {
+    /// The DSM over this node's guest memory.
+    pub dsm: Arc<Dsm>,
+    /// The mesh to the peers.
+    pub mesh: Arc<TcpMesh>,
+    /// Start/finish/stop coordination.
+    pub control: Arc<Control>,
+    _pages: Arc<UffdGuestPages>,
+}
+
+impl Distributed {
+    /// Puts `memory` under the DSM and connects to every peer (blocks until the full mesh is up
+    /// and every peer has proven the secret and agreed on the layout).
+    pub fn join(config: &NodeConfig, memory: &GuestMemory) -> Result<Self, DistributedError> {
+        let layout = &config.layout;
+        let secret = config
+            .read_secret()?
+            .ok_or_else(|| DistributedError::NoSecret(config.path.display().to_string()))?;
+        // SAFETY: the mapping belongs to `memory`, which the caller keeps alive for as long as
+        // the VM (and so this DSM) exists; nothing else registers it with a userfaultfd.
+        let pages = Arc::new(unsafe {
+            UffdGuestPages::register(memory.host_base(), memory.len() as usize)?
+        });
+        let link = Arc::new(MeshLink::default());
+        let home_layout = layout.clone();
+        let dsm = Arc::new(Dsm::start(
+            DsmConfig {
+                node: config.node as usize,
+                node_count: layout.node_count(),
+                page_count: layout.page_count(),
+                home_of: Arc::new(move |page| {
+                    home_layout.home_of(page << 12).unwrap_or(0) as usize
+                }),
+                top_pages: 8,
+            },
+            pages.clone(),
+            link.clone(),
+        )?);
+        let control = Arc::new(Control::new(config.node, layout.node_count()));
+        let handler = Arc::new(NodeHandler {
+            dsm: OnceLock::new(),
+            control: control.clone(),
+        });
+        let _ = handler.dsm.set(dsm.clone());
+        let me = config.local();
+        let mesh_config = MeshConfig {
+            me: config.node,
+            listen: me.address,
+            peers: layout
+                .nodes
+                .iter()
+                .filter(|n| n.id != config.node)
+                .map(|n| (n.id, n.address))
+                .collect(),
+            secret,
+            layout_canonical: layout.canonical(),
+            connect_timeout: CONNECT_TIMEOUT,
+            busy_poll: false,
+            liveness: Default::default(),
+        };
+        let mesh = TcpMesh::establish(mesh_config, handler)?;
+        link.set(mesh.clone());
+        control.set_mesh(Arc::downgrade(&(mesh.clone() as Arc<dyn Transport>)));
+        Ok(Self {
+            dsm,
+            mesh,
+            control,
+            _pages: pages,
+        })
+    }
+
+    /// Hooks the control protocol to the platform (stops requested by peers reach it).
+    pub fn attach(&self, platform: &Arc<Platform>) {
+        self.control.set_platform(Arc::downgrade(platform));
+    }
+
+    /// Leaves the mesh after the guest stopped: the master waits (briefly) for the others to
+    /// go first, so that nobody mistakes the master's exit for a lost peer.
+    pub fn leave(&self, reason: &StopReason) {
+        self.control.leave(reason);
+        self.mesh.shutdown();
+        self.dsm.shutdown();
+    }
+}
