@@ -1,10 +1,13 @@
 # counter: every vCPU adds 1 to one shared counter with `lock xadd`, probe_arg times (default
 # 100000), between two barriers; every vCPU then reports the counter and the expected total.
-# Exit 1 if they differ. In a distributed guest the counter's page moves between nodes.
+# Exit 1 if they differ. About a microsecond of local work separates two increments, so that the
+# vCPUs' increments overlap in time and, in a distributed guest, the counter's page keeps moving
+# between nodes while they run (without it one vCPU would be done before another got the page).
 .include "rt.S"
 
 .equ BARRIER, PROBE_DATA_ADDR
 .equ COUNTER, PROBE_DATA_ADDR + 0x1000
+.equ LOCAL_WORK, 2000                   # loop iterations between increments
 
 cpl0_init:
     ret
@@ -21,6 +24,9 @@ user_main:
     mov rdi, COUNTER
 2:  mov eax, 1
     lock xadd [rdi], rax
+    mov r8, LOCAL_WORK
+3:  dec r8
+    jnz 3b
     dec rcx
     jnz 2b
     mov rdi, BARRIER

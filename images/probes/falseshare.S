@@ -1,11 +1,13 @@
 # falseshare: all vCPUs hammer one page, each incrementing its own 8-byte slot in it with plain
 # (non-atomic) adds, probe_arg times (default 100000). No vCPU may lose an update because another
 # wrote elsewhere in the page: each checks its slot (FSVL); vCPU 0 also checks every slot after a
-# barrier (FSBD = slots that are wrong). Exit 1 on any loss.
+# barrier (FSBD = slots that are wrong). Exit 1 on any loss. As in `counter`, some local work
+# between increments makes the vCPUs' increments overlap in time.
 .include "rt.S"
 
 .equ BARRIER, PROBE_DATA_ADDR
 .equ PAGE, PROBE_DATA_ADDR + 0x20000
+.equ LOCAL_WORK, 2000
 
 cpl0_init:
     ret
@@ -21,6 +23,9 @@ user_main:
     lea rdi, [PAGE + r15*8]
     mov rcx, r12
 2:  add qword ptr [rdi], 1
+    mov r8, LOCAL_WORK
+3:  dec r8
+    jnz 3b
     dec rcx
     jnz 2b
     mov rdi, BARRIER

@@ -98,7 +98,13 @@ impl ConfigError {
             line,
             column,
             // One line: a user reads it in a terminal, and tools read errors line by line.
-            message: err.message().trim().lines().map(str::trim).collect::<Vec<_>>().join("; "),
+            message: err
+                .message()
+                .trim()
+                .lines()
+                .map(str::trim)
+                .collect::<Vec<_>>()
+                .join("; "),
             source_line,
             table,
         }

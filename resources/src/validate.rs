@@ -197,7 +197,10 @@ fn validate_image(path: &Path, guest: &RawGuest) -> Result<GuestImage, ConfigErr
                 }
             };
             if valid {
-                Ok(GuestImage::Probe { name: name.clone(), arg })
+                Ok(GuestImage::Probe {
+                    name: name.clone(),
+                    arg,
+                })
             } else {
                 Err(ConfigError::invalid(
                     path,

@@ -487,7 +487,15 @@ fn probe_arg_is_handed_to_the_probe_and_must_not_be_negative() {
     let config = t.parse(&with_guest_extra("probe_arg = 100000")).unwrap();
     assert_eq!(
         config.layout.guest,
-        crate::GuestImage::Probe { name: "hello".into(), arg: 100000 }
+        crate::GuestImage::Probe {
+            name: "hello".into(),
+            arg: 100000
+        }
     );
-    invalid_field(&t, &with_guest_extra("probe_arg = -1"), "guest.probe_arg", "negative");
+    invalid_field(
+        &t,
+        &with_guest_extra("probe_arg = -1"),
+        "guest.probe_arg",
+        "negative",
+    );
 }

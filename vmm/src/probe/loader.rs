@@ -12,6 +12,8 @@ use crate::memory::{GuestMemory, MemoryError};
 const PAGE_PRESENT: u64 = 1;
 const PAGE_WRITABLE: u64 = 1 << 1;
 const PAGE_USER: u64 = 1 << 2;
+const PAGE_ACCESSED: u64 = 1 << 5;
+const PAGE_DIRTY: u64 = 1 << 6;
 const PAGE_HUGE: u64 = 1 << 7;
 const GIB: u64 = 1 << 30;
 /// TSS limit: 104 bytes, the I/O bitmap, and its terminating byte.
@@ -169,13 +171,18 @@ pub fn load(
             problem: "less guest-physical space (page tables do not fit)".into(),
         });
     }
-    let flags = PAGE_PRESENT | PAGE_WRITABLE | PAGE_USER;
+    // Accessed and dirty are set up front: otherwise the CPU writes them on first use, and in a
+    // distributed guest every node's first touch of a 2 MiB region would pull the page-table
+    // page over for a one-bit write.
+    let flags = PAGE_PRESENT | PAGE_WRITABLE | PAGE_USER | PAGE_ACCESSED;
     mem.write_u64(PML4_ADDR, PDPT_ADDR | flags)?;
     for g in 0..span_gib {
         let pd = PD_ADDR + g * 4096;
         mem.write_u64(PDPT_ADDR + g * 8, pd | flags)?;
         let entries: Vec<u8> = (0..512u64)
-            .flat_map(|j| ((g * GIB + j * (2 << 20)) | flags | PAGE_HUGE).to_le_bytes())
+            .flat_map(|j| {
+                ((g * GIB + j * (2 << 20)) | flags | PAGE_DIRTY | PAGE_HUGE).to_le_bytes()
+            })
             .collect();
         mem.write(pd, &entries)?;
     }
