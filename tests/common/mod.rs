@@ -140,3 +140,118 @@ pub fn run_probe(probe: &str, vcpus: u32, memory_mib: u64) -> ProbeRun {
     let reports = parse_reports(&String::from_utf8_lossy(&output.stdout));
     ProbeRun { output, reports }
 }
+
+/// Free loopback addresses (bound together so they differ, then released).
+pub fn free_addrs(n: usize) -> Vec<std::net::SocketAddr> {
+    let listeners: Vec<_> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    listeners.iter().map(|l| l.local_addr().unwrap()).collect()
+}
+
+/// A cluster description: `nodes` nodes with `per_node` vCPUs each, running `probe`.
+pub fn cluster_text(
+    nodes: usize,
+    per_node: usize,
+    probe: &str,
+    arg: u64,
+    memory_mib: u64,
+) -> String {
+    let addrs = free_addrs(nodes);
+    let mut text = format!(
+        "[guest]\nvcpus = {}\nmemory_mib = {memory_mib}\nprobe = \"{probe}\"\nprobe_arg = {arg}\n",
+        nodes * per_node
+    );
+    for (i, addr) in addrs.iter().enumerate() {
+        let vcpus: Vec<String> = (i * per_node..(i + 1) * per_node)
+            .map(|v| v.to_string())
+            .collect();
+        text.push_str(&format!(
+            "\n[[nodes]]\nid = {i}\naddress = \"{addr}\"\nvcpus = [{}]\n",
+            vcpus.join(", ")
+        ));
+    }
+    text
+}
+
+/// What a `spanvm cluster` run printed, parsed per node.
+pub struct ClusterRun {
+    pub output: Output,
+    pub reports: HashMap<(usize, String), u64>,
+}
+
+impl ClusterRun {
+    pub fn stdout(&self) -> String {
+        String::from_utf8_lossy(&self.output.stdout).into_owned()
+    }
+    pub fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.output.stderr).into_owned()
+    }
+    pub fn get(&self, vcpu: usize, key: &str) -> u64 {
+        match self.reports.get(&(vcpu, key.to_string())) {
+            Some(v) => *v,
+            None => panic!(
+                "vCPU {vcpu} did not report {key}\nstdout:\n{}\nstderr:\n{}",
+                self.stdout(),
+                self.stderr()
+            ),
+        }
+    }
+    pub fn assert_success(&self, vcpus: usize) {
+        assert!(
+            self.output.status.success(),
+            "cluster failed: {:?}\nstdout:\n{}\nstderr:\n{}",
+            self.output.status,
+            self.stdout(),
+            self.stderr()
+        );
+        for v in 0..vcpus {
+            assert_eq!(self.get(v, "EXIT"), 0, "vCPU {v} exit status");
+        }
+    }
+    /// Sum over nodes of a number in the DSM statistics, found after `label` on a stderr line.
+    pub fn stat_sum(&self, label: &str) -> u64 {
+        self.stderr()
+            .lines()
+            .filter_map(|l| {
+                let rest = &l[l.find(label)? + label.len()..];
+                rest.trim_start()
+                    .split(|c: char| !c.is_ascii_digit())
+                    .next()?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .sum()
+    }
+}
+
+/// Runs a cluster description through `spanvm cluster`.
+pub fn run_cluster(text: &str) -> ClusterRun {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("cluster.toml");
+    std::fs::write(&config, text).unwrap();
+    let output = run_spanvm(
+        &[
+            "cluster",
+            "--config",
+            config.to_str().unwrap(),
+            "--dir",
+            dir.path().to_str().unwrap(),
+        ],
+        &[],
+        Duration::from_secs(600),
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let stripped: String = stdout
+        .lines()
+        .map(|l| match l.strip_prefix("[node ") {
+            Some(rest) => rest.split_once("] ").map(|(_, r)| r).unwrap_or(rest),
+            None => l,
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    ClusterRun {
+        reports: parse_reports(&stripped),
+        output,
+    }
+}

@@ -53,6 +53,12 @@ pub fn run(config: &Path) -> Result<StopReason, CommandError> {
         }
     })
     .map_err(CommandError::Signals)?;
+    eprintln!(
+        "spanvm: node {} running {} of the guest's {} vCPUs",
+        cfg.node,
+        cfg.local().vcpus.len(),
+        cfg.layout.vcpu_count
+    );
     let reason = vm.run()?;
     if let Some(d) = dsm {
         eprint!("{}", d.stats());

@@ -8,7 +8,7 @@ use std::time::Duration;
 use kvm_ioctls::VcpuFd;
 use resources::{GuestImage, NodeConfig};
 
-use crate::distributed::{Distributed, DistributedError, CONNECT_TIMEOUT};
+use crate::distributed::{connect_timeout, Distributed, DistributedError};
 use crate::hypervisor::{Hypervisor, HypervisorError, KvmVm};
 use crate::memory::{GuestMemory, MemoryError};
 use crate::platform::{Platform, PlatformError};
@@ -115,8 +115,8 @@ impl NodeVm {
                 if let Some(d) = &distributed {
                     if config.node == layout.master() {
                         d.control.announce_start();
-                    } else if !d.control.wait_for_start(CONNECT_TIMEOUT) {
-                        return Err(VmError::NoStart(CONNECT_TIMEOUT));
+                    } else if !d.control.wait_for_start(connect_timeout()) {
+                        return Err(VmError::NoStart(connect_timeout()));
                     }
                 }
             }
@@ -211,8 +211,8 @@ impl NodeVm {
         let reason = platform.stop().reason().unwrap_or(StopReason::PowerOff);
         // vCPU threads leave their loop at once unless one is blocked in a page fault that can
         // no longer be served (a peer is gone): then it is left behind, and dies with the process.
-        join_for(vcpu_threads, Duration::from_millis(1500));
-        join_for(timer_threads, Duration::from_millis(500));
+        join_for(vcpu_threads, Duration::from_millis(500));
+        join_for(timer_threads, Duration::from_millis(200));
         if let Some(d) = &self.distributed {
             d.leave(&reason);
         }

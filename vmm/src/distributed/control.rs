@@ -2,6 +2,10 @@
 //! image is in memory (START), every node tells the master when its local vCPUs are done (DONE),
 //! and the master tells everyone to stop (STOP) once all are done or one failed. A node keeps
 //! serving the DSM after its own vCPUs are done, until STOP: other nodes may still need its pages.
+//!
+//! Leaving is two-phase so that no node takes another's exit for a failure: every node answers
+//! STOP with STOP_ACK once it treats disconnects as expected; only when all have answered does
+//! the master send EXIT, and only then do nodes close their connections.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex, Weak};
@@ -15,6 +19,10 @@ use crate::stop::StopReason;
 const KIND_START: u16 = 1;
 const KIND_DONE: u16 = 2;
 const KIND_STOP: u16 = 3;
+const KIND_STOP_ACK: u16 = 4;
+const KIND_EXIT: u16 = 5;
+/// How long the master waits for every STOP_ACK, and a node for EXIT.
+const LEAVE_WAIT: Duration = Duration::from_secs(3);
 
 /// Exit codes of StopReason travel in STOP frames; these are the ones a STOP can carry.
 fn reason_from_wire(code: u64, text: &str) -> StopReason {
@@ -49,6 +57,8 @@ struct State {
     done: Vec<bool>,
     stop_sent: bool,
     stop_received: bool,
+    exit_received: bool,
+    acked: Vec<bool>,
     lost: Vec<bool>,
 }
 
@@ -71,6 +81,7 @@ impl Control {
             nodes,
             state: Mutex::new(State {
                 done: vec![false; nodes],
+                acked: vec![false; nodes],
                 lost: vec![false; nodes],
                 ..Default::default()
             }),
@@ -222,7 +233,18 @@ impl Control {
                 self.lock().stop_received = true;
                 self.stopping_cleanly.store(true, Ordering::SeqCst);
                 self.changed.notify_all();
+                self.send(0, KIND_STOP_ACK, 0, "");
                 self.stop_platform(reason_from_wire(frame.arg, &text));
+            }
+            KIND_STOP_ACK if self.is_master() => {
+                if let Some(a) = self.lock().acked.get_mut(from as usize) {
+                    *a = true;
+                }
+                self.changed.notify_all();
+            }
+            KIND_EXIT if from == 0 => {
+                self.lock().exit_received = true;
+                self.changed.notify_all();
             }
             other => eprintln!("spanvm: node {from} sent control frame kind {other}, which node {} does not expect; ignored", self.me),
         }
@@ -243,53 +265,57 @@ impl Control {
         }
     }
 
-    /// Before leaving: non-masters go at once; the master waits up to two seconds for every
-    /// peer to disconnect, so its own exit is not taken for a failure.
+    /// Waits until `done(state)` holds or `limit` passes.
+    fn wait_until(&self, limit: Duration, done: impl Fn(&State) -> bool) {
+        let deadline = Instant::now() + limit;
+        let mut st = self.lock();
+        while !done(&st) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            st = self.changed.wait_timeout(st, left).unwrap_or_else(|p| p.into_inner()).0;
+        }
+    }
+
+    /// Before this node closes its connections (see the module doc for the two phases).
     pub fn leave(&self, reason: &StopReason) {
+        if matches!(reason, StopReason::PeerLost(_)) {
+            // The guest is lost already; every survivor stops on its own, at once.
+            self.stopping_cleanly.store(true, Ordering::SeqCst);
+            return;
+        }
+        let me = self.me as usize;
         if self.is_master() {
-            let sent = self.lock().stop_sent;
-            if !sent && !matches!(reason, StopReason::PeerLost(_)) {
-                self.lock().stop_sent = true;
+            let send_stop = {
+                let mut st = self.lock();
+                !std::mem::replace(&mut st.stop_sent, true)
+            };
+            if send_stop {
                 self.broadcast_stop(reason);
             }
             self.stopping_cleanly.store(true, Ordering::SeqCst);
-            let deadline = Instant::now() + Duration::from_secs(2);
-            let mut st = self.lock();
-            loop {
-                let all_gone = st
-                    .lost
-                    .iter()
-                    .enumerate()
-                    .all(|(i, &l)| l || i as NodeId == self.me);
-                let left = deadline.saturating_duration_since(Instant::now());
-                if all_gone || left.is_zero() {
-                    break;
-                }
-                st = self
-                    .changed
-                    .wait_timeout(st, left)
-                    .unwrap_or_else(|p| p.into_inner())
-                    .0;
+            self.wait_until(LEAVE_WAIT, |st| {
+                (0..self.nodes).all(|i| i == me || st.acked[i] || st.lost[i])
+            });
+            for peer in (0..self.nodes as NodeId).filter(|&p| p != self.me) {
+                self.send(peer, KIND_EXIT, 0, "");
             }
+            self.wait_until(LEAVE_WAIT, |st| (0..self.nodes).all(|i| i == me || st.lost[i]));
         } else {
             let told_to_stop = self.lock().stop_received;
-            self.stopping_cleanly.store(true, Ordering::SeqCst);
-            // A node stopping on its own (Ctrl-C, an error) tells the master, which stops the rest.
-            if !told_to_stop && !matches!(reason, StopReason::PeerLost(_)) {
+            if !told_to_stop {
+                // Stopping on its own (Ctrl-C, an error): the master stops the rest.
                 let reason = match reason {
-                    StopReason::PowerOff => StopReason::Error(format!(
-                        "node {} stopped before the guest finished",
-                        self.me
-                    )),
+                    StopReason::PowerOff => {
+                        StopReason::Error(format!("node {} stopped before the guest finished", self.me))
+                    }
                     other => other.clone(),
                 };
-                self.send(
-                    0,
-                    KIND_DONE,
-                    reason.exit_code() as u64,
-                    &reason_text(&reason),
-                );
+                self.send(0, KIND_DONE, reason.exit_code() as u64, &reason_text(&reason));
             }
+            self.wait_until(LEAVE_WAIT, |st| st.exit_received || st.lost[0]);
+            self.stopping_cleanly.store(true, Ordering::SeqCst);
         }
     }
 }

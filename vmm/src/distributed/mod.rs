@@ -17,8 +17,18 @@ use crate::stop::StopReason;
 use control::Control;
 use link::MeshLink;
 
-/// How long a node waits for its peers to come up.
+/// How long a node waits for its peers to come up (`SPANVM_CONNECT_TIMEOUT`, in seconds,
+/// overrides it).
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The connect timeout in force.
+pub fn connect_timeout() -> Duration {
+    std::env::var("SPANVM_CONNECT_TIMEOUT")
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+        .map(Duration::from_secs)
+        .unwrap_or(CONNECT_TIMEOUT)
+}
 
 /// Errors of joining the cluster.
 #[derive(Debug, thiserror::Error)]
@@ -138,7 +148,7 @@ impl Distributed {
                 .collect(),
             secret,
             layout_canonical: layout.canonical(),
-            connect_timeout: CONNECT_TIMEOUT,
+            connect_timeout: connect_timeout(),
             busy_poll: false,
             liveness: Default::default(),
         };

@@ -1,0 +1,216 @@
+//! Failures of a distributed guest with real node processes: a node killed mid-run, a node with
+//! the wrong secret, a node whose layout differs. (Malformed frames are fuzzed in the transport
+//! and dsm crates' own tests.)
+
+mod common;
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{cluster_text, spanvm};
+
+struct Node {
+    child: Child,
+    stdout: PathBuf,
+    stderr: PathBuf,
+}
+
+impl Node {
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+    fn stdout(&self) -> String {
+        std::fs::read_to_string(&self.stdout).unwrap_or_default()
+    }
+    /// Waits for the exit at most `limit`; returns the exit code and when it came.
+    fn wait(&mut self, limit: Duration) -> (Option<i32>, Instant) {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return (status.code(), Instant::now());
+            }
+            if start.elapsed() > limit {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!(
+                    "node did not exit within {limit:?}\nstderr:\n{}",
+                    self.stderr()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+fn write_secret(dir: &Path, name: &str, byte: u8) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, [byte; 32]).unwrap();
+    p
+}
+
+fn node_file(dir: &Path, id: usize, secret: &Path, cluster: &str) -> PathBuf {
+    let p = dir.join(format!("node-{id}.toml"));
+    std::fs::write(
+        &p,
+        format!("node = {id}\nsecret = \"{}\"\n{cluster}", secret.display()),
+    )
+    .unwrap();
+    p
+}
+
+fn start(dir: &Path, id: usize, config: &Path, env: &[(&str, &str)]) -> Node {
+    let stdout = dir.join(format!("node-{id}.out"));
+    let stderr = dir.join(format!("node-{id}.err"));
+    let mut cmd = Command::new(spanvm());
+    cmd.args(["node", "--config", config.to_str().unwrap()])
+        .stdin(Stdio::null())
+        .stdout(File::create(&stdout).unwrap())
+        .stderr(File::create(&stderr).unwrap());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    Node {
+        child: cmd.spawn().unwrap(),
+        stdout,
+        stderr,
+    }
+}
+
+fn wait_until_running(nodes: &[Node]) {
+    let start = Instant::now();
+    while !nodes.iter().all(|n| n.stderr().contains("running")) {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "nodes did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn kill_one_mid_counter(nodes: usize, victim: usize) {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = write_secret(dir.path(), "cluster.secret", 7);
+    // Enough increments to run for minutes: the kill always lands mid-probe.
+    let cluster = cluster_text(nodes, 1, "counter", 2_000_000_000, 64);
+    let mut procs: Vec<Node> = (0..nodes)
+        .map(|i| {
+            start(
+                dir.path(),
+                i,
+                &node_file(dir.path(), i, &secret, &cluster),
+                &[],
+            )
+        })
+        .collect();
+    wait_until_running(&procs);
+    std::thread::sleep(Duration::from_millis(700));
+    procs[victim].child.kill().unwrap();
+    let killed_at = Instant::now();
+    let _ = procs[victim].child.wait();
+    for (i, node) in procs.iter_mut().enumerate() {
+        if i == victim {
+            continue;
+        }
+        let (code, at) = node.wait(Duration::from_secs(20));
+        let stderr = node.stderr();
+        let took = at.duration_since(killed_at);
+        assert_eq!(
+            code,
+            Some(5),
+            "node {i} should exit with the lost-peer code\n{stderr}"
+        );
+        assert!(
+            took < Duration::from_secs(2),
+            "node {i} took {took:?} to stop after node {victim} died\n{stderr}"
+        );
+        assert!(
+            stderr.contains(&format!("lost a peer: node {victim}")),
+            "node {i} does not say it lost node {victim}:\n{stderr}"
+        );
+        // The counter probe never finished anywhere, so nothing may have been reported from a
+        // page that went missing.
+        assert!(
+            !node.stdout().contains("CNTR="),
+            "node {i} reported a counter after a peer was lost"
+        );
+    }
+}
+
+#[test]
+fn killing_a_node_stops_the_other_within_2_seconds() {
+    kill_one_mid_counter(2, 1);
+}
+
+#[test]
+fn killing_a_node_of_4_stops_all_others_within_2_seconds() {
+    kill_one_mid_counter(4, 2);
+}
+
+#[test]
+fn killing_the_master_stops_the_others() {
+    kill_one_mid_counter(3, 0);
+}
+
+/// Starts two nodes that should refuse each other; returns their stderr and exit codes.
+fn refused_pair(secret1_byte: u8, memory1_mib: u64) -> [(Option<i32>, String); 2] {
+    let dir = tempfile::tempdir().unwrap();
+    let s0 = write_secret(dir.path(), "s0", 7);
+    let s1 = write_secret(dir.path(), "s1", secret1_byte);
+    let cluster = cluster_text(2, 1, "counter", 0, 64);
+    let cluster1 = cluster.replace("memory_mib = 64", &format!("memory_mib = {memory1_mib}"));
+    let env = [("SPANVM_CONNECT_TIMEOUT", "5")];
+    let mut n0 = start(
+        dir.path(),
+        0,
+        &node_file(dir.path(), 0, &s0, &cluster),
+        &env,
+    );
+    let mut n1 = start(
+        dir.path(),
+        1,
+        &node_file(dir.path(), 1, &s1, &cluster1),
+        &env,
+    );
+    let (c0, _) = n0.wait(Duration::from_secs(30));
+    let (c1, _) = n1.wait(Duration::from_secs(30));
+    [(c0, n0.stderr()), (c1, n1.stderr())]
+}
+
+#[test]
+fn a_node_with_the_wrong_secret_is_refused() {
+    let [(c0, e0), (c1, e1)] = refused_pair(8, 64);
+    assert_ne!(
+        c0,
+        Some(0),
+        "node 0 accepted a peer with the wrong secret:\n{e0}"
+    );
+    assert_ne!(c1, Some(0), "node 1 joined with the wrong secret:\n{e1}");
+    for (i, e) in [(0, &e0), (1, &e1)] {
+        assert!(
+            e.contains("secret"),
+            "node {i} does not say the secret is wrong:\n{e}"
+        );
+        assert!(!e.contains("panicked"), "node {i} panicked:\n{e}");
+        assert!(!e.contains("running"), "node {i} started the guest:\n{e}");
+    }
+}
+
+#[test]
+fn a_node_with_a_different_layout_is_refused() {
+    let [(c0, e0), (c1, e1)] = refused_pair(7, 128);
+    assert_ne!(c0, Some(0));
+    assert_ne!(c1, Some(0));
+    for (i, e) in [(0, &e0), (1, &e1)] {
+        assert!(
+            e.contains("layout"),
+            "node {i} does not say the layouts differ:\n{e}"
+        );
+        assert!(
+            e.contains("memory"),
+            "node {i} does not name the first difference (memory):\n{e}"
+        );
+        assert!(!e.contains("running"), "node {i} started the guest:\n{e}");
+    }
+}
