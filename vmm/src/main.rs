@@ -56,6 +56,9 @@ enum Command {
 enum BenchWhat {
     /// Exit round trips (port I/O, MMIO, MSR) and IPI latency against a raw KVM loop.
     Exits,
+    /// DSM fault latency (read, write with invalidation, upgrade) and throughput between two
+    /// nodes on loopback, against a local fault and a raw TCP round trip.
+    Dsm,
 }
 
 fn main() -> ExitCode {
@@ -68,6 +71,9 @@ fn main() -> ExitCode {
         Command::Bench {
             what: BenchWhat::Exits,
         } => vmm::bench::exits::run().map(|()| StopReason::PowerOff),
+        Command::Bench {
+            what: BenchWhat::Dsm,
+        } => vmm::bench::dsm::run().map(|()| StopReason::PowerOff),
     };
     match result {
         Ok(StopReason::PowerOff) => ExitCode::SUCCESS,

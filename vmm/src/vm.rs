@@ -14,7 +14,7 @@ use crate::memory::{GuestMemory, MemoryError};
 use crate::platform::{Platform, PlatformError};
 use crate::probe::loader::{self, LoaderError};
 use crate::stop::{Stop, StopReason};
-use crate::vcpu::exit_loop::VcpuLoop;
+use crate::vcpu::exit_loop::{Activity, SipiSetup, VcpuLoop};
 use crate::vcpu::timer::run_timer;
 
 /// Errors of bringing a node's VM up.
@@ -56,6 +56,8 @@ pub struct NodeVm {
     _vm: KvmVm,
     _memory: Arc<GuestMemory>,
     distributed: Option<Distributed>,
+    /// What a SIPI does (Linux guests); with it, every vCPU but the BSP starts waiting for one.
+    on_sipi: Option<SipiSetup>,
     platform: Arc<Platform>,
     fds: Vec<(usize, VcpuFd)>,
     tsc_khz: u32,
@@ -130,10 +132,19 @@ impl NodeVm {
             _vm: vm,
             _memory: memory,
             distributed,
+            on_sipi: None,
             platform,
             fds,
             tsc_khz,
         })
+    }
+
+    fn start_activity(&self, index: usize) -> Activity {
+        if self.on_sipi.is_some() && index != 0 {
+            Activity::WaitForSipi
+        } else {
+            Activity::Running
+        }
     }
 
     /// The TSC frequency the vCPUs run at.
@@ -189,6 +200,8 @@ impl NodeVm {
                     .map_err(VmError::Thread)?,
             );
             let p = platform.clone();
+            let activity = self.start_activity(index);
+            let on_sipi = self.on_sipi.clone();
             vcpu_threads.push(
                 std::thread::Builder::new()
                     .name(format!("vcpu{index}"))
@@ -197,6 +210,8 @@ impl NodeVm {
                             fd,
                             shared,
                             platform: p.clone(),
+                            activity,
+                            on_sipi,
                         };
                         if let Err(e) = vcpu_loop.run() {
                             p.request_stop(StopReason::Error(e.to_string()));

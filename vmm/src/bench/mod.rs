@@ -1,3 +1,4 @@
 //! `spanvm bench`: measurements, each printed beside an anchor measured in the same run.
 
+pub mod dsm;
 pub mod exits;

@@ -274,7 +274,11 @@ impl Control {
             if left.is_zero() {
                 break;
             }
-            st = self.changed.wait_timeout(st, left).unwrap_or_else(|p| p.into_inner()).0;
+            st = self
+                .changed
+                .wait_timeout(st, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
         }
     }
 
@@ -301,18 +305,26 @@ impl Control {
             for peer in (0..self.nodes as NodeId).filter(|&p| p != self.me) {
                 self.send(peer, KIND_EXIT, 0, "");
             }
-            self.wait_until(LEAVE_WAIT, |st| (0..self.nodes).all(|i| i == me || st.lost[i]));
+            self.wait_until(LEAVE_WAIT, |st| {
+                (0..self.nodes).all(|i| i == me || st.lost[i])
+            });
         } else {
             let told_to_stop = self.lock().stop_received;
             if !told_to_stop {
                 // Stopping on its own (Ctrl-C, an error): the master stops the rest.
                 let reason = match reason {
-                    StopReason::PowerOff => {
-                        StopReason::Error(format!("node {} stopped before the guest finished", self.me))
-                    }
+                    StopReason::PowerOff => StopReason::Error(format!(
+                        "node {} stopped before the guest finished",
+                        self.me
+                    )),
                     other => other.clone(),
                 };
-                self.send(0, KIND_DONE, reason.exit_code() as u64, &reason_text(&reason));
+                self.send(
+                    0,
+                    KIND_DONE,
+                    reason.exit_code() as u64,
+                    &reason_text(&reason),
+                );
             }
             self.wait_until(LEAVE_WAIT, |st| st.exit_received || st.lost[0]);
             self.stopping_cleanly.store(true, Ordering::SeqCst);

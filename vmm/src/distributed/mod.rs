@@ -51,9 +51,9 @@ pub enum DistributedError {
 }
 
 /// What receives frames from peers: DSM traffic to the DSM, control to the control protocol.
-struct NodeHandler {
-    dsm: OnceLock<Arc<Dsm>>,
-    control: Arc<Control>,
+pub(crate) struct NodeHandler {
+    pub(crate) dsm: OnceLock<Arc<Dsm>>,
+    pub(crate) control: Arc<Control>,
 }
 
 impl FrameHandler for NodeHandler {

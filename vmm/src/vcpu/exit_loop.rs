@@ -43,9 +43,35 @@ pub enum VcpuError {
     /// An exit spanvm does not handle.
     #[error("vCPU {vcpu}: unexpected exit {what}")]
     UnexpectedExit { vcpu: usize, what: String },
+    /// Starting the vCPU at a SIPI failed.
+    #[error("vCPU {vcpu}: cannot start at the SIPI vector {vector:#x}: {why}")]
+    Sipi {
+        vcpu: usize,
+        vector: u8,
+        why: String,
+    },
+    /// Injecting an NMI failed.
+    #[error("vCPU {vcpu}: KVM_NMI failed: {source}")]
+    Nmi {
+        vcpu: usize,
+        source: kvm_ioctls::Error,
+    },
     /// The kick signal handler could not be installed.
     #[error("cannot install the vCPU kick signal handler: {0}")]
     KickHandler(std::io::Error),
+}
+
+/// Puts a vCPU in real mode at a SIPI's start page (from the boot code of the guest kind).
+pub type SipiSetup = Arc<dyn Fn(&VcpuFd, u8) -> Result<(), String> + Send + Sync>;
+
+/// Whether the vCPU runs or waits for a startup IPI (an application processor before the guest
+/// starts it, or any vCPU after INIT).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activity {
+    /// Runs guest code.
+    Running,
+    /// Waits for SIPI; nothing runs.
+    WaitForSipi,
 }
 
 /// What the loop needs that is not KVM: the platform and this vCPU's shared state.
@@ -53,6 +79,11 @@ pub struct VcpuLoop {
     pub fd: VcpuFd,
     pub shared: Arc<VcpuShared>,
     pub platform: Arc<Platform>,
+    /// How the vCPU starts.
+    pub activity: Activity,
+    /// What a SIPI does; `None` for guests that do not start processors (probes), where INIT
+    /// and SIPI are ignored.
+    pub on_sipi: Option<SipiSetup>,
 }
 
 impl VcpuLoop {
@@ -81,6 +112,9 @@ impl VcpuLoop {
             self.shared.set_state(RunState::InGuest);
             if self.stopping() {
                 return Ok(());
+            }
+            if !self.service_events()? {
+                continue;
             }
             self.prepare_injection()?;
             let exit = self.fd.run();
@@ -175,6 +209,67 @@ impl VcpuLoop {
         }
     }
 
+    /// INIT, SIPI and NMI: returns whether the vCPU may enter the guest now (false: it waited
+    /// for a SIPI and the loop should look again).
+    fn service_events(&mut self) -> Result<bool, VcpuError> {
+        let index = self.shared.index;
+        let mut apic = self.shared.lock_apic();
+        if !apic.has_pending_event() && self.activity == Activity::Running {
+            return Ok(true);
+        }
+        if self.on_sipi.is_none() {
+            // Probe guests start every vCPU directly; INIT and SIPI mean nothing to them.
+            let _ = (apic.take_init(), apic.take_sipi());
+        }
+        if apic.take_init() {
+            let effects = apic.reset_init();
+            drop(apic);
+            self.platform.apply_apic_effects(&self.shared, effects);
+            self.activity = Activity::WaitForSipi;
+            apic = self.shared.lock_apic();
+        }
+        if self.activity == Activity::WaitForSipi {
+            match apic.take_sipi() {
+                Some(vector) => {
+                    drop(apic);
+                    if let Some(setup) = &self.on_sipi {
+                        setup(&self.fd, vector).map_err(|why| VcpuError::Sipi {
+                            vcpu: index,
+                            vector,
+                            why,
+                        })?;
+                    }
+                    self.activity = Activity::Running;
+                    return Ok(true);
+                }
+                None => {
+                    // Wait-for-SIPI: like a halt that only INIT/SIPI (or a stop) ends.
+                    self.shared.set_state(RunState::Halted);
+                    if !self.stopping() && !apic.has_pending_event() {
+                        drop(
+                            self.shared
+                                .wakeup
+                                .wait(apic)
+                                .unwrap_or_else(|p| p.into_inner()),
+                        );
+                    }
+                    return Ok(false);
+                }
+            }
+        }
+        // Running: a SIPI outside wait-for-SIPI is ignored (Linux sends two).
+        let _ = apic.take_sipi();
+        let nmi = apic.take_nmi();
+        drop(apic);
+        if nmi {
+            self.fd.nmi().map_err(|source| VcpuError::Nmi {
+                vcpu: index,
+                source,
+            })?;
+        }
+        Ok(true)
+    }
+
     /// Injects the highest pending interrupt if the guest can take it now, otherwise asks KVM
     /// to exit as soon as it can (the interrupt-window protocol).
     fn prepare_injection(&mut self) -> Result<(), VcpuError> {
@@ -207,7 +302,7 @@ impl VcpuLoop {
         let mut apic = self.shared.lock_apic();
         self.shared.set_state(RunState::Halted);
         while !self.stopping() {
-            if if_flag && apic.has_injectable().is_some() {
+            if (if_flag && apic.has_injectable().is_some()) || apic.has_pending_event() {
                 break;
             }
             apic = self

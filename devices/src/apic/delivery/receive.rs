@@ -157,6 +157,12 @@ impl LocalApic {
         })
     }
 
+    /// Whether an NMI, INIT or SIPI waits to be taken: a halted or waiting vCPU must wake for
+    /// them even with no injectable vector.
+    pub fn has_pending_event(&self) -> bool {
+        self.pending_nmi || self.pending_init || self.pending_sipi.is_some()
+    }
+
     /// Takes the pending NMI request.
     pub fn take_nmi(&mut self) -> bool {
         std::mem::take(&mut self.pending_nmi)
