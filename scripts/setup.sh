@@ -10,6 +10,7 @@ packages=(
   libc6-dev
   pkg-config
   iproute2        # network namespaces for multi-node tests
+  acpica-tools    # iasl -d: the ACPI table tests disassemble what the VMM generates
 )
 
 missing=()

@@ -6,6 +6,7 @@
 //! COM1 serial console ([`serial`]), the i8042 reset ([`i8042`]) and the probe port
 //! ([`probe_port`]); they raise interrupts through an [`irq_line::IrqLine`].
 
+pub mod acpi_pm;
 pub mod apic;
 pub mod bus;
 pub mod i8042;

@@ -59,6 +59,13 @@ pub fn run(config: &Path) -> Result<StopReason, CommandError> {
         cfg.local().vcpus.len(),
         cfg.layout.vcpu_count
     );
+    // The devices, the console among them, live on the master.
+    let _terminal = if cfg.node == cfg.layout.master() {
+        crate::console::forward_stdin(vm.platform().serial().clone());
+        Some(crate::console::TerminalGuard::new())
+    } else {
+        None
+    };
     let reason = vm.run()?;
     if let Some(d) = dsm {
         eprint!("{}", d.stats());

@@ -2,8 +2,10 @@
 //! wiring, probe guests, and the commands of the `spanvm` binary.
 
 pub mod bench;
+pub mod boot;
 pub mod cluster;
 pub mod commands;
+pub mod console;
 pub mod distributed;
 pub mod hypervisor;
 pub mod memory;

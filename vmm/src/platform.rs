@@ -4,6 +4,7 @@
 use std::io::Write;
 use std::sync::{Arc, Mutex, RwLock, Weak};
 
+use devices::acpi_pm::{AcpiPm, ACPI_PM_PORT, ACPI_PM_PORT_LEN};
 use devices::apic::ApicEffects;
 use devices::bus::{Bus, BusError};
 use devices::i8042::{I8042, I8042_PORT, I8042_PORT_LEN};
@@ -82,6 +83,7 @@ pub struct Platform {
     /// MMIO devices other than the local APIC and the IOAPIC.
     pub mmio_bus: Bus,
     ioapic: Mutex<IoApic>,
+    serial: Arc<SerialPort>,
     /// Local vCPUs by global index (`None` for vCPUs of other nodes).
     vcpus: Vec<Option<Arc<VcpuShared>>>,
     /// Every vCPU's APIC addressing state (the local ones kept current here).
@@ -123,6 +125,21 @@ impl Platform {
                 pin: COM1_IRQ,
             });
             let serial = Arc::new(SerialPort::new(serial_irq, Box::new(ConsoleOut)));
+            let console = serial.clone();
+            let off_weak = weak.clone();
+            let reset_weak2 = weak.clone();
+            let acpi_pm = Arc::new(AcpiPm::new(
+                Arc::new(move || {
+                    if let Some(p) = off_weak.upgrade() {
+                        p.request_stop(StopReason::PowerOff);
+                    }
+                }),
+                Arc::new(move || {
+                    if let Some(p) = reset_weak2.upgrade() {
+                        p.request_stop(StopReason::Reset("ACPI reset register".into()));
+                    }
+                }),
+            ));
             let reset_stop = stop.clone();
             let reset_weak = weak.clone();
             let i8042 = Arc::new(I8042::new(Arc::new(move || {
@@ -144,6 +161,7 @@ impl Platform {
                 (COM1_PORT, 8, serial as Arc<dyn devices::bus::BusDevice>),
                 (I8042_PORT, I8042_PORT_LEN, i8042),
                 (PROBE_PORT, PROBE_PORT_LEN, probe),
+                (ACPI_PM_PORT, ACPI_PM_PORT_LEN, acpi_pm),
             ] {
                 if let Err(e) = io_bus.insert(base, len, dev) {
                     build_err = Some(e);
@@ -153,6 +171,7 @@ impl Platform {
                 io_bus,
                 mmio_bus: Bus::new(),
                 ioapic: Mutex::new(IoApic::new()),
+                serial: console,
                 vcpus,
                 addressing: RwLock::new(addressing),
                 stop,
@@ -166,6 +185,11 @@ impl Platform {
             Some(e) => Err(e.into()),
             None => Ok(platform),
         }
+    }
+
+    /// The console UART (for forwarding the user's input to it).
+    pub fn serial(&self) -> &Arc<SerialPort> {
+        &self.serial
     }
 
     /// A local vCPU by global index.

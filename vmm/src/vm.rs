@@ -8,6 +8,7 @@ use std::time::Duration;
 use kvm_ioctls::VcpuFd;
 use resources::{GuestImage, NodeConfig};
 
+use crate::boot;
 use crate::distributed::{connect_timeout, Distributed, DistributedError};
 use crate::hypervisor::{Hypervisor, HypervisorError, KvmVm};
 use crate::memory::{GuestMemory, MemoryError};
@@ -35,11 +36,9 @@ pub enum VmError {
     /// The config names a probe that does not exist.
     #[error("there is no probe guest called `{name}`; the built-in probes are: {known}")]
     UnknownProbe { name: String, known: String },
-    /// Linux guests come with the boot path.
-    #[error(
-        "Linux guests are not supported by this build yet (guest.linux in {0}); use a probe guest"
-    )]
-    LinuxNotSupported(String),
+    /// The Linux guest could not be loaded.
+    #[error(transparent)]
+    Boot(#[from] crate::boot::BootError),
     /// A thread could not be started.
     #[error("cannot start a thread: {0}")]
     Thread(std::io::Error),
@@ -49,6 +48,20 @@ pub enum VmError {
     /// The master never said the guest is loaded.
     #[error("the master (node 0) did not start the guest within {0:?}")]
     NoStart(std::time::Duration),
+}
+
+/// A built VM taken apart (see [`NodeVm::into_parts`]).
+pub struct RawParts {
+    /// The KVM VM (keeps the vCPUs' VM alive).
+    pub vm: KvmVm,
+    /// Guest memory.
+    pub memory: Arc<GuestMemory>,
+    /// The platform.
+    pub platform: Arc<Platform>,
+    /// Local vCPUs, set up to enter the guest.
+    pub vcpus: Vec<(usize, VcpuFd)>,
+    /// Their TSC frequency.
+    pub tsc_khz: u32,
 }
 
 /// A node's VM, built and ready to run.
@@ -100,6 +113,7 @@ impl NodeVm {
             platform.on_local_finish(Box::new(move |reason| control.local_done(reason)));
         }
 
+        let mut on_sipi: Option<SipiSetup> = None;
         match &layout.guest {
             GuestImage::Probe { name, arg } => {
                 let img = crate::probe::image(name).ok_or_else(|| VmError::UnknownProbe {
@@ -114,25 +128,40 @@ impl NodeVm {
                 for (i, fd) in &fds {
                     loader::setup_vcpu(fd, *i, entry, layout, config.node, tsc_khz, *arg)?;
                 }
-                if let Some(d) = &distributed {
-                    if config.node == layout.master() {
-                        d.control.announce_start();
-                    } else if !d.control.wait_for_start(connect_timeout()) {
-                        return Err(VmError::NoStart(connect_timeout()));
+            }
+            GuestImage::Linux {
+                kernel,
+                initrd,
+                cmdline,
+            } => {
+                if config.node == layout.master() {
+                    let cmdline = linux_cmdline(cmdline);
+                    boot::write_acpi(&memory, layout, &[])?;
+                    let linux =
+                        boot::load_linux(&memory, layout, kernel, initrd.as_deref(), &cmdline)?;
+                    if let Some((_, bsp)) = fds.iter().find(|(i, _)| *i == 0) {
+                        boot::setup_bsp(bsp, &linux)?;
+                        boot::set_boot_msrs(bsp)?;
                     }
                 }
+                // Every other vCPU waits for the guest's INIT/SIPI, as on real hardware.
+                on_sipi = Some(Arc::new(|fd: &VcpuFd, vector: u8| {
+                    boot::setup_ap_for_sipi(fd, vector).map_err(|e| e.to_string())
+                }));
             }
-            GuestImage::Linux { .. } => {
-                return Err(VmError::LinuxNotSupported(
-                    config.path.display().to_string(),
-                ))
+        }
+        if let Some(d) = &distributed {
+            if config.node == layout.master() {
+                d.control.announce_start();
+            } else if !d.control.wait_for_start(connect_timeout()) {
+                return Err(VmError::NoStart(connect_timeout()));
             }
         }
         Ok(Self {
             _vm: vm,
             _memory: memory,
             distributed,
-            on_sipi: None,
+            on_sipi,
             platform,
             fds,
             tsc_khz,
@@ -158,22 +187,14 @@ impl NodeVm {
     }
 
     /// Takes the VM apart for a benchmark that drives the vCPUs with its own loop.
-    pub fn into_parts(
-        self,
-    ) -> (
-        KvmVm,
-        Arc<GuestMemory>,
-        Arc<Platform>,
-        Vec<(usize, VcpuFd)>,
-        u32,
-    ) {
-        (
-            self._vm,
-            self._memory,
-            self.platform,
-            self.fds,
-            self.tsc_khz,
-        )
+    pub fn into_parts(self) -> RawParts {
+        RawParts {
+            vm: self._vm,
+            memory: self._memory,
+            platform: self.platform,
+            vcpus: self.fds,
+            tsc_khz: self.tsc_khz,
+        }
     }
 
     /// The DSM, when this node is one of several.
@@ -278,3 +299,25 @@ pub fn handle_signals(on_signal: impl Fn(i32) + Send + 'static) -> std::io::Resu
 
 /// Keeps `Stop` in scope for users of this module.
 pub type SharedStop = Arc<Stop>;
+
+/// The guest's command line, with what this host needs added: on `kvm_pvm`, the parameters
+/// that keep Linux away from instructions the host cannot run (HOST.md), unless the user set
+/// them already.
+pub fn linux_cmdline(user: &str) -> String {
+    let mut cmdline = user.trim().to_string();
+    if Hypervisor::is_pvm_host() {
+        for param in crate::hypervisor::PVM_KERNEL_PARAMS.split_whitespace() {
+            let key = param.split('=').next().unwrap_or(param);
+            let present = cmdline
+                .split_whitespace()
+                .any(|p| p.split('=').next() == Some(key));
+            if !present {
+                if !cmdline.is_empty() {
+                    cmdline.push(' ');
+                }
+                cmdline.push_str(param);
+            }
+        }
+    }
+    cmdline
+}

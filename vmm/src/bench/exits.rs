@@ -64,11 +64,12 @@ fn through_spanvm(probe: &str, vcpus: u32) -> Result<(HashMap<String, u64>, u32)
 /// Runs `bench-exits` on one vCPU with the smallest loop that can run it.
 fn through_raw_loop() -> Result<HashMap<String, u64>, CommandError> {
     let vm = NodeVm::build(&bench_config("bench-exits", 1)?)?;
-    let (_vm, _mem, _platform, mut fds, _khz) = vm.into_parts();
-    let (_, fd) = fds
+    // `parts` keeps the VM and its memory alive while the vCPU runs.
+    let mut parts = vm.into_parts();
+    let (_, mut fd) = parts
+        .vcpus
         .pop()
         .ok_or_else(|| CommandError::Bench("no vCPU".into()))?;
-    let mut fd = fd;
     let mut out = HashMap::new();
     let (mut key, mut low) = ([0u8; 4], 0u32);
     loop {
@@ -108,8 +109,9 @@ fn through_raw_loop() -> Result<HashMap<String, u64>, CommandError> {
 /// The raw `KVM_INTERRUPT` round trip in microseconds (median).
 fn raw_injection_us() -> Result<f64, CommandError> {
     let vm = NodeVm::build(&bench_config("bench-inject", 1)?)?;
-    let (_vm, _mem, _platform, mut fds, _khz) = vm.into_parts();
-    let (_, mut fd) = fds
+    let mut parts = vm.into_parts();
+    let (_, mut fd) = parts
+        .vcpus
         .pop()
         .ok_or_else(|| CommandError::Bench("no vCPU".into()))?;
     let fail = |what: String| CommandError::Bench(format!("raw injection: {what}"));
