@@ -27,6 +27,7 @@ struct BenchNode {
     pages: Arc<UffdGuestPages>,
     dsm: Arc<Dsm>,
     mesh: Arc<TcpMesh>,
+    control: Arc<Control>,
 }
 
 impl BenchNode {
@@ -82,9 +83,10 @@ fn pair(busy_poll: bool) -> Result<(BenchNode, BenchNode), CommandError> {
                     )
                     .map_err(bench_err)?,
                 );
+                let control = Arc::new(Control::new(me as u32, 2));
                 let handler = Arc::new(NodeHandler {
                     dsm: OnceLock::new(),
-                    control: Arc::new(Control::new(me as u32, 2)),
+                    control: control.clone(),
                 });
                 let _ = handler.dsm.set(dsm.clone());
                 let cfg = MeshConfig {
@@ -99,7 +101,12 @@ fn pair(busy_poll: bool) -> Result<(BenchNode, BenchNode), CommandError> {
                 };
                 let mesh = TcpMesh::establish_on(listener, cfg, handler).map_err(bench_err)?;
                 link.set(mesh.clone());
-                Ok(BenchNode { pages, dsm, mesh })
+                Ok(BenchNode {
+                    pages,
+                    dsm,
+                    mesh,
+                    control,
+                })
             },
         ));
     }
@@ -274,6 +281,9 @@ fn run_mode(busy_poll: bool) -> Result<(), CommandError> {
         us(rows[3].m.p50) / floor_write
     );
     println!("throughput, 2 threads per node faulting remote pages: {faults_per_s:.0} faults/s");
+    for n in [&n0, &n1] {
+        n.control.expect_disconnects();
+    }
     for n in [&n0, &n1] {
         n.mesh.shutdown();
         n.dsm.shutdown();

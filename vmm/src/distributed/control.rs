@@ -140,6 +140,11 @@ impl Control {
         }
     }
 
+    /// From now on, disconnects are expected (this node or the whole cluster is going away).
+    pub fn expect_disconnects(&self) {
+        self.stopping_cleanly.store(true, Ordering::SeqCst);
+    }
+
     /// Whether this node is leaving on purpose (then peer losses are expected, not errors).
     pub fn is_stopping_cleanly(&self) -> bool {
         self.stopping_cleanly.load(Ordering::SeqCst)
