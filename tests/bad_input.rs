@@ -145,3 +145,91 @@ fn bad_command_line() {
     assert!(stderr.contains("--config"), "{stderr}");
     assert!(!stderr.contains("panicked"));
 }
+
+fn linux_config(dir: &Path, kernel: &Path, initrd: Option<&Path>, memory_mib: u32) -> String {
+    let initrd = initrd
+        .map(|p| format!("initrd = \"{}\"\n", p.display()))
+        .unwrap_or_default();
+    write(
+        dir,
+        "linux.toml",
+        &format!(
+            "node = 0\n[guest]\nvcpus = 1\nmemory_mib = {memory_mib}\n[guest.linux]\nkernel = \"{}\"\n{initrd}\n[[nodes]]\nid = 0\naddress = \"127.0.0.1:7902\"\nvcpus = [0]\n",
+            kernel.display()
+        ),
+    )
+}
+
+#[test]
+fn kernel_that_is_neither_elf_nor_bzimage() {
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = dir.path().join("notes.txt");
+    std::fs::write(
+        &kernel,
+        "this is not a kernel, just some text that is long enough",
+    )
+    .unwrap();
+    let p = linux_config(dir.path(), &kernel, None, 64);
+    assert_one_clear_error(
+        &["run", "--config", &p],
+        &[],
+        &["notes.txt", "not a Linux kernel"],
+    );
+}
+
+#[test]
+fn initrd_too_large_for_guest_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    // A minimal valid x86-64 ELF kernel: header and one PT_LOAD of 16 bytes at 16 MiB.
+    let kernel = dir.path().join("tiny.elf");
+    std::fs::write(&kernel, tiny_elf()).unwrap();
+    let initrd = dir.path().join("huge.cpio");
+    let f = std::fs::File::create(&initrd).unwrap();
+    f.set_len(200 << 20).unwrap(); // sparse: 200 MiB for a 32 MiB guest
+    let p = linux_config(dir.path(), &kernel, Some(&initrd), 32);
+    assert_one_clear_error(&["run", "--config", &p], &[], &["huge.cpio", "initrd"]);
+}
+
+#[test]
+fn command_line_over_the_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = dir.path().join("tiny.elf");
+    std::fs::write(&kernel, tiny_elf()).unwrap();
+    let text = format!(
+        "node = 0\n[guest]\nvcpus = 1\nmemory_mib = 64\n[guest.linux]\nkernel = \"{}\"\ncmdline = \"{}\"\n[[nodes]]\nid = 0\naddress = \"127.0.0.1:7903\"\nvcpus = [0]\n",
+        kernel.display(),
+        "x".repeat(3000)
+    );
+    let p = write(dir.path(), "long.toml", &text);
+    assert_one_clear_error(&["run", "--config", &p], &[], &["long.toml", "cmdline"]);
+}
+
+/// An x86-64 ELF executable with one loadable segment (16 bytes of `hlt`) at 16 MiB.
+fn tiny_elf() -> Vec<u8> {
+    let mut e = vec![0u8; 64 + 56 + 16];
+    e[0..4].copy_from_slice(b"\x7fELF");
+    e[4] = 2; // 64-bit
+    e[5] = 1; // little-endian
+    e[6] = 1; // version
+    e[16..18].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    e[18..20].copy_from_slice(&62u16.to_le_bytes()); // x86-64
+    e[20..24].copy_from_slice(&1u32.to_le_bytes());
+    e[24..32].copy_from_slice(&0x100_0000u64.to_le_bytes()); // entry
+    e[32..40].copy_from_slice(&64u64.to_le_bytes()); // program headers
+    e[52..54].copy_from_slice(&64u16.to_le_bytes());
+    e[54..56].copy_from_slice(&56u16.to_le_bytes());
+    e[56..58].copy_from_slice(&1u16.to_le_bytes());
+    let ph = 64;
+    e[ph..ph + 4].copy_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+    e[ph + 4..ph + 8].copy_from_slice(&5u32.to_le_bytes()); // R+X
+    e[ph + 8..ph + 16].copy_from_slice(&120u64.to_le_bytes()); // offset
+    e[ph + 16..ph + 24].copy_from_slice(&0x100_0000u64.to_le_bytes()); // vaddr
+    e[ph + 24..ph + 32].copy_from_slice(&0x100_0000u64.to_le_bytes()); // paddr
+    e[ph + 32..ph + 40].copy_from_slice(&16u64.to_le_bytes()); // filesz
+    e[ph + 40..ph + 48].copy_from_slice(&16u64.to_le_bytes()); // memsz
+    e[ph + 48..ph + 56].copy_from_slice(&0x1000u64.to_le_bytes()); // align
+    for b in &mut e[120..136] {
+        *b = 0xf4;
+    }
+    e
+}

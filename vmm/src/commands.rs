@@ -67,6 +67,11 @@ pub fn run(config: &Path) -> Result<StopReason, CommandError> {
         None
     };
     let reason = vm.run()?;
+    if let Some(stats) = vm.pvm_repair_stats() {
+        if stats.total() > 0 {
+            eprintln!("spanvm: {stats}");
+        }
+    }
     if let Some(d) = dsm {
         eprint!("{}", d.stats());
     }

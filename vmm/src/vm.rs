@@ -16,6 +16,7 @@ use crate::platform::{Platform, PlatformError};
 use crate::probe::loader::{self, LoaderError};
 use crate::stop::{Stop, StopReason};
 use crate::vcpu::exit_loop::{Activity, SipiSetup, VcpuLoop};
+use crate::vcpu::pvm_repair::PvmRepair;
 use crate::vcpu::timer::run_timer;
 
 /// Errors of bringing a node's VM up.
@@ -71,6 +72,8 @@ pub struct NodeVm {
     distributed: Option<Distributed>,
     /// What a SIPI does (Linux guests); with it, every vCPU but the BSP starts waiting for one.
     on_sipi: Option<SipiSetup>,
+    /// The kvm_pvm instruction repair, on such a host only.
+    pvm_repair: Option<Arc<PvmRepair>>,
     platform: Arc<Platform>,
     fds: Vec<(usize, VcpuFd)>,
     tsc_khz: u32,
@@ -162,6 +165,7 @@ impl NodeVm {
             _memory: memory,
             distributed,
             on_sipi,
+            pvm_repair: Hypervisor::is_pvm_host().then(|| Arc::new(PvmRepair::new())),
             platform,
             fds,
             tsc_khz,
@@ -197,6 +201,11 @@ impl NodeVm {
         }
     }
 
+    /// What the kvm_pvm repair did so far (`None` on other hosts).
+    pub fn pvm_repair_stats(&self) -> Option<crate::vcpu::pvm_repair::RepairStats> {
+        self.pvm_repair.as_ref().map(|r| r.stats())
+    }
+
     /// The DSM, when this node is one of several.
     pub fn dsm(&self) -> Option<Arc<dsm::Dsm>> {
         self.distributed.as_ref().map(|d| d.dsm.clone())
@@ -223,6 +232,8 @@ impl NodeVm {
             let p = platform.clone();
             let activity = self.start_activity(index);
             let on_sipi = self.on_sipi.clone();
+            let pvm_repair = self.pvm_repair.clone();
+            let memory = self._memory.clone();
             vcpu_threads.push(
                 std::thread::Builder::new()
                     .name(format!("vcpu{index}"))
@@ -233,6 +244,8 @@ impl NodeVm {
                             platform: p.clone(),
                             activity,
                             on_sipi,
+                            pvm_repair,
+                            memory,
                         };
                         if let Err(e) = vcpu_loop.run() {
                             p.request_stop(StopReason::Error(e.to_string()));
@@ -300,24 +313,42 @@ pub fn handle_signals(on_signal: impl Fn(i32) + Send + 'static) -> std::io::Resu
 /// Keeps `Stop` in scope for users of this module.
 pub type SharedStop = Arc<Stop>;
 
-/// The guest's command line, with what this host needs added: on `kvm_pvm`, the parameters
-/// that keep Linux away from instructions the host cannot run (HOST.md), unless the user set
-/// them already.
+/// The guest's command line with what spanvm needs added, unless the user set it already:
+/// kvm-clock as the clocksource (it is the clock spanvm keeps in step across nodes; with an
+/// invariant TSC Linux would otherwise pick the TSC, which is not synchronised between
+/// machines), and on `kvm_pvm` the parameters that keep Linux away from instructions the host
+/// cannot run (HOST.md).
 pub fn linux_cmdline(user: &str) -> String {
     let mut cmdline = user.trim().to_string();
+    let has = |c: &str, key: &str| {
+        c.split_whitespace()
+            .any(|p| p.split('=').next() == Some(key))
+    };
+    if !has(&cmdline, "clocksource") {
+        cmdline = match cmdline.split_once(" -- ") {
+            // Arguments after `--` belong to init; kernel parameters go before them.
+            Some((kernel, init)) => format!("{kernel} clocksource=kvm-clock -- {init}"),
+            None if cmdline.is_empty() => "clocksource=kvm-clock".to_string(),
+            None => format!("{cmdline} clocksource=kvm-clock"),
+        };
+    }
     if Hypervisor::is_pvm_host() {
-        for param in crate::hypervisor::PVM_KERNEL_PARAMS.split_whitespace() {
-            let key = param.split('=').next().unwrap_or(param);
-            let present = cmdline
-                .split_whitespace()
-                .any(|p| p.split('=').next() == Some(key));
-            if !present {
-                if !cmdline.is_empty() {
-                    cmdline.push(' ');
-                }
-                cmdline.push_str(param);
-            }
-        }
+        cmdline = crate::vcpu::pvm_repair::add_pvm_kernel_params(&cmdline);
     }
     cmdline
+}
+
+#[cfg(test)]
+mod tests {
+    use super::linux_cmdline;
+
+    #[test]
+    fn cmdline_gets_kvm_clock_unless_the_user_chose() {
+        assert!(linux_cmdline("console=ttyS0").contains("clocksource=kvm-clock"));
+        let own = linux_cmdline("console=ttyS0 clocksource=tsc");
+        assert!(
+            own.contains("clocksource=tsc") && !own.contains("kvm-clock"),
+            "{own}"
+        );
+    }
 }

@@ -22,13 +22,6 @@ use vmm_sys_util::ioctl_iow_nr;
 pub const MSR_APIC_BASE: u32 = 0x1b;
 pub const MSR_TSC_DEADLINE: u32 = 0x6e0;
 
-/// Kernel parameters a Linux guest needs on a `kvm_pvm` host (HOST.md): no XSAVE, no CX16 or
-/// SSSE3 (instructions the emulator cannot run at CPL0), no crypto self-tests (minutes of
-/// emulated CPL0), no PCI probing, no page zeroing on allocation, no watchdogs or timer checks
-/// that misfire on a slow CPL0.
-pub const PVM_KERNEL_PARAMS: &str =
-    "noxsave clearcpuid=cx16,ssse3 cryptomgr.notests pci=off init_on_alloc=0 nowatchdog no_timer_check";
-
 const KVMIO: u32 = 0xAE;
 ioctl_iow_nr!(KVM_INTERRUPT, KVMIO, 0x86, kvm_interrupt);
 

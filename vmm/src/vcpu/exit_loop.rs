@@ -7,9 +7,11 @@ use devices::apic::LocalApic;
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
 use crate::hypervisor::{inject_interrupt, HypervisorError, MSR_APIC_BASE, MSR_TSC_DEADLINE};
+use crate::memory::GuestMemory;
 use crate::platform::Platform;
 use crate::stop::StopReason;
 use crate::tsc;
+use crate::vcpu::pvm_repair::{PvmRepair, RepairError};
 use crate::vcpu::{kick, RunState, VcpuShared};
 
 const X2APIC_MSRS: std::ops::RangeInclusive<u32> = 0x800..=0x8ff;
@@ -43,6 +45,9 @@ pub enum VcpuError {
     /// An exit spanvm does not handle.
     #[error("vCPU {vcpu}: unexpected exit {what}")]
     UnexpectedExit { vcpu: usize, what: String },
+    /// An instruction failed KVM's emulation and spanvm could not do it either.
+    #[error("vCPU {vcpu}: {source}")]
+    Repair { vcpu: usize, source: RepairError },
     /// Starting the vCPU at a SIPI failed.
     #[error("vCPU {vcpu}: cannot start at the SIPI vector {vector:#x}: {why}")]
     Sipi {
@@ -84,6 +89,11 @@ pub struct VcpuLoop {
     /// What a SIPI does; `None` for guests that do not start processors (probes), where INIT
     /// and SIPI are ignored.
     pub on_sipi: Option<SipiSetup>,
+    /// On a `kvm_pvm` host: the repair of instructions KVM's emulator gives up on (`None`
+    /// elsewhere, so that nothing changes on VT-x).
+    pub pvm_repair: Option<Arc<PvmRepair>>,
+    /// Guest memory, for the repair's reads of instructions, operands and stacks.
+    pub memory: Arc<GuestMemory>,
 }
 
 impl VcpuLoop {
@@ -182,7 +192,26 @@ impl VcpuLoop {
                         };
                         self.platform.request_stop(reason);
                     }
-                    VcpuExit::InternalError => return Err(self.internal_error()),
+                    VcpuExit::InternalError => {
+                        let emulation_failure = {
+                            let run = self.fd.get_kvm_run();
+                            // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so `internal`
+                            // is the member KVM filled in.
+                            let suberror = unsafe { run.__bindgen_anon_1.internal.suberror };
+                            suberror == kvm_bindings::KVM_INTERNAL_ERROR_EMULATION
+                        };
+                        match (&self.pvm_repair, emulation_failure) {
+                            (Some(repair), true) => {
+                                repair.handle(&mut self.fd, self.memory.as_ref()).map_err(
+                                    |source| VcpuError::Repair {
+                                        vcpu: index,
+                                        source,
+                                    },
+                                )?;
+                            }
+                            _ => return Err(self.internal_error()),
+                        }
+                    }
                     VcpuExit::FailEntry(reason, cpu) => {
                         return Err(VcpuError::UnexpectedExit {
                             vcpu: index,

@@ -3,6 +3,7 @@
 
 pub mod exit_loop;
 pub mod kick;
+pub mod pvm_repair;
 pub mod timer;
 
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
