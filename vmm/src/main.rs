@@ -59,6 +59,9 @@ enum BenchWhat {
     /// DSM fault latency (read, write with invalidation, upgrade) and throughput between two
     /// nodes on loopback, against a local fault and a raw TCP round trip.
     Dsm,
+    /// Time to each Linux boot milestone for the minimal and the Debian kernel (QEMU as the
+    /// anchor where it can use hardware KVM).
+    Boot,
 }
 
 fn main() -> ExitCode {
@@ -74,6 +77,9 @@ fn main() -> ExitCode {
         Command::Bench {
             what: BenchWhat::Dsm,
         } => vmm::bench::dsm::run().map(|()| StopReason::PowerOff),
+        Command::Bench {
+            what: BenchWhat::Boot,
+        } => vmm::bench::boot::run().map(|()| StopReason::PowerOff),
     };
     match result {
         Ok(StopReason::PowerOff) => ExitCode::SUCCESS,

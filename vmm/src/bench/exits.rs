@@ -161,6 +161,7 @@ pub fn run() -> Result<(), CommandError> {
     let (ours, khz) = through_spanvm("bench-exits", 1)?;
     let raw = through_raw_loop()?;
     let (ipi, ipi_khz) = through_spanvm("ipi-xapic", 2)?;
+    let (ipi_halted, _) = through_spanvm("ipi-halt", 2)?;
     let inject = raw_injection_us()?;
     let get = |m: &HashMap<String, u64>, k: &str| {
         m.get(k)
@@ -192,6 +193,15 @@ pub fn run() -> Result<(), CommandError> {
         inject,
         one_way / inject
     );
+    let halted_one_way = ticks_us(get(&ipi_halted, "IPRT")?, ipi_khz) / 2.0;
+    println!(
+        "{:<34} {:>12.2} {:>12.2} {:>8.2}",
+        "IPI one way, halted target (CPL0)",
+        halted_one_way,
+        inject,
+        halted_one_way / inject
+    );
+    println!("(the running target is kicked out of KVM_RUN by a signal; the halted one is woken from a condvar.)");
     println!("(rdmsr at CPL3 raises #GP on every host, so there is no CPL3 MSR exit to time.)");
     Ok(())
 }

@@ -1,0 +1,182 @@
+//! `spanvm bench boot`: time to each boot milestone of a Linux guest (first console line,
+//! "Memory:", the clocksource switch, "Run /init", the workload's end marker) for the minimal
+//! kernel and the stock Debian cloud kernel built by `images/build.sh`, each run as a real
+//! `spanvm run` child with 2 vCPUs. Where `qemu-system-x86_64` can use hardware KVM (a VT-x
+//! host), the same images boot under QEMU in the same run as the anchor; on a `kvm_pvm` host
+//! that anchor cannot run and the table says so.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::commands::CommandError;
+use crate::hypervisor::Hypervisor;
+
+const MILESTONES: [(&str, &str); 5] = [
+    ("first line", ""),
+    ("Memory:", "Memory:"),
+    ("clocksource", "clocksource: Switched to clocksource"),
+    ("Run /init", "Run /init"),
+    ("workload done", "SPANVM-END"),
+];
+const RUN: &str = "sysbench+cpu+--threads=2+--time=2+run";
+const LIMIT: Duration = Duration::from_secs(1200);
+
+fn images_dir() -> PathBuf {
+    std::env::var_os("SPANVM_IMAGES_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../images/out"))
+}
+
+/// Reads `cmd`'s stdout line by line and notes when each milestone first shows.
+fn time_milestones(mut cmd: Command) -> Result<Vec<Option<Duration>>, CommandError> {
+    let start = Instant::now();
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| CommandError::Bench(format!("cannot start {cmd:?}: {e}")))?;
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| CommandError::Bench("no stdout".into()))?;
+    let mut seen: Vec<Option<Duration>> = vec![None; MILESTONES.len()];
+    for line in BufReader::new(stdout).split(b'\n') {
+        let Ok(line) = line else { break };
+        let text = String::from_utf8_lossy(&line);
+        for (i, (_, needle)) in MILESTONES.iter().enumerate() {
+            if seen[i].is_none() && (needle.is_empty() || text.contains(needle)) {
+                seen[i] = Some(start.elapsed());
+            }
+        }
+        if seen.iter().all(Option::is_some) || start.elapsed() > LIMIT {
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    Ok(seen)
+}
+
+fn spanvm_boot(
+    kernel: &Path,
+    initrd: &Path,
+    dir: &Path,
+) -> Result<Vec<Option<Duration>>, CommandError> {
+    let config = dir.join(format!(
+        "{}.toml",
+        kernel
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("kernel")
+    ));
+    let text = format!(
+        "node = 0\n[guest]\nvcpus = 2\nmemory_mib = 256\n[guest.linux]\nkernel = \"{}\"\ninitrd = \"{}\"\ncmdline = \"console=ttyS0 spanvm.run={RUN}\"\n\n[[nodes]]\nid = 0\naddress = \"127.0.0.1:7960\"\nvcpus = [0, 1]\n",
+        kernel.display(),
+        initrd.display()
+    );
+    std::fs::write(&config, text)
+        .map_err(|e| CommandError::Bench(format!("{}: {e}", config.display())))?;
+    let exe = std::env::current_exe().map_err(|e| CommandError::Bench(e.to_string()))?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("run").arg("--config").arg(&config);
+    time_milestones(cmd)
+}
+
+fn qemu_boot(kernel: &Path, initrd: &Path) -> Result<Vec<Option<Duration>>, CommandError> {
+    let mut cmd = Command::new("qemu-system-x86_64");
+    cmd.args([
+        "-enable-kvm",
+        "-cpu",
+        "host",
+        "-smp",
+        "2",
+        "-m",
+        "256",
+        "-nographic",
+        "-no-reboot",
+    ])
+    .arg("-kernel")
+    .arg(kernel)
+    .arg("-initrd")
+    .arg(initrd)
+    .arg("-append")
+    .arg(format!("console=ttyS0 panic=-1 spanvm.run={RUN}"));
+    time_milestones(cmd)
+}
+
+fn qemu_can_run() -> Option<&'static str> {
+    if Hypervisor::is_pvm_host() {
+        return Some("not run: this host's KVM is kvm_pvm (no VT-x), where QEMU cannot use KVM");
+    }
+    let found = Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .status();
+    match found {
+        Ok(s) if s.success() => None,
+        _ => Some("not run: qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)"),
+    }
+}
+
+fn row(label: &str, t: &[Option<Duration>]) {
+    let cells: Vec<String> = t
+        .iter()
+        .map(|d| {
+            d.map(|d| format!("{:.1}", d.as_secs_f64()))
+                .unwrap_or_else(|| "-".into())
+        })
+        .collect();
+    println!(
+        "{label:<34} {}",
+        cells.iter().map(|c| format!("{c:>15}")).collect::<String>()
+    );
+}
+
+/// Runs the benchmark and prints the table (seconds from start).
+pub fn run() -> Result<(), CommandError> {
+    let dir = images_dir();
+    let initrd = dir.join("initramfs.cpio");
+    let kernels = [
+        ("minimal kernel (vmlinux)", dir.join("minimal.vmlinux")),
+        ("Debian cloud kernel", dir.join("debian-cloud.vmlinuz")),
+    ];
+    for p in std::iter::once(&initrd).chain(kernels.iter().map(|(_, p)| p)) {
+        if !p.is_file() {
+            return Err(CommandError::Bench(format!(
+                "{} is missing: run `bash images/build.sh` first",
+                p.display()
+            )));
+        }
+    }
+    let work = std::env::temp_dir().join(format!("spanvm-bench-boot-{}", std::process::id()));
+    std::fs::create_dir_all(&work).map_err(|e| CommandError::Bench(e.to_string()))?;
+    println!(
+        "spanvm bench boot: 2 vCPUs, 256 MiB, /init runs `{}`; seconds from start",
+        RUN.replace('+', " ")
+    );
+    println!(
+        "{:<34} {}",
+        "",
+        MILESTONES
+            .iter()
+            .map(|(m, _)| format!("{m:>15}"))
+            .collect::<String>()
+    );
+    let qemu = qemu_can_run();
+    for (label, kernel) in &kernels {
+        let t = spanvm_boot(kernel, &initrd, &work)?;
+        row(&format!("spanvm: {label}"), &t);
+        match qemu {
+            None => row(
+                &format!("anchor qemu: {label}"),
+                &qemu_boot(kernel, &initrd)?,
+            ),
+            Some(why) => println!("{:<34} {why}", format!("anchor qemu: {label}")),
+        }
+    }
+    let _ = std::fs::remove_dir_all(&work);
+    Ok(())
+}
