@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Step: the guest initramfs: busybox (static), sysbench with every shared library it loads,
+# and images/initramfs/init, written as an UNCOMPRESSED newc cpio (a guest kernel running under
+# instruction emulation takes minutes to gunzip; copying is cheap).
+set -euo pipefail
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+. "$(dirname "$0")/lib.sh"
+require_packages busybox-static sysbench libc6
+
+init="$IMAGES_DIR/initramfs/init"
+output="$OUT/initramfs.cpio"
+key="$(stamp_key "$0" "$IMAGES_DIR/scripts/lib.sh" "$init" \
+    "busybox-static $(pkg_version busybox-static)" "sysbench $(pkg_version sysbench)" \
+    "libc6 $(pkg_version libc6)" "$(ldd /usr/bin/sysbench | sed 's/ (0x[0-9a-f]*)$//' | sort)")"
+
+if stamp_fresh initramfs "$key" "$output"; then
+    log "cached: $output"
+    exit 0
+fi
+
+root="$BUILD/initramfs-root"
+rm -rf "$root"
+mkdir -p "$root"/{dev,proc,sys,tmp,root,etc,bin,sbin,usr/bin,usr/sbin,usr/share}
+chmod 1777 "$root/tmp"
+chmod 700 "$root/root"
+
+log "busybox $(pkg_version busybox-static) and its applet links"
+install -m 755 /bin/busybox "$root/bin/busybox"
+"$root/bin/busybox" --list-full | while read -r applet; do
+    [ -e "$root/$applet" ] || ln -s /bin/busybox "$root/$applet"
+done
+
+log "sysbench $(pkg_version sysbench) and the shared libraries it links"
+install -m 755 /usr/bin/sysbench "$root/usr/bin/sysbench"
+cp -a /usr/share/sysbench "$root/usr/share/"
+# Every library ldd resolves, plus the dynamic loader, at the path the loader looks for it.
+# libgcc_s is loaded with dlopen by glibc when a thread exits or is cancelled, so ldd may not
+# list it; it goes in either way.
+libraries="$( {
+    ldd /usr/bin/sysbench | awk '$2 == "=>" && $3 ~ /^\// { print $3 } $1 ~ /^\// { print $1 }'
+    echo /lib/x86_64-linux-gnu/libgcc_s.so.1
+} | sort -u)"
+for library in $libraries; do
+    [ -e "$library" ] || die "sysbench needs $library, which is not on this machine"
+    mkdir -p "$root$(dirname "$library")"
+    cp -L "$library" "$root$library"
+done
+if ldd /usr/bin/sysbench | grep -q 'not found'; then
+    die "ldd cannot resolve every library of /usr/bin/sysbench: $(ldd /usr/bin/sysbench | grep 'not found')"
+fi
+
+install -m 755 "$init" "$root/init"
+printf 'root:x:0:0:root:/root:/bin/sh\n' >"$root/etc/passwd"
+printf 'root:x:0:\n' >"$root/etc/group"
+# The kernel opens /dev/console for /init's stdin and stdout before anything is mounted.
+mknod -m 600 "$root/dev/console" c 5 1
+
+log "writing $output (newc, uncompressed)"
+# Same inputs, same bytes: fixed times, owners and inode numbers, sorted names.
+find "$root" -exec touch -h -d @0 {} +
+(cd "$root" && find . -mindepth 1 | sort | cpio --quiet -o -H newc -R 0:0 --reproducible) >"$output.partial"
+mv "$output.partial" "$output"
+stamp_write initramfs "$key"
+log "initramfs: $output ($(numfmt --to=iec --suffix=B "$(stat -c %s "$output")"))"
