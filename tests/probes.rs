@@ -97,6 +97,10 @@ fn page_touch_covers_all_probe_memory_and_reads_back() {
 fn ipi_ping_pong_between_halted_vcpus() {
     let run = run_probe("ipi-halt", 2, 32);
     run.assert_success(2);
-    assert_eq!(run.get(0, "IPIN"), 1000, "pongs received by vCPU 0 while halted");
+    assert_eq!(
+        run.get(0, "IPIN"),
+        1000,
+        "pongs received by vCPU 0 while halted"
+    );
     assert!(run.get(0, "IPRT") > 0);
 }
