@@ -5,12 +5,12 @@
 
 mod common;
 
-use common::{cluster_text, run_cluster, ClusterRun};
+use common::{cluster_text, run_cluster, ProbeRun};
 
 const CI_OPS: u64 = 100_000;
 const FULL_OPS: u64 = 1_000_000;
 
-fn run(nodes: usize, probe: &str, arg: u64, memory_mib: u64) -> ClusterRun {
+fn run(nodes: usize, probe: &str, arg: u64, memory_mib: u64) -> ProbeRun {
     let run = run_cluster(&cluster_text(nodes, 1, probe, arg, memory_mib));
     run.assert_success(nodes);
     run

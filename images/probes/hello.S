@@ -14,7 +14,12 @@ user_main:
     call rt_putu
     lea rsi, [rip + greeting_end]
     call rt_puts
-1:  mov edi, 0x4f4c4548          # "HELO"
+    # The others report only once the greeting is out, so their report lines (on the same
+    # stdout) never cut into it.
+1:  mov rdi, PROBE_DATA_ADDR
+    mov rsi, 1
+    call rt_barrier
+    mov edi, 0x4f4c4548          # "HELO"
     mov rsi, r15
     call rt_report
     mov edi, 0

@@ -70,7 +70,8 @@ pub fn run_spanvm(args: &[&str], env: &[(&str, &str)], limit: Duration) -> Outpu
     wait_with_limit(cmd.spawn().expect("cannot start spanvm"), limit)
 }
 
-/// What a probe run printed, parsed: `PROBE vcpu=N KEY=value` lines.
+/// What a probe run (one node, or a cluster with its `[node N]` prefixes removed) printed,
+/// parsed: `PROBE vcpu=N KEY=value` lines.
 pub struct ProbeRun {
     pub output: Output,
     pub reports: HashMap<(usize, String), u64>,
@@ -94,6 +95,21 @@ impl ProbeRun {
             ),
         }
     }
+    /// Sum over nodes of a number in the DSM statistics, found after `label` on a stderr line.
+    pub fn stat_sum(&self, label: &str) -> u64 {
+        self.stderr()
+            .lines()
+            .filter_map(|l| {
+                let rest = &l[l.find(label)? + label.len()..];
+                rest.trim_start()
+                    .split(|c: char| !c.is_ascii_digit())
+                    .next()?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .sum()
+    }
+
     /// Asserts the run ended with exit code 0 and every listed vCPU reported EXIT=0.
     pub fn assert_success(&self, vcpus: usize) {
         assert!(
@@ -174,59 +190,8 @@ pub fn cluster_text(
     text
 }
 
-/// What a `spanvm cluster` run printed, parsed per node.
-pub struct ClusterRun {
-    pub output: Output,
-    pub reports: HashMap<(usize, String), u64>,
-}
-
-impl ClusterRun {
-    pub fn stdout(&self) -> String {
-        String::from_utf8_lossy(&self.output.stdout).into_owned()
-    }
-    pub fn stderr(&self) -> String {
-        String::from_utf8_lossy(&self.output.stderr).into_owned()
-    }
-    pub fn get(&self, vcpu: usize, key: &str) -> u64 {
-        match self.reports.get(&(vcpu, key.to_string())) {
-            Some(v) => *v,
-            None => panic!(
-                "vCPU {vcpu} did not report {key}\nstdout:\n{}\nstderr:\n{}",
-                self.stdout(),
-                self.stderr()
-            ),
-        }
-    }
-    pub fn assert_success(&self, vcpus: usize) {
-        assert!(
-            self.output.status.success(),
-            "cluster failed: {:?}\nstdout:\n{}\nstderr:\n{}",
-            self.output.status,
-            self.stdout(),
-            self.stderr()
-        );
-        for v in 0..vcpus {
-            assert_eq!(self.get(v, "EXIT"), 0, "vCPU {v} exit status");
-        }
-    }
-    /// Sum over nodes of a number in the DSM statistics, found after `label` on a stderr line.
-    pub fn stat_sum(&self, label: &str) -> u64 {
-        self.stderr()
-            .lines()
-            .filter_map(|l| {
-                let rest = &l[l.find(label)? + label.len()..];
-                rest.trim_start()
-                    .split(|c: char| !c.is_ascii_digit())
-                    .next()?
-                    .parse::<u64>()
-                    .ok()
-            })
-            .sum()
-    }
-}
-
 /// Runs a cluster description through `spanvm cluster`.
-pub fn run_cluster(text: &str) -> ClusterRun {
+pub fn run_cluster(text: &str) -> ProbeRun {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("cluster.toml");
     std::fs::write(&config, text).unwrap();
@@ -250,7 +215,7 @@ pub fn run_cluster(text: &str) -> ClusterRun {
         })
         .collect::<Vec<_>>()
         .join("\n");
-    ClusterRun {
+    ProbeRun {
         reports: parse_reports(&stripped),
         output,
     }

@@ -1,6 +1,7 @@
 //! The spanvm VMM: KVM setup, guest memory, vCPU threads and their exit loop, the platform
 //! wiring, probe guests, and the commands of the `spanvm` binary.
 
+pub mod arch;
 pub mod bench;
 pub mod boot;
 pub mod cluster;

@@ -1,5 +1,9 @@
 //! vCPU state at kernel entry (the BSP) and after INIT/SIPI (application processors).
 
+use crate::arch::{
+    CR0_CD, CR0_ET, CR0_NE, CR0_NW, CR0_PE, CR0_PG, CR4_PAE, EFER_LMA, EFER_LME, MSR_CSTAR,
+    MSR_KERNEL_GS_BASE, MSR_LSTAR, MSR_STAR, MSR_SYSCALL_MASK,
+};
 use kvm_bindings::{kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, Msrs};
 use kvm_ioctls::VcpuFd;
 
@@ -8,15 +12,6 @@ use super::memory_map::{BOOT_CS, BOOT_DS, BOOT_TSS, GDT_ADDR, GDT_ENTRIES};
 use super::page_tables::GDT;
 use super::BootError;
 
-const CR0_PE: u64 = 1;
-const CR0_ET: u64 = 1 << 4;
-const CR0_NE: u64 = 1 << 5;
-const CR0_NW: u64 = 1 << 29;
-const CR0_CD: u64 = 1 << 30;
-const CR0_PG: u64 = 1 << 31;
-const CR4_PAE: u64 = 1 << 5;
-const EFER_LME: u64 = 1 << 8;
-const EFER_LMA: u64 = 1 << 10;
 /// RFLAGS with only the always-one bit set (interrupts off).
 const RFLAGS_RESERVED: u64 = 0x2;
 /// EDX after INIT: the processor signature (family 6), as the SDM's INIT state has it.
@@ -27,11 +22,6 @@ const MSR_IA32_SYSENTER_ESP: u32 = 0x175;
 const MSR_IA32_SYSENTER_EIP: u32 = 0x176;
 const MSR_IA32_MISC_ENABLE: u32 = 0x1a0;
 const MSR_MTRR_DEF_TYPE: u32 = 0x2ff;
-const MSR_STAR: u32 = 0xc000_0081;
-const MSR_LSTAR: u32 = 0xc000_0082;
-const MSR_CSTAR: u32 = 0xc000_0083;
-const MSR_SYSCALL_MASK: u32 = 0xc000_0084;
-const MSR_KERNEL_GS_BASE: u32 = 0xc000_0102;
 /// IA32_MISC_ENABLE: fast string operations enabled, as firmware leaves it.
 const MISC_ENABLE_FAST_STRING: u64 = 1;
 /// MTRRdefType: MTRRs enabled, default type write-back (what firmware sets up; with MTRRs

@@ -2,6 +2,10 @@
 //! identity-mapped page tables, a GDT with a TSS per vCPU, an IDT whose gates point at the
 //! image's interrupt stubs, and the registers the probe runtime (`images/probes/rt.S`) expects.
 
+use crate::arch::{
+    CR0_ET, CR0_MP, CR0_NE, CR0_PE, CR0_PG, CR0_WP, CR4_OSFXSR, CR4_OSXMMEXCPT, CR4_PAE, EFER_LMA,
+    EFER_LME, PTE_ACCESSED, PTE_DIRTY, PTE_HUGE, PTE_PRESENT, PTE_USER, PTE_WRITABLE,
+};
 use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
 use kvm_ioctls::VcpuFd;
 use resources::Layout;
@@ -9,27 +13,9 @@ use resources::Layout;
 use super::layout::*;
 use crate::memory::{GuestMemory, MemoryError};
 
-const PAGE_PRESENT: u64 = 1;
-const PAGE_WRITABLE: u64 = 1 << 1;
-const PAGE_USER: u64 = 1 << 2;
-const PAGE_ACCESSED: u64 = 1 << 5;
-const PAGE_DIRTY: u64 = 1 << 6;
-const PAGE_HUGE: u64 = 1 << 7;
 const GIB: u64 = 1 << 30;
 /// TSS limit: 104 bytes, the I/O bitmap, and its terminating byte.
 const TSS_LIMIT: u64 = 104 + TSS_IO_PORTS / 8;
-
-const CR0_PE: u64 = 1;
-const CR0_MP: u64 = 1 << 1;
-const CR0_ET: u64 = 1 << 4;
-const CR0_NE: u64 = 1 << 5;
-const CR0_WP: u64 = 1 << 16;
-const CR0_PG: u64 = 1 << 31;
-const CR4_PAE: u64 = 1 << 5;
-const CR4_OSFXSR: u64 = 1 << 9;
-const CR4_OSXMMEXCPT: u64 = 1 << 10;
-const EFER_LME: u64 = 1 << 8;
-const EFER_LMA: u64 = 1 << 10;
 
 /// Errors of loading a probe.
 #[derive(Debug, thiserror::Error)]
@@ -174,15 +160,13 @@ pub fn load(
     // Accessed and dirty are set up front: otherwise the CPU writes them on first use, and in a
     // distributed guest every node's first touch of a 2 MiB region would pull the page-table
     // page over for a one-bit write.
-    let flags = PAGE_PRESENT | PAGE_WRITABLE | PAGE_USER | PAGE_ACCESSED;
+    let flags = PTE_PRESENT | PTE_WRITABLE | PTE_USER | PTE_ACCESSED;
     mem.write_u64(PML4_ADDR, PDPT_ADDR | flags)?;
     for g in 0..span_gib {
         let pd = PD_ADDR + g * 4096;
         mem.write_u64(PDPT_ADDR + g * 8, pd | flags)?;
         let entries: Vec<u8> = (0..512u64)
-            .flat_map(|j| {
-                ((g * GIB + j * (2 << 20)) | flags | PAGE_DIRTY | PAGE_HUGE).to_le_bytes()
-            })
+            .flat_map(|j| ((g * GIB + j * (2 << 20)) | flags | PTE_DIRTY | PTE_HUGE).to_le_bytes())
             .collect();
         mem.write(pd, &entries)?;
     }

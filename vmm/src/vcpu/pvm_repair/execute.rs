@@ -1,6 +1,10 @@
 //! Carrying out a failed instruction on the vCPU: find its bytes, decode it, apply what it
 //! does (or inject the exception it raises), and write the state back.
 
+use crate::arch::{
+    CR0_MP, CR0_NE, CR0_TS, CR4_FSGSBASE, CR4_LA57, EFER_SCE, MSR_KERNEL_GS_BASE, MSR_LSTAR,
+    MSR_STAR, MSR_SYSCALL_MASK, MSR_TSC_AUX,
+};
 use kvm_bindings::{
     kvm_run, KVM_EXIT_INTERNAL_ERROR, KVM_INTERNAL_ERROR_EMULATION,
     KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES,
@@ -22,18 +26,6 @@ const VECTOR_GP: u8 = 13;
 const VECTOR_PF: u8 = 14;
 const VECTOR_MF: u8 = 16;
 
-const MSR_STAR: u32 = 0xc000_0081;
-const MSR_LSTAR: u32 = 0xc000_0082;
-const MSR_FMASK: u32 = 0xc000_0084;
-const MSR_KERNEL_GS_BASE: u32 = 0xc000_0102;
-const MSR_TSC_AUX: u32 = 0xc000_0103;
-
-const CR0_MP: u64 = 1 << 1;
-const CR0_TS: u64 = 1 << 3;
-const CR0_NE: u64 = 1 << 5;
-const CR4_LA57: u64 = 1 << 12;
-const CR4_FSGSBASE: u64 = 1 << 16;
-const EFER_SCE: u64 = 1;
 /// x87 status word: an unmasked exception is pending.
 const FSW_ES: u16 = 1 << 7;
 
@@ -268,7 +260,7 @@ fn partial_syscall(
         // A fault from kernel mode: no need to read the MSRs.
         return Ok(None);
     }
-    let [star, lstar, fmask] = cpu.read_msrs([MSR_STAR, MSR_LSTAR, MSR_FMASK])?;
+    let [star, lstar, fmask] = cpu.read_msrs([MSR_STAR, MSR_LSTAR, MSR_SYSCALL_MASK])?;
     Ok(frame
         .is_partial_syscall(lstar)
         .then_some((frame, SyscallMsrs { star, lstar, fmask })))

@@ -4,6 +4,10 @@
 //! The guests check architectural results, so the same tests show on a VT-x host that the
 //! instructions run natively there and nothing is repaired.
 
+use crate::arch::{
+    MSR_KERNEL_GS_BASE, MSR_LSTAR, MSR_STAR, MSR_SYSCALL_MASK, MSR_TSC_AUX, PTE_ACCESSED,
+    PTE_DIRTY, PTE_HUGE, PTE_PRESENT, PTE_USER, PTE_WRITABLE,
+};
 use std::collections::HashMap;
 use std::path::Path;
 use std::process::Command;
@@ -38,19 +42,6 @@ const FMASK: u64 = 0x4_0700;
 const TSC_AUX: u64 = 0x2a;
 const FS_BASE: u64 = 0x1234_5678_9000;
 const KERNEL_GS_BASE: u64 = 0xffff_8880_1234_0000;
-
-const MSR_STAR: u32 = 0xc000_0081;
-const MSR_LSTAR: u32 = 0xc000_0082;
-const MSR_FMASK: u32 = 0xc000_0084;
-const MSR_KERNEL_GS_BASE: u32 = 0xc000_0102;
-const MSR_TSC_AUX: u32 = 0xc000_0103;
-
-const PRESENT: u64 = 1;
-const WRITABLE: u64 = 1 << 1;
-const USER: u64 = 1 << 2;
-const ACCESSED: u64 = 1 << 5;
-const DIRTY: u64 = 1 << 6;
-const HUGE: u64 = 1 << 7;
 
 /// Host CPU features the `insns` guest uses only when present (bits of its RDI).
 const FEATURE_RDRAND: u64 = 1 << 0;
@@ -258,12 +249,13 @@ impl TestVm {
         let mut features = host_features();
 
         // Page tables: 0-2 MiB supervisor (the kernel), 2-4 MiB user.
-        mem.write_u64(PML4, PDPT | PRESENT | WRITABLE | USER)
+        mem.write_u64(PML4, PDPT | PTE_PRESENT | PTE_WRITABLE | PTE_USER)
             .unwrap();
-        mem.write_u64(PDPT, PD | PRESENT | WRITABLE | USER).unwrap();
-        let huge = PRESENT | WRITABLE | ACCESSED | DIRTY | HUGE;
+        mem.write_u64(PDPT, PD | PTE_PRESENT | PTE_WRITABLE | PTE_USER)
+            .unwrap();
+        let huge = PTE_PRESENT | PTE_WRITABLE | PTE_ACCESSED | PTE_DIRTY | PTE_HUGE;
         mem.write_u64(PD, huge).unwrap();
-        mem.write_u64(PD + 8, USER_TEXT | huge | USER).unwrap();
+        mem.write_u64(PD + 8, USER_TEXT | huge | PTE_USER).unwrap();
         // GDT: null, -, kernel code, kernel data, user code32, user data, user code64, TSS.
         let gdt: [u64; 9] = [
             0,
@@ -344,7 +336,7 @@ impl TestVm {
         let msrs = [
             (MSR_STAR, STAR),
             (MSR_LSTAR, symbol("lstar_entry")),
-            (MSR_FMASK, FMASK),
+            (MSR_SYSCALL_MASK, FMASK),
             (MSR_KERNEL_GS_BASE, KERNEL_GS_BASE),
             (MSR_TSC_AUX, TSC_AUX),
         ];
