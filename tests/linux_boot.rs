@@ -34,6 +34,11 @@ struct Boot {
 }
 
 fn boot(kernel: &str, vcpus: u32, run: &str) -> Boot {
+    boot_with_input(kernel, vcpus, run, None)
+}
+
+/// Boots with `input` (if any) written to spanvm's stdin, as a user would type it.
+fn boot_with_input(kernel: &str, vcpus: u32, run: &str, input: Option<&str>) -> Boot {
     let dir = tempfile::tempdir().unwrap();
     let list: Vec<String> = (0..vcpus).map(|v| v.to_string()).collect();
     let config = dir.path().join("linux.toml");
@@ -47,11 +52,41 @@ fn boot(kernel: &str, vcpus: u32, run: &str) -> Boot {
         ),
     )
     .unwrap();
-    let out = run_spanvm(
-        &["run", "--config", config.to_str().unwrap()],
-        &[],
-        Duration::from_secs(900),
-    );
+    let args = ["run", "--config", config.to_str().unwrap()];
+    let out = match input {
+        None => run_spanvm(&args, &[], Duration::from_secs(900)),
+        Some(text) => {
+            let mut child = std::process::Command::new(common::spanvm())
+                .args(args)
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            let mut stdin = child.stdin.take().unwrap();
+            let stdout = child.stdout.take().unwrap();
+            let text = text.to_string();
+            // Type only once the shell is there, as a user would: the kernel's serial driver
+            // empties the UART's FIFO when it starts, so earlier keystrokes would be lost.
+            let reader = std::thread::spawn(move || {
+                use std::io::{BufRead, Write};
+                let mut seen = String::new();
+                for line in std::io::BufReader::new(stdout).lines() {
+                    let Ok(line) = line else { break };
+                    if line.starts_with("SPANVM-BEGIN") {
+                        let _ = stdin.write_all(text.as_bytes());
+                        let _ = stdin.flush();
+                    }
+                    seen.push_str(&line);
+                    seen.push('\n');
+                }
+                seen
+            });
+            let mut out = common::wait_with_limit(child, Duration::from_secs(900));
+            out.stdout = reader.join().unwrap().into_bytes();
+            out
+        }
+    };
     Boot {
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
@@ -126,4 +161,22 @@ fn minimal_bzimage_boots_and_powers_off() {
     );
     assert_eq!(b.marker("SPANVM-NPROC"), "1");
     assert_eq!(b.marker("SPANVM-END"), "0");
+}
+
+#[test]
+fn what_the_user_types_reaches_the_guest_shell() {
+    // The shell reads the console line by line; the arithmetic proves the guest, not the
+    // terminal, evaluated the line.
+    let b = boot_with_input(
+        "minimal.vmlinux",
+        1,
+        "shell",
+        Some("echo typed-$((6*7))\npoweroff -f\n"),
+    );
+    assert!(
+        b.ok,
+        "spanvm failed\nconsole:\n{}\nstderr:\n{}",
+        b.stdout, b.stderr
+    );
+    b.assert_line("typed-42");
 }

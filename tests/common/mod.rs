@@ -27,16 +27,21 @@ pub fn single_node_config(dir: &Path, probe: &str, vcpus: u32, memory_mib: u64) 
 
 /// Waits for `child` at most `limit`, killing it after that (the test then fails on the status).
 pub fn wait_with_limit(mut child: Child, limit: Duration) -> Output {
-    let mut stdout = child.stdout.take().unwrap();
-    let mut stderr = child.stderr.take().unwrap();
+    // Streams the caller took already (to read them as they come) are left to the caller.
+    let stdout = child.stdout.take();
+    let stderr = child.stderr.take();
     let out_reader = std::thread::spawn(move || {
         let mut s = Vec::new();
-        let _ = stdout.read_to_end(&mut s);
+        if let Some(mut o) = stdout {
+            let _ = o.read_to_end(&mut s);
+        }
         s
     });
     let err_reader = std::thread::spawn(move || {
         let mut s = Vec::new();
-        let _ = stderr.read_to_end(&mut s);
+        if let Some(mut e) = stderr {
+            let _ = e.read_to_end(&mut s);
+        }
         s
     });
     let start = Instant::now();
