@@ -24,6 +24,21 @@ use crate::stop::StopReason;
 use crate::vm::NodeVm;
 
 const INJECT_ROUNDS: usize = 5000;
+/// How many times each measurement runs (the median is reported).
+const ROUNDS: usize = 3;
+
+/// Per key, the median of the values the runs reported.
+fn median_reports(runs: &[HashMap<String, u64>]) -> HashMap<String, u64> {
+    let mut out = HashMap::new();
+    if let Some(first) = runs.first() {
+        for key in first.keys() {
+            let mut v: Vec<u64> = runs.iter().filter_map(|r| r.get(key).copied()).collect();
+            v.sort_unstable();
+            out.insert(key.clone(), v[v.len() / 2]);
+        }
+    }
+    out
+}
 
 fn bench_config(probe: &str, vcpus: u32) -> Result<NodeConfig, CommandError> {
     let list: Vec<String> = (0..vcpus).map(|v| v.to_string()).collect();
@@ -158,17 +173,36 @@ fn ticks_us(ticks: u64, khz: u32) -> f64 {
 
 /// Runs the benchmark and prints its table.
 pub fn run() -> Result<(), CommandError> {
-    let (ours, khz) = through_spanvm("bench-exits", 1)?;
-    let raw = through_raw_loop()?;
-    let (ipi, ipi_khz) = through_spanvm("ipi-xapic", 2)?;
-    let (ipi_halted, _) = through_spanvm("ipi-halt", 2)?;
-    let inject = raw_injection_us()?;
+    // Each measurement runs ROUNDS times, spanvm and its anchor alternating, and the median is
+    // kept: on a small shared host one run can be off by tens of percent.
+    let mut ours_runs = Vec::new();
+    let mut raw_runs = Vec::new();
+    let mut ipi_runs = Vec::new();
+    let mut halted_runs = Vec::new();
+    let mut inject_runs = Vec::new();
+    let mut khz = 0;
+    for _ in 0..ROUNDS {
+        let (o, k) = through_spanvm("bench-exits", 1)?;
+        khz = k;
+        ours_runs.push(o);
+        raw_runs.push(through_raw_loop()?);
+        ipi_runs.push(through_spanvm("ipi-xapic", 2)?.0);
+        halted_runs.push(through_spanvm("ipi-halt", 2)?.0);
+        inject_runs.push(raw_injection_us()?);
+    }
+    let ours = median_reports(&ours_runs);
+    let raw = median_reports(&raw_runs);
+    let ipi = median_reports(&ipi_runs);
+    let ipi_halted = median_reports(&halted_runs);
+    inject_runs.sort_by(f64::total_cmp);
+    let inject = inject_runs[inject_runs.len() / 2];
+    let ipi_khz = khz;
     let get = |m: &HashMap<String, u64>, k: &str| {
         m.get(k)
             .copied()
             .ok_or_else(|| CommandError::Bench(format!("the probe did not report {k}")))
     };
-    println!("spanvm bench exits (TSC {khz} kHz; guest-timed means; anchor = same guest code, minimal KVM loop)");
+    println!("spanvm bench exits (TSC {khz} kHz; guest-timed means, median of {ROUNDS} runs; anchor = same guest code, minimal KVM loop)");
     println!(
         "{:<34} {:>12} {:>12} {:>8}",
         "exit round trip", "spanvm µs", "raw KVM µs", "ratio"
