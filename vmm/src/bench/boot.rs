@@ -30,7 +30,13 @@ fn images_dir() -> PathBuf {
 }
 
 /// Reads `cmd`'s stdout line by line and notes when each milestone first shows.
-fn time_milestones(mut cmd: Command) -> Result<Vec<Option<Duration>>, CommandError> {
+fn time_milestones(
+    mut cmd: Command,
+    console_log: &Path,
+) -> Result<Vec<Option<Duration>>, CommandError> {
+    use std::io::Write;
+    let mut log = std::fs::File::create(console_log)
+        .map_err(|e| CommandError::Bench(format!("{}: {e}", console_log.display())))?;
     let start = Instant::now();
     let mut child = cmd
         .stdin(Stdio::null())
@@ -46,6 +52,7 @@ fn time_milestones(mut cmd: Command) -> Result<Vec<Option<Duration>>, CommandErr
     for line in BufReader::new(stdout).split(b'\n') {
         let Ok(line) = line else { break };
         let text = String::from_utf8_lossy(&line);
+        let _ = writeln!(log, "{:>9.3} {text}", start.elapsed().as_secs_f64());
         for (i, (_, needle)) in MILESTONES.iter().enumerate() {
             if seen[i].is_none() && (needle.is_empty() || text.contains(needle)) {
                 seen[i] = Some(start.elapsed());
@@ -82,10 +89,14 @@ fn spanvm_boot(
     let exe = std::env::current_exe().map_err(|e| CommandError::Bench(e.to_string()))?;
     let mut cmd = Command::new(exe);
     cmd.arg("run").arg("--config").arg(&config);
-    time_milestones(cmd)
+    time_milestones(cmd, &config.with_extension("console.log"))
 }
 
-fn qemu_boot(kernel: &Path, initrd: &Path) -> Result<Vec<Option<Duration>>, CommandError> {
+fn qemu_boot(
+    kernel: &Path,
+    initrd: &Path,
+    dir: &Path,
+) -> Result<Vec<Option<Duration>>, CommandError> {
     let mut cmd = Command::new("qemu-system-x86_64");
     cmd.args([
         "-enable-kvm",
@@ -104,7 +115,11 @@ fn qemu_boot(kernel: &Path, initrd: &Path) -> Result<Vec<Option<Duration>>, Comm
     .arg(initrd)
     .arg("-append")
     .arg(format!("console=ttyS0 panic=-1 spanvm.run={RUN}"));
-    time_milestones(cmd)
+    let name = kernel
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("kernel");
+    time_milestones(cmd, &dir.join(format!("qemu-{name}.console.log")))
 }
 
 fn qemu_can_run() -> Option<&'static str> {
@@ -172,11 +187,11 @@ pub fn run() -> Result<(), CommandError> {
         match qemu {
             None => row(
                 &format!("anchor qemu: {label}"),
-                &qemu_boot(kernel, &initrd)?,
+                &qemu_boot(kernel, &initrd, &work)?,
             ),
             Some(why) => println!("{:<34} {why}", format!("anchor qemu: {label}")),
         }
     }
-    let _ = std::fs::remove_dir_all(&work);
+    println!("consoles, each line with its time: {}", work.display());
     Ok(())
 }
