@@ -33,10 +33,11 @@ declare -A made_by=(
     [minimal.vmlinux]=kernel-build
     [minimal.bzImage]=kernel-build
     [debian-cloud.vmlinuz]=cloud-kernel
+    [debian-cloud.vmlinux]=cloud-kernel
     [debian-cloud.config]=cloud-kernel
     [initramfs.cpio]=initramfs
 )
-outputs=(minimal.vmlinux minimal.bzImage minimal.config debian-cloud.vmlinuz debian-cloud.config
+outputs=(minimal.vmlinux minimal.bzImage minimal.config debian-cloud.vmlinuz debian-cloud.vmlinux debian-cloud.config
     initramfs.cpio)
 
 if [ "$#" -gt 0 ]; then

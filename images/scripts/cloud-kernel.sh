@@ -16,7 +16,7 @@ fi
 release="${package#linux-image-}"
 key="$(stamp_key "$0" "$IMAGES_DIR/scripts/lib.sh" "$package $version")"
 
-if stamp_fresh cloud-kernel "$key" "$OUT/debian-cloud.vmlinuz" "$OUT/debian-cloud.config"; then
+if stamp_fresh cloud-kernel "$key" "$OUT/debian-cloud.vmlinuz" "$OUT/debian-cloud.vmlinux" "$OUT/debian-cloud.config"; then
     log "cached: $OUT/debian-cloud.vmlinuz ($package $version)"
     exit 0
 fi
@@ -35,6 +35,13 @@ dpkg-deb -x "$deb" "$work/root"
 [ -f "$work/root/boot/vmlinuz-$release" ] || die "$deb has no /boot/vmlinuz-$release"
 cp "$work/root/boot/vmlinuz-$release" "$OUT/debian-cloud.vmlinuz"
 cp "$work/root/boot/config-$release" "$OUT/debian-cloud.config"
+# The uncompressed ELF too: on a kvm_pvm host the bzImage's decompressor runs in KVM's
+# instruction emulator for many minutes, so spanvm boots the stock kernel from its vmlinux
+# (extract-vmlinux comes with the kernel source of step 2).
+extract="$(ls -d "$BUILD"/linux-source-*/scripts/extract-vmlinux 2>/dev/null | head -n 1)"
+[ -n "$extract" ] || die "no scripts/extract-vmlinux under $BUILD/linux-source-*: run the kernel source step first"
+bash "$extract" "$OUT/debian-cloud.vmlinuz" >"$work/vmlinux" || die "extract-vmlinux failed on $OUT/debian-cloud.vmlinuz"
+mv "$work/vmlinux" "$OUT/debian-cloud.vmlinux"
 printf '%s %s %s\n' "$package" "$version" "$release" >"$OUT/debian-cloud.version"
 # The unpacked modules are 100 MB nobody needs: keep only the .deb.
 rm -rf "$work/root"

@@ -156,7 +156,10 @@ pub fn run() -> Result<(), CommandError> {
     let initrd = dir.join("initramfs.cpio");
     let kernels = [
         ("minimal kernel (vmlinux)", dir.join("minimal.vmlinux")),
-        ("Debian cloud kernel", dir.join("debian-cloud.vmlinuz")),
+        (
+            "Debian cloud kernel (vmlinux)",
+            dir.join("debian-cloud.vmlinux"),
+        ),
     ];
     for p in std::iter::once(&initrd).chain(kernels.iter().map(|(_, p)| p)) {
         if !p.is_file() {
