@@ -89,7 +89,12 @@ fn wait_until_running(nodes: &[Node]) {
     }
 }
 
+/// The failure tests run one at a time: each starts several nodes whose vCPUs spin, and the
+/// 2-second bound is about spanvm, not about a machine overloaded by the other tests.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn kill_one_mid_counter(nodes: usize, victim: usize) {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let dir = tempfile::tempdir().unwrap();
     let secret = write_secret(dir.path(), "cluster.secret", 7);
     // Enough increments to run for minutes: the kill always lands mid-probe.
@@ -125,8 +130,16 @@ fn kill_one_mid_counter(nodes: usize, victim: usize) {
             took < Duration::from_secs(2),
             "node {i} took {took:?} to stop after node {victim} died\n{stderr}"
         );
+        // The stop line names the first loss this node saw; under load that can be a survivor
+        // that already left because of the victim, so the victim must be named in a loss line.
         assert!(
-            stderr.contains(&format!("lost a peer: node {victim}")),
+            stderr.contains("lost a peer: node "),
+            "node {i} does not say it lost a peer:\n{stderr}"
+        );
+        assert!(
+            stderr
+                .lines()
+                .any(|l| l.contains("lost") && l.contains(&format!("node {victim}"))),
             "node {i} does not say it lost node {victim}:\n{stderr}"
         );
         // The counter probe never finished anywhere, so nothing may have been reported from a
@@ -155,6 +168,7 @@ fn killing_the_master_stops_the_others() {
 
 /// Starts two nodes that should refuse each other; returns their stderr and exit codes.
 fn refused_pair(secret1_byte: u8, memory1_mib: u64) -> [(Option<i32>, String); 2] {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let dir = tempfile::tempdir().unwrap();
     let s0 = write_secret(dir.path(), "s0", 7);
     let s1 = write_secret(dir.path(), "s1", secret1_byte);

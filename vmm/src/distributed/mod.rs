@@ -81,13 +81,16 @@ impl FrameHandler for NodeHandler {
     }
 
     fn on_peer_lost(&self, peer: NodeId, why: &str) {
-        if !self.control.is_stopping_cleanly() {
+        let clean = self.control.is_stopping_cleanly();
+        // The stop reason first: when one node dies, the others die of it moments later, and
+        // the first loss seen (the real cause) is the one to report.
+        self.control.peer_lost(peer, why);
+        if !clean {
             // Pending faults stay blocked for good: a page is never made up from nothing.
             if let Some(dsm) = self.dsm.get() {
                 dsm.fail(&format!("node {peer} lost"));
             }
         }
-        self.control.peer_lost(peer, why);
     }
 }
 
