@@ -43,14 +43,6 @@ impl SerialPort {
         let mut uart = self.uart.lock().unwrap_or_else(|p| p.into_inner());
         uart.enqueue_raw_bytes(bytes).unwrap_or(0)
     }
-
-    /// Room left in the receive FIFO.
-    pub fn input_room(&self) -> usize {
-        self.uart
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .fifo_capacity()
-    }
 }
 
 impl BusDevice for SerialPort {

@@ -310,9 +310,6 @@ pub fn handle_signals(on_signal: impl Fn(i32) + Send + 'static) -> std::io::Resu
     Ok(())
 }
 
-/// Keeps `Stop` in scope for users of this module.
-pub type SharedStop = Arc<Stop>;
-
 /// The guest's command line with what spanvm needs added, unless the user set it already:
 /// kvm-clock as the clocksource (it is the clock spanvm keeps in step across nodes; with an
 /// invariant TSC Linux would otherwise pick the TSC, which is not synchronised between

@@ -183,15 +183,6 @@ impl KvmVm {
             .map_err(ioctl_err("KVM_SET_CPUID2"))?;
         Ok(vcpu)
     }
-
-    /// The VM's kvmclock, for the statistics and (later) clock synchronisation.
-    pub fn clock_ns(&self) -> Result<u64, HypervisorError> {
-        Ok(self
-            .vm
-            .get_clock()
-            .map_err(ioctl_err("KVM_GET_CLOCK"))?
-            .clock)
-    }
 }
 
 /// Queues external interrupt `vector` for injection at the next entry (`KVM_INTERRUPT`; valid
