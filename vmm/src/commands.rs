@@ -60,11 +60,12 @@ pub fn run(config: &Path) -> Result<StopReason, CommandError> {
         cfg.layout.vcpu_count
     );
     // The devices, the console among them, live on the master.
-    let _terminal = if cfg.node == cfg.layout.master() {
-        crate::console::forward_stdin(vm.platform().serial().clone());
-        Some(crate::console::TerminalGuard::new())
-    } else {
-        None
+    let _terminal = match vm.platform().serial() {
+        Some(serial) => {
+            crate::console::forward_stdin(serial.clone());
+            Some(crate::console::TerminalGuard::new())
+        }
+        None => None,
     };
     let reason = vm.run()?;
     if let Some(stats) = vm.pvm_repair_stats() {

@@ -1,18 +1,23 @@
 //! The platform of one node: the buses with their devices, the IOAPIC, every local vCPU's
 //! shared state, and interrupt routing between them.
+//!
+//! The devices (COM1, i8042, ACPI PM, IOAPIC) exist on the master only; other nodes have just
+//! their node-local probe port and send every other access to the master through
+//! [`forward::Forwarder`], which also routes every interrupt, local or remote.
 
 use std::io::Write;
-use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::sync::{Arc, Mutex, Weak};
 
 use devices::acpi_pm::{AcpiPm, ACPI_PM_PORT, ACPI_PM_PORT_LEN};
 use devices::apic::ApicEffects;
 use devices::bus::{Bus, BusError};
 use devices::i8042::{I8042, I8042_PORT, I8042_PORT_LEN};
-use devices::interrupt::{destination_set, ApicAddressing, InterruptMessage};
+use devices::interrupt::InterruptMessage;
 use devices::ioapic::IoApic;
 use devices::irq_line::IrqLine;
 use devices::probe_port::{ProbeEvent, ProbePort, PROBE_PORT, PROBE_PORT_LEN};
 use devices::serial::{SerialPort, COM1_IRQ, COM1_PORT};
+use forward::{ForwardError, Forwarder, IoAccess, Space};
 
 use crate::stop::{Stop, StopReason};
 use crate::vcpu::VcpuShared;
@@ -83,11 +88,13 @@ pub struct Platform {
     /// MMIO devices other than the local APIC and the IOAPIC.
     pub mmio_bus: Bus,
     ioapic: Mutex<IoApic>,
-    serial: Arc<SerialPort>,
+    /// The console UART (master only).
+    serial: Option<Arc<SerialPort>>,
     /// Local vCPUs by global index (`None` for vCPUs of other nodes).
     vcpus: Vec<Option<Arc<VcpuShared>>>,
-    /// Every vCPU's APIC addressing state (the local ones kept current here).
-    addressing: RwLock<Vec<ApicAddressing>>,
+    /// Interrupt routing and device-access forwarding (also on a single node).
+    forward: Arc<Forwarder>,
+    is_master: bool,
     stop: Arc<Stop>,
     probe_console: Arc<ProbeConsole>,
     probe_events: Mutex<Vec<ProbeEvent>>,
@@ -97,23 +104,20 @@ pub struct Platform {
 }
 
 impl Platform {
-    /// Builds the platform for `vcpu_count` vCPUs of which `local` run here.
+    /// Builds the platform for `vcpu_count` vCPUs of which `local` run here; `is_master`
+    /// decides whether the devices are here. Attaches itself to `forward`.
     pub fn new(
         vcpu_count: usize,
         local: &[usize],
         tsc_khz: u32,
         stop: Arc<Stop>,
+        is_master: bool,
+        forward: Arc<Forwarder>,
     ) -> Result<Arc<Self>, PlatformError> {
         let mut vcpus: Vec<Option<Arc<VcpuShared>>> = (0..vcpu_count).map(|_| None).collect();
         for &i in local {
             vcpus[i] = Some(Arc::new(VcpuShared::new(i, tsc_khz)));
         }
-        let addressing = (0..vcpu_count)
-            .map(|i| match &vcpus[i] {
-                Some(v) => v.lock_apic().addressing(),
-                None => devices::apic::LocalApic::new(i as u32, i == 0, tsc_khz).addressing(),
-            })
-            .collect();
         let probe_console = Arc::new(ProbeConsole {
             out: Mutex::new(Box::new(std::io::stdout())),
         });
@@ -157,12 +161,19 @@ impl Platform {
                     }
                 }),
             ));
-            for (base, len, dev) in [
-                (COM1_PORT, 8, serial as Arc<dyn devices::bus::BusDevice>),
-                (I8042_PORT, I8042_PORT_LEN, i8042),
-                (PROBE_PORT, PROBE_PORT_LEN, probe),
-                (ACPI_PM_PORT, ACPI_PM_PORT_LEN, acpi_pm),
-            ] {
+            let mut claims = vec![(
+                PROBE_PORT,
+                PROBE_PORT_LEN,
+                probe as Arc<dyn devices::bus::BusDevice>,
+            )];
+            if is_master {
+                claims.extend([
+                    (COM1_PORT, 8, serial as Arc<dyn devices::bus::BusDevice>),
+                    (I8042_PORT, I8042_PORT_LEN, i8042),
+                    (ACPI_PM_PORT, ACPI_PM_PORT_LEN, acpi_pm),
+                ]);
+            }
+            for (base, len, dev) in claims {
                 if let Err(e) = io_bus.insert(base, len, dev) {
                     build_err = Some(e);
                 }
@@ -171,9 +182,10 @@ impl Platform {
                 io_bus,
                 mmio_bus: Bus::new(),
                 ioapic: Mutex::new(IoApic::new()),
-                serial: console,
+                serial: is_master.then_some(console),
                 vcpus,
-                addressing: RwLock::new(addressing),
+                forward: forward.clone(),
+                is_master,
                 stop,
                 probe_console,
                 probe_events: Mutex::new(Vec::new()),
@@ -181,15 +193,24 @@ impl Platform {
                 unclaimed_io: Default::default(),
             }
         });
-        match build_err {
-            Some(e) => Err(e.into()),
-            None => Ok(platform),
+        if let Some(e) = build_err {
+            return Err(e.into());
         }
+        forward.attach_local(Arc::new(LocalTargets(Arc::downgrade(&platform))));
+        if is_master {
+            forward.attach_devices(Arc::new(MasterSide(Arc::downgrade(&platform))));
+        }
+        Ok(platform)
     }
 
-    /// The console UART (for forwarding the user's input to it).
-    pub fn serial(&self) -> &Arc<SerialPort> {
-        &self.serial
+    /// The console UART (for forwarding the user's input to it); the master's only.
+    pub fn serial(&self) -> Option<&Arc<SerialPort>> {
+        self.serial.as_ref()
+    }
+
+    /// Interrupt routing and access forwarding.
+    pub fn forward(&self) -> &Arc<Forwarder> {
+        &self.forward
     }
 
     /// A local vCPU by global index.
@@ -211,6 +232,8 @@ impl Platform {
     pub fn request_stop(&self, reason: StopReason) {
         self.stop.request(reason);
         self.wake_all();
+        // vCPUs waiting for the master's answer or a peer's acknowledgement come back.
+        self.forward.release();
     }
 
     fn wake_all(&self) {
@@ -305,48 +328,182 @@ impl Platform {
         }
     }
 
-    /// Delivers an interrupt message (IPI, IOAPIC or MSI) to every vCPU it addresses.
+    /// Delivers an interrupt message (IPI, IOAPIC or MSI) to every vCPU it addresses, on this
+    /// node or another.
     pub fn deliver(&self, msg: &InterruptMessage, source: Option<usize>) {
-        let targets = {
-            let addressing = self.addressing.read().unwrap_or_else(|p| p.into_inner());
-            destination_set(msg, source, &addressing)
-        };
-        for t in targets {
-            match self.vcpu(t) {
-                Some(v) => {
-                    let _ = v.lock_apic().accept(msg);
-                    v.notify();
-                }
-                None => {
-                    // Remote vCPUs: forwarding between nodes comes with the forward crate.
-                }
-            }
+        // A failed send means a peer is lost; the transport reports that and stops the guest.
+        let _ = self.forward.deliver(msg, source);
+    }
+
+    /// Hands `msg` to local vCPU `vcpu` and makes it look.
+    fn accept_local(&self, vcpu: usize, msg: &InterruptMessage) {
+        if let Some(v) = self.vcpu(vcpu) {
+            let _ = v.lock_apic().accept(msg);
+            v.notify();
         }
     }
 
-    /// Acts on what an APIC access caused, with the APIC's lock released.
+    /// A forwarding failure that is not the node stopping anyway stops the guest.
+    fn forward_failed(&self, e: ForwardError) {
+        match e {
+            ForwardError::Released { .. } | ForwardError::Send { .. } => {}
+            other => self.request_stop(StopReason::Error(other.to_string())),
+        }
+    }
+
+    /// Acts on what an APIC access caused, with the APIC's lock released. Runs on the vCPU's
+    /// own thread: an addressing change returns only when every node knows it.
     pub fn apply_apic_effects(&self, vcpu: &VcpuShared, effects: ApicEffects) {
         if effects.addressing_changed {
             let now = vcpu.lock_apic().addressing();
-            self.addressing.write().unwrap_or_else(|p| p.into_inner())[vcpu.index] = now;
+            if let Err(e) = self.forward.update_addressing(vcpu.index, now) {
+                self.forward_failed(e);
+            }
         }
         if effects.timer_changed {
             vcpu.timer_changed.notify_all();
         }
         if let Some(eoi) = effects.eoi {
             if eoi.level {
-                let msgs = self
-                    .ioapic
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .end_of_interrupt(eoi.vector);
-                for m in msgs {
-                    self.deliver(&m, None);
+                if let Err(e) = self.forward.end_of_interrupt(eoi.vector) {
+                    self.forward_failed(e);
                 }
             }
         }
         if let Some(ipi) = effects.ipi {
             self.deliver(&ipi, Some(vcpu.index));
+        }
+    }
+
+    /// The IOAPIC retired `vector` (remote IRR), re-delivering a line still asserted.
+    fn ioapic_eoi(&self, vector: u8) {
+        let msgs = self
+            .ioapic
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .end_of_interrupt(vector);
+        for m in msgs {
+            self.deliver(&m, None);
+        }
+    }
+
+    /// A device access as the master carries it out (its own vCPUs' and forwarded ones).
+    fn device_access(&self, vcpu: usize, access: &mut IoAccess) {
+        match (access.space, access.write) {
+            (Space::Port, true) => {
+                if !self.io_bus.write(vcpu, access.address, access.bytes()) {
+                    self.count_unclaimed();
+                }
+            }
+            (Space::Port, false) => {
+                if !self.io_bus.read(vcpu, access.address, access.bytes_mut()) {
+                    access.bytes_mut().fill(0xff);
+                    self.count_unclaimed();
+                }
+            }
+            (Space::Mmio, true) if Self::is_ioapic(access.address) => {
+                self.ioapic_write(access.address, access.bytes())
+            }
+            (Space::Mmio, false) if Self::is_ioapic(access.address) => {
+                self.ioapic_read(access.address, access.bytes_mut())
+            }
+            (Space::Mmio, true) => {
+                self.mmio_bus.write(vcpu, access.address, access.bytes());
+            }
+            (Space::Mmio, false) => {
+                if !self.mmio_bus.read(vcpu, access.address, access.bytes_mut()) {
+                    access.bytes_mut().fill(0xff);
+                }
+            }
+        }
+    }
+
+    fn count_unclaimed(&self) {
+        self.unclaimed_io
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// A vCPU's access outside its local APIC: node-local devices (the probe port) first, then
+    /// the master's devices, here or forwarded.
+    fn access(&self, vcpu: usize, mut access: IoAccess, out: Option<&mut [u8]>) {
+        // On the master the bus holds every device; elsewhere only node-local ones.
+        let node_local = !self.is_master
+            && access.space == Space::Port
+            && match out {
+                Some(_) => self.io_bus.read(vcpu, access.address, access.bytes_mut()),
+                None => self.io_bus.write(vcpu, access.address, access.bytes()),
+            };
+        if self.is_master {
+            self.device_access(vcpu, &mut access);
+        } else if !node_local {
+            if let Err(e) = self.forward.forward_io(vcpu, &mut access) {
+                access.bytes_mut().fill(0xff);
+                self.forward_failed(e);
+            }
+        }
+        if let Some(out) = out {
+            out.copy_from_slice(access.bytes());
+        }
+    }
+
+    /// An `out` of `data` to `port` by vCPU `vcpu`.
+    pub fn port_write(&self, vcpu: usize, port: u16, data: &[u8]) {
+        match IoAccess::write(Space::Port, u64::from(port), data) {
+            Some(a) => self.access(vcpu, a, None),
+            None => self.count_unclaimed(),
+        }
+    }
+
+    /// An `in` from `port` by vCPU `vcpu` into `data`.
+    pub fn port_read(&self, vcpu: usize, port: u16, data: &mut [u8]) {
+        match IoAccess::read(Space::Port, u64::from(port), data.len()) {
+            Some(a) => self.access(vcpu, a, Some(data)),
+            None => {
+                data.fill(0xff);
+                self.count_unclaimed();
+            }
+        }
+    }
+
+    /// An MMIO write outside the local APIC window.
+    pub fn mmio_write(&self, vcpu: usize, gpa: u64, data: &[u8]) {
+        if let Some(a) = IoAccess::write(Space::Mmio, gpa, data) {
+            self.access(vcpu, a, None);
+        }
+    }
+
+    /// An MMIO read outside the local APIC window.
+    pub fn mmio_read(&self, vcpu: usize, gpa: u64, data: &mut [u8]) {
+        match IoAccess::read(Space::Mmio, gpa, data.len()) {
+            Some(a) => self.access(vcpu, a, Some(data)),
+            None => data.fill(0xff),
+        }
+    }
+}
+
+/// The platform's vCPUs as forwarding's local targets.
+struct LocalTargets(Weak<Platform>);
+
+impl forward::LocalApics for LocalTargets {
+    fn accept(&self, vcpu: usize, msg: &InterruptMessage) {
+        if let Some(p) = self.0.upgrade() {
+            p.accept_local(vcpu, msg);
+        }
+    }
+}
+
+/// The master's devices as forwarded accesses reach them.
+struct MasterSide(Weak<Platform>);
+
+impl forward::MasterDevices for MasterSide {
+    fn access(&self, vcpu: usize, access: &mut IoAccess) {
+        if let Some(p) = self.0.upgrade() {
+            p.device_access(vcpu, access);
+        }
+    }
+    fn end_of_interrupt(&self, vector: u8) {
+        if let Some(p) = self.0.upgrade() {
+            p.ioapic_eoi(vector);
         }
     }
 }

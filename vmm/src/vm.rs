@@ -5,6 +5,8 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use devices::interrupt::ApicAddressing;
+use forward::{ForwardConfig, Forwarder};
 use kvm_ioctls::VcpuFd;
 use resources::{GuestImage, NodeConfig};
 
@@ -109,8 +111,24 @@ impl NodeVm {
             None => 1_000_000,
         };
         let stop = Arc::new(Stop::default());
-        let platform = Platform::new(layout.vcpu_count as usize, &local, tsc_khz, stop)?;
+        let forwarder = Forwarder::new(
+            forward_config(config),
+            match &distributed {
+                Some(d) => d.forward_link(),
+                None => Arc::new(NoPeers),
+            },
+        );
+        let is_master = config.node == layout.master();
+        let platform = Platform::new(
+            layout.vcpu_count as usize,
+            &local,
+            tsc_khz,
+            stop,
+            is_master,
+            forwarder.clone(),
+        )?;
         if let Some(d) = &distributed {
+            d.attach_forwarder(forwarder);
             d.attach(&platform);
             let control = d.control.clone();
             platform.on_local_finish(Box::new(move |reason| control.local_done(reason)));
@@ -266,6 +284,30 @@ impl NodeVm {
             d.leave(&reason);
         }
         Ok(reason)
+    }
+}
+
+/// Who runs which vCPU, for forwarding; every APIC starts in its power-on state.
+fn forward_config(config: &NodeConfig) -> ForwardConfig {
+    let layout = &config.layout;
+    ForwardConfig {
+        me: config.node,
+        master: layout.master(),
+        vcpu_owner: (0..layout.vcpu_count)
+            .map(|v| layout.node_of_vcpu(v).unwrap_or(layout.master()))
+            .collect(),
+        initial: (0..layout.vcpu_count)
+            .map(ApicAddressing::power_on)
+            .collect(),
+    }
+}
+
+/// The link of a single-node guest: there is nobody to send to.
+struct NoPeers;
+
+impl forward::ForwardLink for NoPeers {
+    fn send(&self, to: forward::NodeId, _: &forward::WireFrame) -> Result<(), String> {
+        Err(format!("a single-node guest has no node {to}"))
     }
 }
 

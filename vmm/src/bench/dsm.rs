@@ -7,7 +7,7 @@
 //! DSM's cost without KVM's. Run once with blocking reads on the fault-path sockets and once
 //! with busy polling.
 
-use std::sync::{Arc, Barrier, OnceLock};
+use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use dsm::{Dsm, DsmConfig, UffdGuestPages};
@@ -84,10 +84,7 @@ fn pair(busy_poll: bool) -> Result<(BenchNode, BenchNode), CommandError> {
                     .map_err(bench_err)?,
                 );
                 let control = Arc::new(Control::new(me as u32, 2));
-                let handler = Arc::new(NodeHandler {
-                    dsm: OnceLock::new(),
-                    control: control.clone(),
-                });
+                let handler = Arc::new(NodeHandler::new(control.clone()));
                 let _ = handler.dsm.set(dsm.clone());
                 let cfg = MeshConfig {
                     me: me as u32,

@@ -4,12 +4,13 @@
 pub mod control;
 pub mod link;
 
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use dsm::{Dsm, DsmConfig, UffdGuestPages};
+use forward::Forwarder;
 use resources::NodeConfig;
-use transport::{Channel, Frame, FrameHandler, MeshConfig, NodeId, TcpMesh, Transport};
+use transport::{Channel, Frame, FrameHandler, FrameRef, MeshConfig, NodeId, TcpMesh, Transport};
 
 use crate::memory::GuestMemory;
 use crate::platform::Platform;
@@ -50,10 +51,92 @@ pub enum DistributedError {
     Transport(#[from] transport::TransportError),
 }
 
-/// What receives frames from peers: DSM traffic to the DSM, control to the control protocol.
+/// Forwarding frames that arrived before this node's forwarder was attached: a peer may
+/// start sending (an INIT to one of our APs) while this node is still building its platform.
+#[derive(Default)]
+struct ForwardInbox {
+    forwarder: Option<Arc<Forwarder>>,
+    early: Vec<(NodeId, forward::WireFrame)>,
+}
+
+/// What receives frames from peers: DSM traffic to the DSM, control to the control protocol,
+/// forwarding to the forwarder.
 pub(crate) struct NodeHandler {
     pub(crate) dsm: OnceLock<Arc<Dsm>>,
     pub(crate) control: Arc<Control>,
+    forward: Mutex<ForwardInbox>,
+}
+
+impl NodeHandler {
+    /// A handler for `control`; the DSM and the forwarder are attached later.
+    pub(crate) fn new(control: Arc<Control>) -> Self {
+        Self {
+            dsm: OnceLock::new(),
+            control,
+            forward: Mutex::new(ForwardInbox::default()),
+        }
+    }
+
+    fn on_forward(&self, from: NodeId, frame: forward::WireFrame) {
+        let forwarder = {
+            let mut inbox = self.forward.lock().unwrap_or_else(|p| p.into_inner());
+            match &inbox.forwarder {
+                Some(f) => f.clone(),
+                None => {
+                    inbox.early.push((from, frame));
+                    return;
+                }
+            }
+        };
+        self.forward_to(&forwarder, from, &frame);
+    }
+
+    fn forward_to(&self, forwarder: &Arc<Forwarder>, from: NodeId, frame: &forward::WireFrame) {
+        if let Err(e) = forwarder.on_frame(from, frame) {
+            // A peer that breaks the forwarding protocol cannot be trusted with the guest.
+            eprintln!("spanvm: {e}");
+            self.control.fail(StopReason::Error(e.to_string()));
+        }
+    }
+
+    /// Hands forwarding frames to `forwarder` from now on, the early ones first.
+    fn attach_forwarder(&self, forwarder: Arc<Forwarder>) {
+        let mut inbox = self.forward.lock().unwrap_or_else(|p| p.into_inner());
+        // Under the lock, so that no frame overtakes the early ones.
+        for (from, frame) in std::mem::take(&mut inbox.early) {
+            self.forward_to(&forwarder, from, &frame);
+        }
+        inbox.forwarder = Some(forwarder);
+    }
+
+    fn forwarder(&self) -> Option<Arc<Forwarder>> {
+        self.forward
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .forwarder
+            .clone()
+    }
+}
+
+/// Forwarding frames out on the Forward connection.
+struct MeshForwardLink(Arc<TcpMesh>);
+
+impl forward::ForwardLink for MeshForwardLink {
+    fn send(&self, to: forward::NodeId, frame: &forward::WireFrame) -> Result<(), String> {
+        self.0
+            .send_ref(
+                to,
+                Channel::Forward,
+                FrameRef {
+                    kind: frame.kind,
+                    flags: frame.flags,
+                    id: frame.id,
+                    arg: frame.arg,
+                    payload: &frame.payload,
+                },
+            )
+            .map_err(|e| e.to_string())
+    }
 }
 
 impl FrameHandler for NodeHandler {
@@ -74,9 +157,16 @@ impl FrameHandler for NodeHandler {
                 }
             }
             Channel::Control => self.control.on_frame(from, &frame),
-            Channel::Forward => {
-                eprintln!("spanvm: node {from} sent a forwarding frame (kind {}), which this build does not use; ignored", frame.kind);
-            }
+            Channel::Forward => self.on_forward(
+                from,
+                forward::WireFrame {
+                    kind: frame.kind,
+                    flags: frame.flags,
+                    id: frame.id,
+                    arg: frame.arg,
+                    payload: frame.payload,
+                },
+            ),
         }
     }
 
@@ -91,6 +181,10 @@ impl FrameHandler for NodeHandler {
                 dsm.fail(&format!("node {peer} lost"));
             }
         }
+        // A vCPU waiting for that peer's answer comes back (the stop is requested already).
+        if let Some(f) = self.forwarder() {
+            f.peer_lost(peer);
+        }
     }
 }
 
@@ -102,6 +196,7 @@ pub struct Distributed {
     pub mesh: Arc<TcpMesh>,
     /// Start/finish/stop coordination.
     pub control: Arc<Control>,
+    handler: Arc<NodeHandler>,
     _pages: Arc<UffdGuestPages>,
 }
 
@@ -134,10 +229,7 @@ impl Distributed {
             link.clone(),
         )?);
         let control = Arc::new(Control::new(config.node, layout.node_count()));
-        let handler = Arc::new(NodeHandler {
-            dsm: OnceLock::new(),
-            control: control.clone(),
-        });
+        let handler = Arc::new(NodeHandler::new(control.clone()));
         let _ = handler.dsm.set(dsm.clone());
         let me = config.local();
         let mesh_config = MeshConfig {
@@ -155,15 +247,26 @@ impl Distributed {
             busy_poll: false,
             liveness: Default::default(),
         };
-        let mesh = TcpMesh::establish(mesh_config, handler)?;
+        let mesh = TcpMesh::establish(mesh_config, handler.clone())?;
         link.set(mesh.clone());
         control.set_mesh(Arc::downgrade(&(mesh.clone() as Arc<dyn Transport>)));
         Ok(Self {
             dsm,
             mesh,
             control,
+            handler,
             _pages: pages,
         })
+    }
+
+    /// Forwarding's way out to the peers.
+    pub fn forward_link(&self) -> Arc<dyn forward::ForwardLink> {
+        Arc::new(MeshForwardLink(self.mesh.clone()))
+    }
+
+    /// Starts handing forwarding frames to `forwarder`.
+    pub fn attach_forwarder(&self, forwarder: Arc<Forwarder>) {
+        self.handler.attach_forwarder(forwarder);
     }
 
     /// Hooks the control protocol to the platform (stops requested by peers reach it).

@@ -131,21 +131,8 @@ impl VcpuLoop {
             self.shared.set_state(RunState::InVmm);
             match exit {
                 Ok(exit) => match exit {
-                    VcpuExit::IoOut(port, data) => {
-                        if !self.platform.io_bus.write(index, u64::from(port), data) {
-                            self.platform
-                                .unclaimed_io
-                                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        }
-                    }
-                    VcpuExit::IoIn(port, data) => {
-                        if !self.platform.io_bus.read(index, u64::from(port), data) {
-                            data.fill(0xff);
-                            self.platform
-                                .unclaimed_io
-                                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        }
-                    }
+                    VcpuExit::IoOut(port, data) => self.platform.port_write(index, port, data),
+                    VcpuExit::IoIn(port, data) => self.platform.port_read(index, port, data),
                     VcpuExit::MmioRead(addr, data) => {
                         mmio_read(&self.shared, &self.platform, addr, data)
                     }
@@ -373,11 +360,7 @@ fn mmio_read(shared: &VcpuShared, platform: &Platform, addr: u64, data: &mut [u8
             return;
         }
     }
-    if Platform::is_ioapic(addr) {
-        platform.ioapic_read(addr, data);
-    } else if !platform.mmio_bus.read(shared.index, addr, data) {
-        data.fill(0xff);
-    }
+    platform.mmio_read(shared.index, addr, data);
 }
 
 fn mmio_write(shared: &VcpuShared, platform: &Platform, addr: u64, data: &[u8]) {
@@ -385,12 +368,9 @@ fn mmio_write(shared: &VcpuShared, platform: &Platform, addr: u64, data: &[u8]) 
         let mut apic = shared.lock_apic();
         in_lapic_window(&apic, addr).map(|offset| apic.mmio_write(offset, data, tsc::now()))
     };
-    if let Some(e) = effects {
-        platform.apply_apic_effects(shared, e);
-    } else if Platform::is_ioapic(addr) {
-        platform.ioapic_write(addr, data);
-    } else {
-        platform.mmio_bus.write(shared.index, addr, data);
+    match effects {
+        Some(e) => platform.apply_apic_effects(shared, e),
+        None => platform.mmio_write(shared.index, addr, data),
     }
 }
 
