@@ -140,6 +140,12 @@ impl Control {
         }
     }
 
+    /// Something on this node makes the guest unable to go on (a peer broke a protocol):
+    /// stops the local guest; leaving then tells the master, which stops the rest.
+    pub fn fail(&self, reason: StopReason) {
+        self.stop_platform(reason);
+    }
+
     /// From now on, disconnects are expected (this node or the whole cluster is going away).
     pub fn expect_disconnects(&self) {
         self.stopping_cleanly.store(true, Ordering::SeqCst);
