@@ -13,6 +13,7 @@ const FULL_OPS: u64 = 1_000_000;
 fn run(nodes: usize, probe: &str, arg: u64, memory_mib: u64) -> ProbeRun {
     let run = run_cluster(&cluster_text(nodes, 1, probe, arg, memory_mib));
     run.assert_success(nodes);
+    run.assert_placement(nodes, |v| v as u64);
     run
 }
 
@@ -197,6 +198,7 @@ fn false_sharing_at_1e6() {
 fn two_vcpus_per_node_share_the_counter() {
     let run = run_cluster(&cluster_text(2, 2, "counter", CI_OPS / 4, 64));
     run.assert_success(4);
+    run.assert_placement(4, |v| v as u64 / 2);
     for v in 0..4 {
         assert_eq!(run.get(v, "CNTR"), CI_OPS);
     }

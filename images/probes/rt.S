@@ -45,6 +45,10 @@ rt_entry:
     RT_STORE rt_probe_arg, r11
     mov r15, rdi
     mov r14, r10
+    # Every probe says which node it runs on, so that cluster tests can assert the placement.
+    mov rsi, r8
+    mov edi, 0x45444f4e                 # "NODE"
+    call rt_report
     # kvmclock: this vCPU's pvclock structure, enabled (bit 0)
     mov rax, r15
     shl rax, 6

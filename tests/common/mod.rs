@@ -149,6 +149,20 @@ pub fn parse_reports(stdout: &str) -> HashMap<(usize, String), u64> {
     map
 }
 
+impl ProbeRun {
+    /// Asserts that vCPU `v` ran on node `owner(v)` (every probe reports NODE at start).
+    pub fn assert_placement(&self, vcpus: usize, owner: impl Fn(usize) -> u64) {
+        for v in 0..vcpus {
+            assert_eq!(
+                self.get(v, "NODE"),
+                owner(v),
+                "vCPU {v} ran on the wrong node\n{}",
+                self.stdout()
+            );
+        }
+    }
+}
+
 /// Runs `probe` on one node with `vcpus` vCPUs through `spanvm run`.
 pub fn run_probe(probe: &str, vcpus: u32, memory_mib: u64) -> ProbeRun {
     let dir = tempfile::tempdir().unwrap();
