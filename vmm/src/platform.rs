@@ -34,26 +34,73 @@ pub enum PlatformError {
 }
 
 /// Where probe reports go: printed as `PROBE vcpu=N KEY=value` lines, which tests parse.
+/// They share stdout with the guest's console, so a report that comes while the console is in
+/// the middle of a line waits until that line ends instead of cutting into it.
 pub struct ProbeConsole {
-    out: Mutex<Box<dyn Write + Send>>,
+    state: Mutex<ConsoleLines>,
+}
+
+#[derive(Default)]
+struct ConsoleLines {
+    /// The console's last byte was not a newline.
+    mid_line: bool,
+    /// Reports held back until the console's line ends.
+    held: Vec<String>,
 }
 
 impl ProbeConsole {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ConsoleLines> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn print(&self, line: &str) {
-        let mut out = self.out.lock().unwrap_or_else(|p| p.into_inner());
+        let mut st = self.lock();
+        if st.mid_line {
+            st.held.push(line.to_string());
+            return;
+        }
+        let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "{line}");
+        let _ = out.flush();
+    }
+
+    /// Writes console bytes, then any reports that waited for the line to end.
+    fn console_write(&self, buf: &[u8]) -> std::io::Result<()> {
+        let mut st = self.lock();
+        let mut out = std::io::stdout().lock();
+        out.write_all(buf)?;
+        if let Some(&last) = buf.last() {
+            st.mid_line = last != b'\n';
+        }
+        if !st.mid_line {
+            for line in st.held.drain(..) {
+                writeln!(out, "{line}")?;
+            }
+        }
+        out.flush()
+    }
+
+    /// Prints held reports whatever the console's state (the guest stopped mid-line).
+    pub fn flush(&self) {
+        let mut st = self.lock();
+        let mut out = std::io::stdout().lock();
+        if !st.held.is_empty() {
+            let _ = writeln!(out);
+            st.mid_line = false;
+        }
+        for line in st.held.drain(..) {
+            let _ = writeln!(out, "{line}");
+        }
         let _ = out.flush();
     }
 }
 
 /// The console writer: unbuffered stdout, so a prompt without a newline shows at once.
-struct ConsoleOut;
+struct ConsoleOut(Arc<ProbeConsole>);
 
 impl Write for ConsoleOut {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let mut out = std::io::stdout().lock();
-        out.write_all(buf)?;
-        out.flush()?;
+        self.0.console_write(buf)?;
         Ok(buf.len())
     }
     fn flush(&mut self) -> std::io::Result<()> {
@@ -119,7 +166,7 @@ impl Platform {
             vcpus[i] = Some(Arc::new(VcpuShared::new(i, tsc_khz)));
         }
         let probe_console = Arc::new(ProbeConsole {
-            out: Mutex::new(Box::new(std::io::stdout())),
+            state: Mutex::new(ConsoleLines::default()),
         });
         let mut build_err = None;
         let platform = Arc::new_cyclic(|weak: &Weak<Platform>| {
@@ -128,7 +175,10 @@ impl Platform {
                 platform: weak.clone(),
                 pin: COM1_IRQ,
             });
-            let serial = Arc::new(SerialPort::new(serial_irq, Box::new(ConsoleOut)));
+            let serial = Arc::new(SerialPort::new(
+                serial_irq,
+                Box::new(ConsoleOut(probe_console.clone())),
+            ));
             let console = serial.clone();
             let off_weak = weak.clone();
             let reset_weak2 = weak.clone();
@@ -206,6 +256,11 @@ impl Platform {
     /// The console UART (for forwarding the user's input to it); the master's only.
     pub fn serial(&self) -> Option<&Arc<SerialPort>> {
         self.serial.as_ref()
+    }
+
+    /// Prints probe reports still waiting for a console line to end.
+    pub fn flush_console(&self) {
+        self.probe_console.flush();
     }
 
     /// Interrupt routing and access forwarding.

@@ -276,6 +276,7 @@ impl NodeVm {
         // master's STOP, a lost peer, an error, or a signal.
         while !platform.stop().wait(Duration::from_millis(500)) {}
         let reason = platform.stop().reason().unwrap_or(StopReason::PowerOff);
+        platform.flush_console();
         // vCPU threads leave their loop at once unless one is blocked in a page fault that can
         // no longer be served (a peer is gone): then it is left behind, and dies with the process.
         join_for(vcpu_threads, Duration::from_millis(500));
