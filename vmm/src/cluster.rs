@@ -16,10 +16,55 @@ use resources::{ClusterDescription, ConfigError, GuestImage};
 use crate::stop::StopReason;
 use crate::vm::handle_signals;
 
-/// The default guest of `spanvm cluster`: the shared-counter probe.
-pub const DEFAULT_PROBE: &str = "counter";
-/// Guest memory of the default cluster.
-pub const DEFAULT_MEMORY_MIB: u64 = 64;
+/// Guest memory of the default cluster with a probe guest.
+pub const DEFAULT_PROBE_MEMORY_MIB: u64 = 64;
+/// Guest memory of the default Linux cluster.
+pub const DEFAULT_LINUX_MEMORY_MIB: u64 = 256;
+/// What the default Linux guest runs: sysbench's cpu and threads tests on both vCPUs.
+pub const DEFAULT_WORKLOAD: &str =
+    "sysbench cpu --threads=2 --time=5 run; sysbench threads --threads=2 --time=5 run";
+
+/// What `spanvm cluster` runs.
+#[derive(Debug, Clone)]
+pub enum Guest {
+    /// The cluster description in this file.
+    Described(PathBuf),
+    /// A probe guest by name on the default 2 nodes x 1 vCPU.
+    Probe(String),
+    /// The built-in default: Linux (the minimal kernel and the initramfs of `images/build.sh`)
+    /// on 2 nodes x 1 vCPU running [`DEFAULT_WORKLOAD`].
+    DefaultLinux,
+}
+
+/// Where `images/build.sh` put the guest images: `$SPANVM_IMAGES_DIR`, else `images/out` under
+/// the current directory, else next to the source tree the binary was built in.
+fn images_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("SPANVM_IMAGES_DIR") {
+        return PathBuf::from(dir);
+    }
+    let here = PathBuf::from("images/out");
+    if here.is_dir() {
+        return here;
+    }
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../images/out")
+}
+
+/// The default Linux guest, or an error that says how to build its images.
+fn default_linux() -> Result<GuestImage, ClusterError> {
+    let dir = images_dir();
+    let kernel = dir.join("minimal.vmlinux");
+    let initrd = dir.join("initramfs.cpio");
+    for path in [&kernel, &initrd] {
+        if !path.is_file() {
+            return Err(ClusterError::NoImages { missing: path.clone() });
+        }
+    }
+    Ok(GuestImage::Linux {
+        kernel,
+        initrd: Some(initrd),
+        cmdline: format!("console=ttyS0 spanvm.run=\"{DEFAULT_WORKLOAD}\""),
+    })
+}
 /// How long the others may take to stop after one node ended with an error.
 const STRAGGLER_GRACE: Duration = Duration::from_secs(5);
 
@@ -49,6 +94,9 @@ pub enum ClusterError {
     /// Signal handling could not be set up.
     #[error("cannot set up signal handling: {0}")]
     Signals(std::io::Error),
+    /// The default Linux guest's images are not built.
+    #[error("the default guest needs {missing}: run `bash images/build.sh` first (or set SPANVM_IMAGES_DIR), or run a probe guest with `spanvm cluster --probe counter`")]
+    NoImages { missing: PathBuf },
 }
 
 fn io_err(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> ClusterError {
@@ -102,15 +150,17 @@ fn relay(
 
 /// Runs the cluster of `config` (or the default) until every node has stopped; returns the
 /// reason the guest stopped, judged from the nodes' exit codes.
-pub fn run(config: Option<&Path>, dir: Option<&Path>) -> Result<StopReason, ClusterError> {
-    let desc = match config {
-        Some(path) => ClusterDescription::load(path)?,
-        None => ClusterDescription::default_cluster(
-            GuestImage::Probe {
-                name: DEFAULT_PROBE.into(),
-                arg: 0,
-            },
-            DEFAULT_MEMORY_MIB,
+pub fn run(guest: Guest, dir: Option<&Path>) -> Result<StopReason, ClusterError> {
+    let desc = match guest {
+        Guest::Described(path) => ClusterDescription::load(&path)?,
+        Guest::Probe(name) => ClusterDescription::default_cluster(
+            GuestImage::Probe { name, arg: 0 },
+            DEFAULT_PROBE_MEMORY_MIB,
+            &free_loopback_ports(2)?,
+        ),
+        Guest::DefaultLinux => ClusterDescription::default_cluster(
+            default_linux()?,
+            DEFAULT_LINUX_MEMORY_MIB,
             &free_loopback_ports(2)?,
         ),
     };
@@ -157,13 +207,21 @@ pub fn run(config: Option<&Path>, dir: Option<&Path>) -> Result<StopReason, Clus
     })
     .map_err(ClusterError::Signals)?;
 
+    // What the user types goes to the guest's console character by character.
+    let _terminal = crate::console::TerminalGuard::new();
     let mut relays = Vec::new();
     for (id, file) in files.iter().enumerate() {
+        // The console (and so the user's typing) belongs to the master.
+        let stdin = if id == 0 {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        };
         let mut child = Command::new(&exe)
             .arg("node")
             .arg("--config")
             .arg(file)
-            .stdin(Stdio::null())
+            .stdin(stdin)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -172,6 +230,21 @@ pub fn run(config: Option<&Path>, dir: Option<&Path>) -> Result<StopReason, Clus
                 exe: exe.clone(),
                 source,
             })?;
+        if let Some(mut input) = child.stdin.take() {
+            // Daemon thread: it ends with the process (a read of our stdin cannot be undone).
+            let _ = std::thread::Builder::new()
+                .name("stdin-relay".into())
+                .spawn(move || {
+                    let mut buf = [0u8; 256];
+                    let mut ours = std::io::stdin().lock();
+                    while let Ok(n) = ours.read(&mut buf) {
+                        if n == 0 || input.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                        let _ = input.flush();
+                    }
+                });
+        }
         if let Some(out) = child.stdout.take() {
             relays.push(relay(id, out, false));
         }

@@ -31,10 +31,13 @@ enum Command {
     },
     /// Start every node of a cluster on this machine (loopback) and show their output.
     Cluster {
-        /// A cluster description (a node file without `node`); default: 2 nodes x 1 vCPU
-        /// running the shared-counter probe.
-        #[arg(long)]
+        /// A cluster description (a node file without `node`); default: one Linux guest on
+        /// 2 nodes x 1 vCPU running sysbench cpu and threads (images from images/build.sh).
+        #[arg(long, conflicts_with = "probe")]
         config: Option<PathBuf>,
+        /// Run this probe guest on the default 2 nodes instead of Linux (e.g. `counter`).
+        #[arg(long)]
+        probe: Option<String>,
         /// Where to write the per-node config files (default: a fresh directory in /tmp).
         #[arg(long)]
         dir: Option<PathBuf>,
@@ -68,8 +71,14 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run { config } | Command::Node { config } => vmm::commands::run(&config),
-        Command::Cluster { config, dir } => vmm::cluster::run(config.as_deref(), dir.as_deref())
-            .map_err(vmm::commands::CommandError::from),
+        Command::Cluster { config, probe, dir } => {
+            let guest = match (config, probe) {
+                (Some(path), _) => vmm::cluster::Guest::Described(path),
+                (None, Some(name)) => vmm::cluster::Guest::Probe(name),
+                (None, None) => vmm::cluster::Guest::DefaultLinux,
+            };
+            vmm::cluster::run(guest, dir.as_deref()).map_err(vmm::commands::CommandError::from)
+        }
         Command::Check { config } => vmm::commands::check(&config).map(|()| StopReason::PowerOff),
         Command::Bench {
             what: BenchWhat::Exits,
