@@ -35,8 +35,8 @@ pub const SLP_EN: u8 = 0x20;
 /// The wake status bit of the sleep status register (write 1 to clear).
 pub const WAK_STS: u8 = 0x80;
 
-/// What the guest asked of the platform.
-pub type PowerCallback = Arc<dyn Fn() + Send + Sync>;
+/// What the guest asked of the platform; called with the index of the vCPU that asked.
+pub type PowerCallback = Arc<dyn Fn(usize) + Send + Sync>;
 
 /// The ACPI power-management device on the port bus.
 pub struct AcpiPm {
@@ -67,7 +67,7 @@ impl BusDevice for AcpiPm {
         data.fill(0);
     }
 
-    fn write(&self, _vcpu: usize, offset: u64, data: &[u8]) {
+    fn write(&self, vcpu: usize, offset: u64, data: &[u8]) {
         let Some(&value) = data.first() else {
             return;
         };
@@ -75,10 +75,10 @@ impl BusDevice for AcpiPm {
             SLEEP_CONTROL_OFFSET => {
                 let sleep_type = (value & SLP_TYP_MASK) >> SLP_TYP_SHIFT;
                 if value & SLP_EN != 0 && sleep_type == SLP_TYP_S5 {
-                    (self.on_poweroff)();
+                    (self.on_poweroff)(vcpu);
                 }
             }
-            RESET_OFFSET if value == RESET_VALUE => (self.on_reset)(),
+            RESET_OFFSET if value == RESET_VALUE => (self.on_reset)(vcpu),
             // Sleep status: clearing WAK_STS has nothing to clear.
             _ => {}
         }
@@ -101,10 +101,10 @@ mod tests {
         let reset = Arc::new(AtomicUsize::new(0));
         let (p, r) = (poweroff.clone(), reset.clone());
         let dev = AcpiPm::new(
-            Arc::new(move || {
+            Arc::new(move |_| {
                 p.fetch_add(1, Ordering::SeqCst);
             }),
-            Arc::new(move || {
+            Arc::new(move |_| {
                 r.fetch_add(1, Ordering::SeqCst);
             }),
         );

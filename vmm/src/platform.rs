@@ -183,14 +183,17 @@ impl Platform {
             let off_weak = weak.clone();
             let reset_weak2 = weak.clone();
             let acpi_pm = Arc::new(AcpiPm::new(
-                Arc::new(move || {
+                Arc::new(move |vcpu| {
                     if let Some(p) = off_weak.upgrade() {
+                        eprintln!("spanvm: the guest powered off (ACPI S5) from vCPU {vcpu}");
                         p.request_stop(StopReason::PowerOff);
                     }
                 }),
-                Arc::new(move || {
+                Arc::new(move |vcpu| {
                     if let Some(p) = reset_weak2.upgrade() {
-                        p.request_stop(StopReason::Reset("ACPI reset register".into()));
+                        p.request_stop(StopReason::Reset(format!(
+                            "ACPI reset register, written by vCPU {vcpu}"
+                        )));
                     }
                 }),
             ));
