@@ -56,7 +56,9 @@ fn default_linux() -> Result<GuestImage, ClusterError> {
     let initrd = dir.join("initramfs.cpio");
     for path in [&kernel, &initrd] {
         if !path.is_file() {
-            return Err(ClusterError::NoImages { missing: path.clone() });
+            return Err(ClusterError::NoImages {
+                missing: path.clone(),
+            });
         }
     }
     Ok(GuestImage::Linux {
