@@ -64,3 +64,67 @@ fn remote_console_output_and_reads_reach_the_master_device() {
         .filter(|l| l.contains("hello"))
         .all(|l| l.starts_with("[node 0]")));
 }
+
+/// IPIs of the `multicast` probe's phases each vCPU received per sender: `expected(phase,
+/// receiver, sender)` as the probe's header describes them (K = 16 per kind of send).
+fn multicast_expected(n: usize, phase: &str, r: usize, s: usize) -> u64 {
+    const K: u64 = 16;
+    let next = |s: usize| (s + 1) % n;
+    let other = u64::from(r != s);
+    let to_next = u64::from(r == next(s) && r != s);
+    match phase {
+        "RAC" => u64::from(r == 1 && s == 0) * 200,
+        "PHY" => K * other,
+        "FLT" | "CLU" | "X2C" => K * other + K * to_next,
+        "ALI" => K,
+        "ALX" => K * other,
+        "SLF" => K * u64::from(r == s),
+        "X2P" => K * other + K,
+        _ => unreachable!("{phase}"),
+    }
+}
+
+fn multicast(nodes: usize) {
+    let run = run(nodes, 1, "multicast", 0, 32);
+    for r in 0..nodes {
+        assert_eq!(
+            run.get(r, "LOST"),
+            0,
+            "vCPU {r} waited in vain for receipts"
+        );
+        assert_eq!(run.get(r, "RMIS"), 0, "late-enable rounds vCPU {r} missed");
+    }
+    for phase in [
+        "RAC", "PHY", "FLT", "CLU", "ALI", "ALX", "SLF", "X2C", "X2P",
+    ] {
+        for r in 0..nodes {
+            for s in 0..nodes {
+                assert_eq!(
+                    run.get(r, &format!("{phase}{s}")),
+                    multicast_expected(nodes, phase, r, s),
+                    "{nodes} nodes, phase {phase}: IPIs vCPU {r} got from vCPU {s}"
+                );
+            }
+        }
+    }
+    // Lowest priority: every IPI reached exactly one of the others, never the sender.
+    for s in 0..nodes {
+        let got: Vec<u64> = (0..nodes).map(|r| run.get(r, &format!("LOW{s}"))).collect();
+        assert_eq!(got[s], 0, "lowest-priority IPIs of vCPU {s} reached itself");
+        assert_eq!(
+            got.iter().sum::<u64>(),
+            16,
+            "lowest-priority IPIs from vCPU {s}, per receiver: {got:?}"
+        );
+    }
+}
+
+#[test]
+fn multicast_ipis_in_every_addressing_mode_on_2_nodes() {
+    multicast(2);
+}
+
+#[test]
+fn multicast_ipis_in_every_addressing_mode_on_4_nodes() {
+    multicast(4);
+}
