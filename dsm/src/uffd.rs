@@ -339,6 +339,42 @@ impl UffdGuestPages {
         };
         self.ioctl_retrying(sys::UFFDIO_WRITEPROTECT, &mut wp, operation, page)
     }
+
+    /// Sets the uffd write protection of `count` pages from `first` (`protect` true: write-protect,
+    /// false: lift it), in one `UFFDIO_WRITEPROTECT`; pages not present are left alone. The caller
+    /// must hold the range in that state already, or be entitled to change it: this is meant for
+    /// re-applying a page's current protection, whose only effect is that the kernel's MMU
+    /// notifiers (KVM's) see the range change, dropping KVM's mappings of it. Does not wake
+    /// faulting threads (`MODE_DONTWAKE` when unprotecting).
+    pub fn set_write_protection(
+        &self,
+        first: u64,
+        count: u64,
+        protect: bool,
+    ) -> Result<(), MemoryError> {
+        if count == 0 {
+            return Ok(());
+        }
+        let start = self.page_address(first)?;
+        self.page_address(first.saturating_add(count - 1))?;
+        let mut wp = sys::UffdioWriteprotect {
+            range: sys::UffdioRange {
+                start,
+                len: count * PAGE_SIZE as u64,
+            },
+            mode: if protect {
+                sys::UFFDIO_WRITEPROTECT_MODE_WP
+            } else {
+                sys::UFFDIO_WRITEPROTECT_MODE_DONTWAKE
+            },
+        };
+        self.ioctl_retrying(
+            sys::UFFDIO_WRITEPROTECT,
+            &mut wp,
+            "UFFDIO_WRITEPROTECT (range)",
+            first,
+        )
+    }
 }
 
 static ZERO_PAGE: [u8; PAGE_SIZE] = [0; PAGE_SIZE];

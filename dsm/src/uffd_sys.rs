@@ -19,6 +19,8 @@ pub const UFFDIO_COPY_MODE_WP: u64 = 1 << 1;
 
 /// `UFFDIO_WRITEPROTECT_MODE_WP`: protect (clear it to unprotect and wake).
 pub const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1 << 0;
+/// `UFFDIO_WRITEPROTECT_MODE_DONTWAKE`: unprotect without waking faulting threads.
+pub const UFFDIO_WRITEPROTECT_MODE_DONTWAKE: u64 = 1 << 1;
 
 /// `UFFD_EVENT_PAGEFAULT` and its flags.
 pub const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
