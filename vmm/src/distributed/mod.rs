@@ -3,6 +3,7 @@
 
 pub mod control;
 pub mod link;
+pub mod shadow_zap;
 
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -17,6 +18,7 @@ use crate::platform::Platform;
 use crate::stop::StopReason;
 use control::Control;
 use link::MeshLink;
+use shadow_zap::ShadowZap;
 
 /// How long a node waits for its peers to come up (`SPANVM_CONNECT_TIMEOUT`, in seconds,
 /// overrides it).
@@ -197,7 +199,7 @@ pub struct Distributed {
     /// Start/finish/stop coordination.
     pub control: Arc<Control>,
     handler: Arc<NodeHandler>,
-    _pages: Arc<UffdGuestPages>,
+    _pages: Arc<ShadowZap<UffdGuestPages>>,
 }
 
 impl Distributed {
@@ -208,11 +210,12 @@ impl Distributed {
         let secret = config
             .read_secret()?
             .ok_or_else(|| DistributedError::NoSecret(config.path.display().to_string()))?;
+        // ShadowZap: on kvm_pvm, dropping a page-table page clears KVM's shadow translations.
         // SAFETY: the mapping belongs to `memory`, which the caller keeps alive for as long as
         // the VM (and so this DSM) exists; nothing else registers it with a userfaultfd.
-        let pages = Arc::new(unsafe {
+        let pages = Arc::new(ShadowZap::for_this_host(unsafe {
             UffdGuestPages::register(memory.host_base(), memory.len() as usize)?
-        });
+        }));
         let link = Arc::new(MeshLink::default());
         let home_layout = layout.clone();
         let dsm = Arc::new(Dsm::start(
