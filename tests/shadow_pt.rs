@@ -331,6 +331,7 @@ fn directory_case(zap: bool) -> Result<u32, String> {
 }
 
 type Outcome = Result<Option<String>, String>;
+type Case = (&'static str, fn() -> Outcome);
 
 fn with_zap_leaf() -> Outcome {
     leaf_case(true).map(|_| None)
@@ -471,14 +472,11 @@ fn cost() -> Outcome {
 }
 
 fn main() {
-    if std::env::var_os("DEBUG0").is_some() {
-        debug_page0();
-    }
     let filters: Vec<String> = std::env::args()
         .skip(1)
         .filter(|a| !a.starts_with('-'))
         .collect();
-    let cases: [(&str, fn() -> Outcome); 5] = [
+    let cases: [Case; 5] = [
         ("leaf_table_replacement_is_seen_with_the_zap", with_zap_leaf),
         (
             "directory_replacement_is_seen_with_the_zap",
