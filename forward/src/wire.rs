@@ -62,7 +62,7 @@ impl IoAccess {
 
     /// A read of `len` bytes; `None` if `len` is not an access size.
     pub fn read(space: Space, address: u64, len: usize) -> Option<Self> {
-        valid_len(len).then(|| Self {
+        valid_len(len).then_some(Self {
             space,
             address,
             write: false,
