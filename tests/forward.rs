@@ -128,3 +128,22 @@ fn multicast_ipis_in_every_addressing_mode_on_2_nodes() {
 fn multicast_ipis_in_every_addressing_mode_on_4_nodes() {
     multicast(4);
 }
+
+fn nmis(nodes: usize, rounds: u64) {
+    let run = run(nodes, 1, "nmi", rounds, 32);
+    assert_eq!(run.get(0, "LOST"), 0, "NMIs vCPU 0 waited for in vain");
+    assert_eq!(run.get(0, "NMIS"), rounds * (nodes as u64 - 1));
+    assert_eq!(run.get(0, "NMIN"), 0, "NMIs vCPU 0 sent to itself");
+    for t in 1..nodes {
+        assert_eq!(run.get(t, "NMIN"), rounds, "NMIs vCPU {t} took (vector 2)");
+        assert_eq!(run.get(t, "NMIE"), 1, "vCPU {t} enabled its APIC half-way");
+    }
+}
+
+#[test]
+fn nmis_reach_remote_vcpus_with_their_apic_disabled_and_enabled() {
+    // On this host an NMI to a vCPU spinning at CPL3 takes about 5 ms to arrive even on one
+    // node (a host tick, it seems), so the 4-node run sends fewer.
+    nmis(2, 1000);
+    nmis(4, 200);
+}
