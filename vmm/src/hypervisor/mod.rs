@@ -22,6 +22,18 @@ use vmm_sys_util::ioctl_iow_nr;
 pub const MSR_APIC_BASE: u32 = 0x1b;
 pub const MSR_TSC_DEADLINE: u32 = 0x6e0;
 
+/// KVM's paravirtual MSRs that spanvm refuses (denied in the MSR filter, so they exit to user
+/// space instead of reaching KVM): `MSR_KVM_ASYNC_PF_EN` (0x4b564d02), `MSR_KVM_STEAL_TIME`
+/// (..03), `MSR_KVM_PV_EOI_EN` (..04), `MSR_KVM_POLL_CONTROL` (..05), `MSR_KVM_ASYNC_PF_INT`
+/// (..06) and `MSR_KVM_ASYNC_PF_ACK` (..07). Each makes KVM write a per-CPU guest page on its
+/// own (steal time on every entry, async page faults, PV EOI), which on a distributed guest is
+/// a DSM page pulled to whichever node runs the vCPU, or needs an in-kernel local APIC. The
+/// kvmclock MSRs (0x4b564d00/01, 0x11/0x12) stay with KVM. Where the guest's CPUID can be set
+/// the features are not offered at all ([`cpuid`]); on kvm_pvm, where it cannot, the Linux
+/// guest also gets kernel parameters that keep it from trying
+/// (`crate::vcpu::pvm_repair::PVM_KERNEL_PARAMS`).
+pub const REFUSED_PV_MSRS: std::ops::RangeInclusive<u32> = 0x4b56_4d02..=0x4b56_4d07;
+
 const KVMIO: u32 = 0xAE;
 ioctl_iow_nr!(KVM_INTERRUPT, KVMIO, 0x86, kvm_interrupt);
 
@@ -114,6 +126,7 @@ impl Hypervisor {
             .map_err(ioctl_err("enabling user-space MSR exits"))?;
         // One bit per MSR, 0 = deny = exit to user space.
         let deny_one = [0u8; 1];
+        let deny_pv = [0u8; 1];
         let ranges = [
             MsrFilterRange {
                 flags: MsrFilterRangeFlags::READ | MsrFilterRangeFlags::WRITE,
@@ -126,6 +139,12 @@ impl Hypervisor {
                 base: MSR_TSC_DEADLINE,
                 msr_count: 1,
                 bitmap: &deny_one,
+            },
+            MsrFilterRange {
+                flags: MsrFilterRangeFlags::READ | MsrFilterRangeFlags::WRITE,
+                base: *REFUSED_PV_MSRS.start(),
+                msr_count: REFUSED_PV_MSRS.end() - REFUSED_PV_MSRS.start() + 1,
+                bitmap: &deny_pv,
             },
         ];
         vm.set_msr_filter(MsrFilterDefaultAction::ALLOW, &ranges)

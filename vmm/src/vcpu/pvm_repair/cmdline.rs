@@ -5,8 +5,18 @@
 /// cannot run at CPL0; `cryptomgr.notests`, `init_on_alloc=0`, `nowatchdog` and
 /// `no_timer_check` skip work and timing checks that an emulated kernel is far too slow for;
 /// `pci=off` because spanvm has no PCI.
+///
+/// The rest keep Linux away from KVM paravirtual features that bypass the user-space APIC or
+/// make KVM write per-CPU guest pages (DESIGN.md, "Hazards"), in case the guest sees them
+/// although spanvm's CPUID hides them (HOST.md: on kvm_pvm the guest may see the host's
+/// CPUID); their MSRs are refused in the MSR filter besides (`hypervisor::REFUSED_PV_MSRS`).
+/// `no-kvmapf`: no async page faults (`MSR_KVM_ASYNC_PF_EN/INT/ACK`); `no-steal-acc`: no
+/// steal-time accounting; `nopvspin`: no PV spinlocks (whose kick is a KVM hypercall). Linux
+/// 6.1 has no parameter against steal-time registration, PV EOI, PV TLB flush, PV sched-yield
+/// or PV send-IPI: only the CPUID keeps the guest from those.
 pub const PVM_KERNEL_PARAMS: &str = "noxsave clearcpuid=cx16,ssse3 cryptomgr.notests pci=off \
-                                     init_on_alloc=0 nowatchdog no_timer_check";
+                                     init_on_alloc=0 nowatchdog no_timer_check no-kvmapf \
+                                     no-steal-acc nopvspin";
 
 const CLEARCPUID: &str = "clearcpuid";
 
@@ -141,7 +151,7 @@ mod tests {
         assert_eq!(
             add_pvm_kernel_params(""),
             "noxsave cryptomgr.notests pci=off init_on_alloc=0 nowatchdog no_timer_check \
-             clearcpuid=cx16,ssse3"
+             no-kvmapf no-steal-acc nopvspin clearcpuid=cx16,ssse3"
         );
     }
 
@@ -164,6 +174,9 @@ mod tests {
             "cryptomgr.notests",
             "nowatchdog",
             "no_timer_check",
+            "no-kvmapf",
+            "no-steal-acc",
+            "nopvspin",
         ] {
             assert!(params.contains(&p), "{p} missing from {line}");
         }
