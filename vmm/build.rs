@@ -40,6 +40,8 @@ fn layout_inc() -> String {
         ("PROBE_PORT_EXIT", PROBE_PORT_EXIT),
         ("PROBE_PORT_NOP", PROBE_PORT_NOP),
         ("PROBE_MMIO_NOP", PROBE_MMIO_NOP),
+        ("IRQ_DRIVER_PORT", IRQ_DRIVER_PORT),
+        ("IOAPIC_ADDR", IOAPIC_ADDR),
         ("COM1_PORT", COM1_PORT),
         ("LAPIC_ADDR", LAPIC_ADDR),
         ("PROBE_MAGIC", PROBE_MAGIC),

@@ -12,6 +12,7 @@ pub mod bus;
 pub mod i8042;
 pub mod interrupt;
 pub mod ioapic;
+pub mod irq_driver;
 pub mod irq_line;
 pub mod probe_port;
 pub mod serial;

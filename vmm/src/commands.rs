@@ -43,10 +43,12 @@ pub fn run(config: &Path) -> Result<StopReason, CommandError> {
     let platform = vm.platform().clone();
     let dsm = vm.dsm();
     let dsm_on_request = dsm.clone();
+    let forward_on_request = vm.platform().forward().clone();
     handle_signals(move |sig| {
         if sig == libc::SIGUSR1 {
             if let Some(d) = &dsm_on_request {
                 eprint!("{}", d.stats());
+                eprintln!("{}", forward_on_request.stats());
             }
         } else {
             platform.request_stop(StopReason::Interrupted);
@@ -75,6 +77,7 @@ pub fn run(config: &Path) -> Result<StopReason, CommandError> {
     }
     if let Some(d) = dsm {
         eprint!("{}", d.stats());
+        eprintln!("{}", vm.platform().forward().stats());
     }
     Ok(reason)
 }

@@ -14,6 +14,7 @@ use devices::bus::{Bus, BusError};
 use devices::i8042::{I8042, I8042_PORT, I8042_PORT_LEN};
 use devices::interrupt::InterruptMessage;
 use devices::ioapic::IoApic;
+use devices::irq_driver::{IrqDriver, IRQ_DRIVER_PORT, IRQ_DRIVER_PORT_LEN};
 use devices::irq_line::IrqLine;
 use devices::probe_port::{ProbeEvent, ProbePort, PROBE_PORT, PROBE_PORT_LEN};
 use devices::serial::{SerialPort, COM1_IRQ, COM1_PORT};
@@ -219,11 +220,19 @@ impl Platform {
                 PROBE_PORT_LEN,
                 probe as Arc<dyn devices::bus::BusDevice>,
             )];
+            // The IRQ line driver: probe guests raise IOAPIC pins through it (master only).
+            let irq_weak = weak.clone();
+            let irq_driver = Arc::new(IrqDriver::new(Box::new(move |pin, high| {
+                if let Some(p) = irq_weak.upgrade() {
+                    p.set_irq(pin, high);
+                }
+            })));
             if is_master {
                 claims.extend([
                     (COM1_PORT, 8, serial as Arc<dyn devices::bus::BusDevice>),
                     (I8042_PORT, I8042_PORT_LEN, i8042),
                     (ACPI_PM_PORT, ACPI_PM_PORT_LEN, acpi_pm),
+                    (IRQ_DRIVER_PORT, IRQ_DRIVER_PORT_LEN, irq_driver),
                 ]);
             }
             for (base, len, dev) in claims {

@@ -53,6 +53,8 @@ pub const PROBE_PORT_EXIT: u64 = 0x50c;
 pub const PROBE_PORT_NOP: u64 = 0x510;
 /// An unclaimed MMIO address in the gap: reads return all ones, writes are ignored.
 pub const PROBE_MMIO_NOP: u64 = 0xD000_0000;
+/// The master's IRQ line driver (see devices::irq_driver): `out` of `pin | op << 8`.
+pub const IRQ_DRIVER_PORT: u64 = 0x520;
 
 pub const COM1_PORT: u64 = 0x3f8;
 pub const LAPIC_ADDR: u64 = 0xFEE0_0000;
