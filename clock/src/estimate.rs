@@ -71,6 +71,8 @@ pub struct Estimate {
     pub tsc_bound_ticks: u64,
     /// Median of [`Sample::realtime_skew_ns`] over the samples that have one.
     pub realtime_skew_ns: Option<i128>,
+    /// Whether the master's latest reply reported `KVM_CLOCK_TSC_STABLE`.
+    pub master_tsc_stable: bool,
 }
 
 /// The estimate from `samples`: the sample with the shortest round trip.
@@ -99,6 +101,7 @@ pub fn estimate(samples: &[Sample]) -> Result<Estimate, ClockError> {
         host_tsc_skew_ticks: best.host_tsc_skew_ticks(),
         tsc_bound_ticks: ticks / 2,
         realtime_skew_ns: by_realtime.get(by_realtime.len() / 2).copied(),
+        master_tsc_stable: samples.last().is_some_and(|s| s.reply.reading.tsc_stable()),
     })
 }
 

@@ -31,8 +31,8 @@ pub use boot_id::{BootId, BOOT_ID_PATH};
 pub use error::ClockError;
 pub use estimate::{estimate, Estimate, Sample};
 pub use sync::{
-    master_clock, master_report, reply_to_ping, sync_with_master, ClockMethod, LocalNode,
-    SyncReport, TscOutcome, MIN_SAMPLES,
+    master_clock, master_report, master_tsc_stable_check, reply_to_ping, sync_with_master,
+    ClockMethod, LocalNode, SyncReport, TscOutcome, MIN_SAMPLES,
 };
 pub use wire::{ClockReply, MasterClock, MasterTsc, MASTER_CLOCK_LEN, REPLY_LEN};
 

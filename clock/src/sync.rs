@@ -121,13 +121,9 @@ pub fn reply_to_ping(seq: u64, vm: &dyn VmClock, tsc: MasterTsc) -> Result<Clock
     })
 }
 
-/// The line the master prints at start, and its warnings.
-pub fn master_report(
-    node: NodeId,
-    nodes: usize,
-    master: &MasterClock,
-    tsc: &TscControl,
-) -> (String, Vec<String>) {
+/// The line the master prints at start. Whether KVM runs a stable master clock may be
+/// decided only when a vCPU first runs: see [`master_tsc_stable_check`].
+pub fn master_report(node: NodeId, nodes: usize, master: &MasterClock, tsc: &TscControl) -> String {
     let tsc_text = match tsc {
         TscControl::Offset { offset } => format!(
             "the other nodes' guest TSCs follow this node's (offset {offset}, {} kHz)",
@@ -137,18 +133,39 @@ pub fn master_report(
             "{reason}, so the other nodes cannot follow this node's guest TSC; they measure their skew against it"
         ),
     };
-    let line = format!(
-        "spanvm: node {node} clock: master, the reference for {} other node{} (kvmclock {} ns), TSC_STABLE {}; TSC: {tsc_text}",
+    let stable = if master.reading.tsc_stable() {
+        "yes"
+    } else {
+        "not yet (KVM decides when a vCPU first runs; checked again then)"
+    };
+    format!(
+        "spanvm: node {node} clock: master, the reference for {} other node{} (kvmclock {} ns), TSC_STABLE {stable}; TSC: {tsc_text}",
         nodes.saturating_sub(1),
         if nodes == 2 { "" } else { "s" },
         master.reading.clock_ns,
-        yes_no(master.reading.tsc_stable()),
-    );
-    let mut warnings = Vec::new();
-    if !master.reading.tsc_stable() {
-        warnings.push(tsc_unstable_warning(node));
+    )
+}
+
+/// The master, after its vCPUs started: waits up to `limit` for KVM to report
+/// `KVM_CLOCK_TSC_STABLE` and gives the line to print: a confirmation, or the loud warning.
+pub fn master_tsc_stable_check(
+    node: NodeId,
+    vm: &dyn VmClock,
+    limit: std::time::Duration,
+) -> Result<String, ClockError> {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        let reading = vm.get()?;
+        if reading.tsc_stable() {
+            return Ok(format!(
+                "spanvm: node {node} clock: TSC_STABLE yes (reported once its vCPUs ran)"
+            ));
+        }
+        if std::time::Instant::now() >= deadline {
+            return Ok(tsc_unstable_warning(node));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    (line, warnings)
 }
 
 /// `count` round trips to the master, numbered from `*seq`.
@@ -187,14 +204,35 @@ pub fn sync_with_master(
     let mut seq = 0u64;
     let same_host = node.boot_id == master.boot_id;
 
-    // 1. The kvmclock.
-    let exact = same_host && master.reading.realtime().is_some() && vm.can_set_at_realtime();
+    // 1. The kvmclock. On one host any master reading that carries the host's realtime sets
+    // it exactly: START's, or else (KVM pairs its clock with realtime only once it runs a
+    // stable master clock, which it may decide only when the master's first vCPU runs) the
+    // latest sample's that has one.
+    let realtime_ok = same_host && vm.can_set_at_realtime();
     let mut before_set: Option<Estimate> = None;
-    let method = if exact {
-        vm.set(master.reading.clock_ns, master.reading.realtime())?;
+    let mut exact_from = realtime_ok
+        .then(|| {
+            master
+                .reading
+                .realtime()
+                .map(|r| (master.reading.clock_ns, r))
+        })
+        .flatten();
+    let mut taken = Vec::new();
+    if exact_from.is_none() {
+        taken = collect(vm, link, samples, &mut seq)?;
+        if realtime_ok {
+            exact_from = taken
+                .iter()
+                .rev()
+                .find_map(|s| Some((s.reply.reading.clock_ns, s.reply.reading.realtime()?)));
+        }
+    }
+    let method = if let Some((clock_ns, realtime)) = exact_from {
+        vm.set(clock_ns, Some(realtime))?;
         ClockMethod::SameHostRealtime
     } else {
-        let e = estimate(&collect(vm, link, samples, &mut seq)?)?;
+        let e = estimate(&taken)?;
         let now = vm.get()?;
         let target = i128::from(now.clock_ns) - e.clock_skew_ns;
         let target =
@@ -261,7 +299,7 @@ pub fn sync_with_master(
         clock_skew_ns,
         clock_skew_bound_ns,
         tsc_stable,
-        master_tsc_stable: master.reading.tsc_stable(),
+        master_tsc_stable: after.master_tsc_stable,
         tsc,
         tsc_skew_ticks,
         tsc_skew_bound_ticks: tsc_bound,

@@ -431,11 +431,12 @@ fn a_missing_tsc_stable_flag_is_reported_loudly() {
     let mut local_vm = FakeVm::new(&world, 0, 1 << 60, 0);
     local_vm.flags &= !KVM_CLOCK_TSC_STABLE;
     let start = master_clock(boot(BOOT_A), 1_000_000, &master_vm, &FakeTsc::fixed()).unwrap();
-    let (line, warnings) = master_report(0, 3, &start, &FakeTsc::fixed().control());
-    assert!(line.contains("TSC_STABLE NO"), "{line}");
+    let line = master_report(0, 3, &start, &FakeTsc::fixed().control());
+    assert!(line.contains("TSC_STABLE not yet"), "{line}");
     assert!(line.contains("reference for 2 other nodes"), "{line}");
-    assert_eq!(warnings.len(), 1);
-    assert!(warnings[0].contains("hv_clock_boot"), "{warnings:?}");
+    let later = master_tsc_stable_check(0, &master_vm, std::time::Duration::ZERO).unwrap();
+    assert!(later.contains("WARNING: node 0"), "{later}");
+    assert!(later.contains("hv_clock_boot"), "{later}");
     let link = FakeLink {
         world: world.clone(),
         master: &master_vm,
@@ -472,16 +473,58 @@ fn the_master_line_says_whether_others_can_follow_its_tsc() {
     let world = Arc::new(World::default());
     let vm = FakeVm::new(&world, 0, 0, 0);
     let start = master_clock(boot(BOOT_A), 1_000_000, &vm, &FakeTsc::offset(-5)).unwrap();
-    let (line, warnings) = master_report(0, 2, &start, &TscControl::Offset { offset: -5 });
+    let line = master_report(0, 2, &start, &TscControl::Offset { offset: -5 });
     assert!(
         line.starts_with("spanvm: node 0 clock: master, the reference for 1 other node ("),
         "{line}"
     );
     assert!(line.contains("follow this node's (offset -5"), "{line}");
-    assert!(warnings.is_empty());
-    let (line, _) = master_report(0, 2, &start, &FakeTsc::fixed().control());
+    assert!(line.contains("TSC_STABLE yes;"), "{line}");
+    let later = master_tsc_stable_check(0, &vm, std::time::Duration::from_secs(5)).unwrap();
+    assert_eq!(
+        later,
+        "spanvm: node 0 clock: TSC_STABLE yes (reported once its vCPUs ran)"
+    );
+    let line = master_report(0, 2, &start, &FakeTsc::fixed().control());
     assert!(
         line.contains("kvm_pvm cannot offset the guest TSC, so the other nodes cannot follow"),
         "{line}"
     );
+}
+
+#[test]
+fn same_host_without_realtime_in_start_sets_exactly_from_a_sample() {
+    // The master's KVM had no stable master clock yet when START went out (no realtime in
+    // it); its later readings have one.
+    let world = Arc::new(World::default());
+    world.advance(1_000_000);
+    let master_vm = FakeVm::new(&world, 9_000_000_000, 1 << 60, 0);
+    let local_vm = FakeVm::new(&world, 0, 1 << 60, 0);
+    let mut start = master_clock(boot(BOOT_A), 1_000_000, &master_vm, &FakeTsc::fixed()).unwrap();
+    start.reading.flags &= !(KVM_CLOCK_REALTIME | KVM_CLOCK_TSC_STABLE);
+    let link = FakeLink {
+        world: world.clone(),
+        master: &master_vm,
+        tsc: MasterTsc::Fixed,
+        delays: vec![(70_000, 1_000), (2_000, 50_000)],
+        exchanges: AtomicUsize::new(0),
+        fail_at: None,
+    };
+    let tsc = FakeTsc::fixed();
+    let node = LocalNode {
+        id: 1,
+        boot_id: boot(BOOT_A),
+        tsc_khz: 1_000_000,
+        vm: &local_vm,
+        tsc: &tsc,
+    };
+    let report = sync_with_master(&node, &start, &link, 16).unwrap();
+    assert_eq!(report.method, ClockMethod::SameHostRealtime);
+    assert_eq!(link.exchanges.load(Ordering::SeqCst), 32);
+    let t = world.now();
+    // Exact despite round trips of 50 µs and more, very asymmetric.
+    assert!((local_vm.clock_at(t) - master_vm.clock_at(t)).abs() <= i128::from(READ_NS));
+    assert!(report.clock_skew_ns.abs() <= i128::from(READ_NS));
+    // The master's replies say TSC_STABLE although START did not.
+    assert!(report.master_tsc_stable);
 }

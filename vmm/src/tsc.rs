@@ -1,12 +1,27 @@
-//! The time base of the user-space APIC: the guest TSC. spanvm never offsets the guest TSC on
-//! this node, so the guest's TSC is the host's `rdtsc`.
+//! The time base of the user-space APIC: the guest TSC, which is the host's `rdtsc` plus the
+//! offset the clock synchronisation gave every vCPU (0 unless this node's host can offset the
+//! guest TSC and the node follows the master's; see the `clock` crate).
 
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
-/// The current TSC.
-pub fn now() -> u64 {
+/// Guest TSC minus host TSC on this node.
+static GUEST_OFFSET: AtomicI64 = AtomicI64::new(0);
+
+/// The host's TSC now.
+pub fn host_now() -> u64 {
     // SAFETY: rdtsc has no preconditions on x86_64.
     unsafe { core::arch::x86_64::_rdtsc() }
+}
+
+/// The guest's TSC now (what the guest reads with `rdtsc`).
+pub fn now() -> u64 {
+    host_now().wrapping_add(GUEST_OFFSET.load(Ordering::Relaxed) as u64)
+}
+
+/// Records that every vCPU's guest TSC is the host's plus `offset`.
+pub fn set_guest_offset(offset: i64) {
+    GUEST_OFFSET.store(offset, Ordering::Relaxed);
 }
 
 /// `ticks` TSC ticks at `khz` as a duration.

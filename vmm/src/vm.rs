@@ -11,6 +11,7 @@ use kvm_ioctls::VcpuFd;
 use resources::{GuestImage, NodeConfig};
 
 use crate::boot;
+use crate::distributed::control::Control;
 use crate::distributed::{connect_timeout, Distributed, DistributedError};
 use crate::hypervisor::{Hypervisor, HypervisorError, KvmVm};
 use crate::memory::{GuestMemory, MemoryError};
@@ -51,6 +52,9 @@ pub enum VmError {
     /// The master never said the guest is loaded.
     #[error("the master (node 0) did not start the guest within {0:?}")]
     NoStart(std::time::Duration),
+    /// This node's clock could not be set from the master's.
+    #[error("cannot synchronise this node's clock with the master's: {0}")]
+    Clock(#[from] clock::ClockError),
 }
 
 /// A built VM taken apart (see [`NodeVm::into_parts`]).
@@ -171,13 +175,13 @@ impl NodeVm {
                 }));
             }
         }
+        // --- Clock synchronisation (the `clock` crate; see `sync_clock`): the master's clock
+        // goes out in START, and every other node sets its own from it before returning, that
+        // is before any local vCPU runs.
         if let Some(d) = &distributed {
-            if config.node == layout.master() {
-                d.control.announce_start();
-            } else if !d.control.wait_for_start(connect_timeout()) {
-                return Err(VmError::NoStart(connect_timeout()));
-            }
+            sync_clock(config, &vm, &d.control, tsc_khz)?;
         }
+        // --- End of clock synchronisation.
         Ok(Self {
             _vm: vm,
             _memory: memory,
@@ -311,6 +315,71 @@ impl forward::ForwardLink for NoPeers {
         Err(format!("a single-node guest has no node {to}"))
     }
 }
+
+// --- Clock synchronisation (owned with the `clock` crate).
+
+/// At START: the master publishes its kvmclock and guest TSC in START and answers the other
+/// nodes' clock samples; every other node waits for START, sets its kvmclock (and, where the
+/// host can offset it, its guest TSC) from the master's, and reports the skew it measured.
+fn sync_clock(
+    config: &NodeConfig,
+    vm: &KvmVm,
+    control: &Control,
+    tsc_khz: u32,
+) -> Result<(), VmError> {
+    use clock::GuestTsc as _;
+    let layout = &config.layout;
+    let kvm_clock = Arc::new(vm.clock());
+    let boot_id = clock::BootId::read()?;
+    if config.node == layout.master() {
+        let tsc_control = kvm_clock.control();
+        if let clock::TscControl::Offset { offset } = tsc_control {
+            // The user-space APIC's TSC deadlines are in guest TSC ticks.
+            crate::tsc::set_guest_offset(offset);
+        }
+        let master = clock::master_clock(boot_id, tsc_khz, &*kvm_clock, &*kvm_clock)?;
+        let responder = kvm_clock.clone();
+        let master_tsc = master.tsc;
+        control.set_clock_responder(Box::new(move |seq| {
+            clock::reply_to_ping(seq, &*responder, master_tsc)
+        }));
+        eprintln!(
+            "{}",
+            clock::master_report(config.node, layout.node_count(), &master, &tsc_control)
+        );
+        control.announce_start(&master);
+        // KVM may turn on its stable master clock only when a vCPU first runs: check then.
+        let node = config.node;
+        std::thread::Builder::new()
+            .name("clock-check".into())
+            .spawn(move || {
+                match clock::master_tsc_stable_check(node, &*kvm_clock, Duration::from_secs(10)) {
+                    Ok(line) => eprintln!("{line}"),
+                    Err(e) => eprintln!("spanvm: node {node} clock: {e}"),
+                }
+            })
+            .map_err(VmError::Thread)?;
+    } else {
+        let master = control
+            .wait_for_start(connect_timeout())
+            .ok_or(VmError::NoStart(connect_timeout()))??;
+        let node = clock::LocalNode {
+            id: config.node,
+            boot_id,
+            tsc_khz,
+            vm: &*kvm_clock,
+            tsc: &*kvm_clock,
+        };
+        let report = clock::sync_with_master(&node, &master, control, clock::MIN_SAMPLES)?;
+        eprintln!("{report}");
+        for w in report.warnings() {
+            eprintln!("{w}");
+        }
+    }
+    Ok(())
+}
+
+// --- End of clock synchronisation.
 
 /// Joins the threads that finish within `limit` of now.
 fn join_for(threads: Vec<JoinHandle<()>>, limit: Duration) {

@@ -3,6 +3,11 @@
 //! and the master tells everyone to stop (STOP) once all are done or one failed. A node keeps
 //! serving the DSM after its own vCPUs are done, until STOP: other nodes may still need its pages.
 //!
+//! START carries the master's clock ([`clock::MasterClock`]); before its vCPUs run, every other
+//! node sets its own from it, taking clock samples from the master on the way (CLOCK_PING with
+//! the sample number in `arg`, answered by CLOCK_REPLY carrying a [`clock::ClockReply`], or
+//! the master's error text with [`FLAG_CLOCK_ERROR`]).
+//!
 //! Leaving is two-phase so that no node takes another's exit for a failure: every node answers
 //! STOP with STOP_ACK once it treats disconnects as expected; only when all have answered does
 //! the master send EXIT, and only then do nodes close their connections.
@@ -11,6 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex, Weak};
 use std::time::{Duration, Instant};
 
+use clock::{ClockError, ClockReply, MasterClock, MasterLink};
 use transport::{Channel, Frame, FrameRef, NodeId, Transport};
 
 use crate::platform::Platform;
@@ -21,6 +27,12 @@ const KIND_DONE: u16 = 2;
 const KIND_STOP: u16 = 3;
 const KIND_STOP_ACK: u16 = 4;
 const KIND_EXIT: u16 = 5;
+const KIND_CLOCK_PING: u16 = 6;
+const KIND_CLOCK_REPLY: u16 = 7;
+/// On a CLOCK_REPLY: the payload is the master's error text, not a reply.
+pub const FLAG_CLOCK_ERROR: u16 = 1;
+/// How long a node waits for the answer to one clock sample.
+const CLOCK_REPLY_WAIT: Duration = Duration::from_secs(2);
 /// How long the master waits for every STOP_ACK, and a node for EXIT.
 const LEAVE_WAIT: Duration = Duration::from_secs(3);
 
@@ -50,9 +62,16 @@ fn reason_text(reason: &StopReason) -> String {
     }
 }
 
+/// What the master answers a clock sample request with.
+pub type ClockResponder = Box<dyn Fn(u64) -> Result<ClockReply, ClockError> + Send + Sync>;
+
 #[derive(Default)]
 struct State {
     started: bool,
+    /// The master's clock from START (or why it could not be read), until taken.
+    start_clock: Option<Result<MasterClock, ClockError>>,
+    /// The latest answer to a clock sample: its number and content.
+    clock_reply: Option<(u64, Result<ClockReply, ClockError>)>,
     /// Per node: its local vCPUs are done (master only).
     done: Vec<bool>,
     stop_sent: bool,
@@ -71,6 +90,8 @@ pub struct Control {
     mesh: Mutex<Option<Weak<dyn Transport>>>,
     platform: Mutex<Option<Weak<Platform>>>,
     stopping_cleanly: AtomicBool,
+    /// Master: answers clock samples (set before START goes out).
+    clock_responder: Mutex<Option<ClockResponder>>,
 }
 
 impl Control {
@@ -89,6 +110,7 @@ impl Control {
             mesh: Mutex::new(None),
             platform: Mutex::new(None),
             stopping_cleanly: AtomicBool::new(false),
+            clock_responder: Mutex::new(None),
         }
     }
 
@@ -109,6 +131,10 @@ impl Control {
     }
 
     fn send(&self, to: NodeId, kind: u16, arg: u64, text: &str) {
+        self.send_bytes(to, kind, 0, arg, text.as_bytes());
+    }
+
+    fn send_bytes(&self, to: NodeId, kind: u16, flags: u16, arg: u64, payload: &[u8]) {
         let mesh = self
             .mesh
             .lock()
@@ -118,10 +144,10 @@ impl Control {
         if let Some(mesh) = mesh {
             let frame = FrameRef {
                 kind,
-                flags: 0,
+                flags,
                 id: 0,
                 arg,
-                payload: text.as_bytes(),
+                payload,
             };
             // A failed send means that peer is gone; its loss is reported by the transport.
             let _ = mesh.send_ref(to, Channel::Control, frame);
@@ -156,21 +182,32 @@ impl Control {
         self.stopping_cleanly.load(Ordering::SeqCst)
     }
 
-    /// Master: the guest is loaded; let every node start its vCPUs.
-    pub fn announce_start(&self) {
+    /// Master: how to answer the other nodes' clock samples (before [`Control::announce_start`]).
+    pub fn set_clock_responder(&self, responder: ClockResponder) {
+        *self
+            .clock_responder
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(responder);
+    }
+
+    /// Master: the guest is loaded; let every node set its clock from `clock` and start its
+    /// vCPUs.
+    pub fn announce_start(&self, clock: &MasterClock) {
+        let payload = clock.encode();
         for peer in (0..self.nodes as NodeId).filter(|&p| p != self.me) {
-            self.send(peer, KIND_START, 0, "");
+            self.send_bytes(peer, KIND_START, 0, 0, &payload);
         }
     }
 
-    /// Others: waits for the master's START (or a stop, or the timeout).
-    pub fn wait_for_start(&self, timeout: Duration) -> bool {
+    /// Others: waits for the master's START; gives the master's clock from it (or why START
+    /// was unusable), or `None` on a stop or the timeout.
+    pub fn wait_for_start(&self, timeout: Duration) -> Option<Result<MasterClock, ClockError>> {
         let deadline = Instant::now() + timeout;
         let mut st = self.lock();
         while !st.started && !self.is_stopping_cleanly() {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return false;
+                return None;
             }
             st = self
                 .changed
@@ -178,7 +215,67 @@ impl Control {
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
         }
-        st.started
+        if !st.started {
+            return None;
+        }
+        st.start_clock.take()
+    }
+
+    /// Master: answers clock sample `seq` from `from`.
+    fn answer_clock_ping(&self, from: NodeId, seq: u64) {
+        let answer = match self
+            .clock_responder
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            Some(responder) => responder(seq),
+            None => Err(ClockError::MasterFailed {
+                seq,
+                why: "the master has not published its clock yet (a sample before START)".into(),
+            }),
+        };
+        match answer {
+            Ok(reply) => self.send_bytes(from, KIND_CLOCK_REPLY, 0, seq, &reply.encode()),
+            Err(e) => self.send_bytes(
+                from,
+                KIND_CLOCK_REPLY,
+                FLAG_CLOCK_ERROR,
+                seq,
+                e.to_string().as_bytes(),
+            ),
+        }
+    }
+
+    /// Others: a CLOCK_REPLY from the master.
+    fn on_clock_reply(&self, from: NodeId, frame: &Frame) {
+        let seq = frame.arg;
+        let reply = if frame.flags == FLAG_CLOCK_ERROR {
+            Err(ClockError::MasterFailed {
+                seq,
+                why: String::from_utf8_lossy(&frame.payload).into_owned(),
+            })
+        } else if frame.flags != 0 {
+            Err(ClockError::BadFrame {
+                from,
+                what: "clock sample reply",
+                why: format!("unknown flags {:#x}", frame.flags),
+            })
+        } else {
+            ClockReply::decode(from, &frame.payload).and_then(|r| {
+                if r.seq == seq {
+                    Ok(r)
+                } else {
+                    Err(ClockError::BadFrame {
+                        from,
+                        what: "clock sample reply",
+                        why: format!("it answers sample {} in a frame for sample {seq}", r.seq),
+                    })
+                }
+            })
+        };
+        self.lock().clock_reply = Some((seq, reply));
+        self.changed.notify_all();
     }
 
     /// This node's local vCPUs are done, with `reason` (PowerOff when every probe succeeded).
@@ -236,9 +333,15 @@ impl Control {
         let text = String::from_utf8_lossy(&frame.payload).into_owned();
         match frame.kind {
             KIND_START if from == 0 => {
-                self.lock().started = true;
+                {
+                    let mut st = self.lock();
+                    st.start_clock = Some(MasterClock::decode(from, &frame.payload));
+                    st.started = true;
+                }
                 self.changed.notify_all();
             }
+            KIND_CLOCK_PING if self.is_master() => self.answer_clock_ping(from, frame.arg),
+            KIND_CLOCK_REPLY if from == 0 && !self.is_master() => self.on_clock_reply(from, frame),
             KIND_DONE if self.is_master() => self.master_record_done(from, reason_from_wire(frame.arg, &text)),
             KIND_STOP if from == 0 => {
                 self.lock().stop_received = true;
@@ -340,5 +443,208 @@ impl Control {
             self.wait_until(LEAVE_WAIT, |st| st.exit_received || st.lost[0]);
             self.stopping_cleanly.store(true, Ordering::SeqCst);
         }
+    }
+}
+
+impl MasterLink for Control {
+    /// One clock sample over the Control connection: CLOCK_PING to the master, wait for its
+    /// CLOCK_REPLY with the same number.
+    fn exchange(&self, seq: u64) -> Result<ClockReply, ClockError> {
+        self.lock().clock_reply = None;
+        self.send_bytes(0, KIND_CLOCK_PING, 0, seq, &[]);
+        let deadline = Instant::now() + CLOCK_REPLY_WAIT;
+        let mut st = self.lock();
+        loop {
+            if let Some((got, _)) = &st.clock_reply {
+                if *got == seq {
+                    let (_, reply) = st.clock_reply.take().expect("checked above");
+                    return reply;
+                }
+            }
+            if st.lost.first().copied().unwrap_or(false) {
+                return Err(ClockError::MasterLost(
+                    "the connection to node 0 broke".into(),
+                ));
+            }
+            if self.is_stopping_cleanly() {
+                return Err(ClockError::MasterLost("the cluster is stopping".into()));
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(ClockError::NoReply {
+                    seq,
+                    waited: CLOCK_REPLY_WAIT,
+                });
+            }
+            st = self
+                .changed
+                .wait_timeout(st, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clock::{BootId, ClockReading, MasterTsc};
+    use std::sync::atomic::AtomicU8;
+    use std::sync::Arc;
+
+    /// Delivers frames synchronously to the other Controls; `mode` 1 corrupts clock replies,
+    /// 2 drops clock pings.
+    struct Wire {
+        me: NodeId,
+        peers: Mutex<Vec<Weak<Control>>>,
+        mode: Arc<AtomicU8>,
+    }
+
+    impl Transport for Wire {
+        fn me(&self) -> NodeId {
+            self.me
+        }
+        fn peers(&self) -> Vec<NodeId> {
+            vec![1 - self.me]
+        }
+        fn send_ref(
+            &self,
+            to: NodeId,
+            _channel: Channel,
+            frame: FrameRef<'_>,
+        ) -> Result<(), transport::TransportError> {
+            let mut payload = frame.payload.to_vec();
+            match (self.mode.load(Ordering::SeqCst), frame.kind) {
+                (1, KIND_CLOCK_REPLY) => payload[0] ^= 0xff,
+                (2, KIND_CLOCK_PING) => return Ok(()),
+                _ => {}
+            }
+            let peer = self.peers.lock().unwrap()[to as usize].upgrade();
+            if let Some(peer) = peer {
+                peer.on_frame(
+                    self.me,
+                    &Frame {
+                        kind: frame.kind,
+                        flags: frame.flags,
+                        id: frame.id,
+                        arg: frame.arg,
+                        payload,
+                    },
+                );
+            }
+            Ok(())
+        }
+        fn shutdown(&self) {}
+    }
+
+    /// A master and a node wired together (the wires are kept alive with them).
+    fn pair() -> (Arc<Control>, Arc<Control>, Arc<AtomicU8>, Vec<Arc<Wire>>) {
+        let controls = [Arc::new(Control::new(0, 2)), Arc::new(Control::new(1, 2))];
+        let mode = Arc::new(AtomicU8::new(0));
+        let weak: Vec<Weak<Control>> = controls.iter().map(Arc::downgrade).collect();
+        let wires: Vec<Arc<Wire>> = (0..2)
+            .map(|me| {
+                Arc::new(Wire {
+                    me,
+                    peers: Mutex::new(weak.clone()),
+                    mode: mode.clone(),
+                })
+            })
+            .collect();
+        for (c, w) in controls.iter().zip(&wires) {
+            c.set_mesh(Arc::downgrade(&(w.clone() as Arc<dyn Transport>)));
+        }
+        let [master, node] = controls;
+        (master, node, mode, wires)
+    }
+
+    fn master_clock(clock_ns: u64) -> MasterClock {
+        MasterClock {
+            boot_id: BootId([7; 16]),
+            reading: ClockReading {
+                clock_ns,
+                flags: clock::KVM_CLOCK_TSC_STABLE,
+                realtime_ns: 0,
+                host_tsc: 99,
+            },
+            tsc_khz: 1_000_000,
+            tsc: MasterTsc::Fixed,
+        }
+    }
+
+    #[test]
+    fn start_carries_the_masters_clock() {
+        let (master, node, _, _w) = pair();
+        master.announce_start(&master_clock(123));
+        let got = node.wait_for_start(Duration::from_secs(1));
+        assert_eq!(got.unwrap().unwrap(), master_clock(123));
+    }
+
+    #[test]
+    fn a_malformed_start_is_refused_with_the_reason() {
+        let (_, node, _, _w) = pair();
+        node.on_frame(
+            0,
+            &Frame {
+                kind: KIND_START,
+                ..Default::default()
+            },
+        );
+        let e = node
+            .wait_for_start(Duration::from_secs(1))
+            .unwrap()
+            .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("node 0 sent a malformed START clock: 0 bytes instead of 64"),
+            "{e}"
+        );
+        // START from another node than the master is not START.
+        let (_, node, _, _w) = pair();
+        node.on_frame(
+            1,
+            &Frame {
+                kind: KIND_START,
+                payload: master_clock(1).encode().to_vec(),
+                ..Default::default()
+            },
+        );
+        assert!(node.wait_for_start(Duration::from_millis(50)).is_none());
+    }
+
+    #[test]
+    fn clock_samples_go_to_the_master_and_back() {
+        let (master, node, mode, _w) = pair();
+        // Before START the master has nothing to answer with, and says so.
+        let e = node.exchange(1).unwrap_err();
+        assert!(e.to_string().contains("before START"), "{e}");
+        master.set_clock_responder(Box::new(|seq| {
+            Ok(ClockReply {
+                seq,
+                reading: master_clock(seq * 10).reading,
+                tsc: MasterTsc::Fixed,
+            })
+        }));
+        let r = node.exchange(5).unwrap();
+        assert_eq!((r.seq, r.reading.clock_ns), (5, 50));
+        mode.store(1, Ordering::SeqCst);
+        let e = node.exchange(6).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("node 0 sent a malformed clock sample reply: bad magic"),
+            "{e}"
+        );
+        mode.store(2, Ordering::SeqCst);
+        let e = node.exchange(7).unwrap_err();
+        assert!(matches!(e, ClockError::NoReply { seq: 7, .. }), "{e}");
+    }
+
+    #[test]
+    fn a_lost_master_ends_a_sample_at_once() {
+        let (_, node, mode, _w) = pair();
+        mode.store(2, Ordering::SeqCst);
+        node.peer_lost(0, "connection reset");
+        let e = node.exchange(1).unwrap_err();
+        assert!(matches!(e, ClockError::MasterLost(_)), "{e}");
     }
 }

@@ -3,10 +3,14 @@
 //! few ioctls kvm-ioctls does not wrap. Nothing outside `vmm` sees KVM types.
 
 pub mod cpuid;
+pub mod kvm_clock;
 
 use std::ffi::CString;
+use std::fs::File;
+use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 
 use kvm_bindings::{
     kvm_enable_cap, kvm_interrupt, kvm_userspace_memory_region, KVM_CAP_X86_USER_SPACE_MSR,
@@ -156,14 +160,20 @@ impl Hypervisor {
             .kvm
             .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
             .map_err(ioctl_err("KVM_GET_SUPPORTED_CPUID"))?;
-        Ok(KvmVm { vm, cpuid })
+        Ok(KvmVm {
+            vm: Arc::new(vm),
+            cpuid,
+            vcpus: Arc::new(Mutex::new(Vec::new())),
+        })
     }
 }
 
 /// A KVM VM with no in-kernel irqchip.
 pub struct KvmVm {
-    vm: VmFd,
+    vm: Arc<VmFd>,
     cpuid: kvm_bindings::CpuId,
+    /// A duplicate of every vCPU's fd, local or not: the TSC offset goes on all of them.
+    vcpus: Arc<Mutex<Vec<File>>>,
 }
 
 impl KvmVm {
@@ -200,7 +210,28 @@ impl KvmVm {
         let cpuid = cpuid::for_vcpu(&self.cpuid, index);
         vcpu.set_cpuid2(&cpuid)
             .map_err(ioctl_err("KVM_SET_CPUID2"))?;
+        // SAFETY: `vcpu` owns a valid open fd for the duration of this borrow.
+        let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(vcpu.as_raw_fd()) };
+        let dup = borrowed
+            .try_clone_to_owned()
+            .map_err(|e| HypervisorError::Ioctl {
+                what: "duplicating a vCPU fd",
+                source: kvm_ioctls::Error::new(e.raw_os_error().unwrap_or(libc::EBADF)),
+            })?;
+        self.vcpus
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(File::from(dup));
         Ok(vcpu)
+    }
+
+    /// The VM's kvmclock and guest TSC, for clock synchronisation (see the `clock` crate);
+    /// covers the vCPUs created so far.
+    pub fn clock(&self) -> kvm_clock::KvmClock {
+        kvm_clock::KvmClock {
+            vm: self.vm.clone(),
+            vcpus: self.vcpus.clone(),
+        }
     }
 }
 
