@@ -151,8 +151,16 @@ fn nmis_reach_remote_vcpus_with_their_apic_disabled_and_enabled() {
 fn ioapic(nodes: usize) {
     let run = run(nodes, 1, "ioapic", 0, 32);
     // vCPU 1 ran on node 1: its IOAPIC accesses and line changes were forwarded to the master.
-    assert_eq!(run.get(1, "IOVR"), 0x0017_0020, "IOAPIC version read from node 1");
-    assert_eq!(run.get(1, "LOST"), 0, "interrupts vCPU 1 waited for in vain");
+    assert_eq!(
+        run.get(1, "IOVR"),
+        0x0017_0020,
+        "IOAPIC version read from node 1"
+    );
+    assert_eq!(
+        run.get(1, "LOST"),
+        0,
+        "interrupts vCPU 1 waited for in vain"
+    );
     for v in 0..nodes {
         assert_eq!(run.get(v, "EDGE"), 100, "edge interrupts vCPU {v} took");
         assert_eq!(
@@ -161,9 +169,17 @@ fn ioapic(nodes: usize) {
             "deliveries of a held level line to vCPU {v} (one per EOI)"
         );
     }
-    assert_eq!(run.get(1, "RIRR"), 0, "Remote IRR left set after the last EOI");
+    assert_eq!(
+        run.get(1, "RIRR"),
+        0,
+        "Remote IRR left set after the last EOI"
+    );
     assert_eq!(run.get(1, "MSK0"), 0, "a masked edge line was delivered");
-    assert_eq!(run.get(1, "MSK1"), 1, "the edge held while masked, at unmask");
+    assert_eq!(
+        run.get(1, "MSK1"),
+        1,
+        "the edge held while masked, at unmask"
+    );
     assert_eq!(run.get(1, "MLV0"), 0, "a masked level line was delivered");
     assert_eq!(run.get(1, "MLV1"), 1, "the asserted level line at unmask");
 }

@@ -80,11 +80,13 @@ mod tests {
     fn drives_pulses_and_reads_back_lines() {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let s = seen.clone();
-        let dev = IrqDriver::new(Box::new(move |pin, high| s.lock().unwrap().push((pin, high))));
-        dev.write(0, 0, &(3 | 1 << 8u32).to_le_bytes());
-        dev.write(0, 0, &(5 | 2 << 8u32).to_le_bytes());
-        dev.write(0, 0, &(24 | 1 << 8u32).to_le_bytes()); // no such pin
-        dev.write(0, 0, &(4 | 7 << 8u32).to_le_bytes()); // no such op
+        let dev = IrqDriver::new(Box::new(move |pin, high| {
+            s.lock().unwrap().push((pin, high))
+        }));
+        dev.write(0, 0, &(3u32 | 1 << 8).to_le_bytes());
+        dev.write(0, 0, &(5u32 | 2 << 8).to_le_bytes());
+        dev.write(0, 0, &(24u32 | 1 << 8).to_le_bytes()); // no such pin
+        dev.write(0, 0, &(4u32 | 7 << 8).to_le_bytes()); // no such op
         dev.write(0, 0, &[1, 1]); // not a 32-bit write
         let mut levels = [0u8; 4];
         dev.read(0, 0, &mut levels);
