@@ -189,3 +189,28 @@ fn ioapic_programmed_and_driven_from_a_remote_node() {
     ioapic(2);
     ioapic(4);
 }
+
+#[test]
+fn ipi_storm_all_to_all_on_4_nodes_loses_nothing() {
+    // 8334 IPIs per (sender, receiver) pair, 12 pairs: 100 008 IPIs across the cluster.
+    let per_pair = 8334;
+    let nodes = 4;
+    let run = run(nodes, 1, "storm", per_pair, 32);
+    let mut total = 0;
+    for r in 0..nodes {
+        assert_eq!(run.get(r, "STAL"), 0, "vCPU {r} stalled");
+        assert_eq!(run.get(r, "BADS"), 0, "IPIs vCPU {r} got out of sequence");
+        assert_eq!(
+            run.get(r, "SENT"),
+            per_pair * (nodes as u64 - 1),
+            "IPIs vCPU {r} sent"
+        );
+        for s in 0..nodes {
+            let expected = if s == r { 0 } else { per_pair };
+            let got = run.get(r, &format!("RCV{s}"));
+            assert_eq!(got, expected, "IPIs vCPU {r} received from vCPU {s}");
+            total += got;
+        }
+    }
+    assert_eq!(total, 100_008);
+}
