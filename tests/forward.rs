@@ -214,3 +214,132 @@ fn ipi_storm_all_to_all_on_4_nodes_loses_nothing() {
     }
     assert_eq!(total, 100_008);
 }
+
+/// Node processes started by a test itself (`spanvm node --config`), each with its output in
+/// files; every one still running is killed when this is dropped, on every path out of a test.
+struct NodeProcesses {
+    dir: tempfile::TempDir,
+    children: Vec<std::process::Child>,
+}
+
+impl NodeProcesses {
+    fn new() -> Self {
+        Self {
+            dir: tempfile::tempdir().unwrap(),
+            children: Vec::new(),
+        }
+    }
+
+    /// Starts node `id` of `cluster` (a cluster description as `cluster_text` writes it).
+    fn start(&mut self, id: usize, cluster: &str) {
+        use std::process::{Command, Stdio};
+        let dir = self.dir.path();
+        let secret = dir.join("cluster.secret");
+        if !secret.exists() {
+            std::fs::write(&secret, [7u8; 32]).unwrap();
+        }
+        let config = dir.join(format!("node-{id}.toml"));
+        std::fs::write(
+            &config,
+            format!("node = {id}\nsecret = \"{}\"\n{cluster}", secret.display()),
+        )
+        .unwrap();
+        let out = std::fs::File::create(dir.join(format!("node-{id}.out"))).unwrap();
+        let err = std::fs::File::create(dir.join(format!("node-{id}.err"))).unwrap();
+        let child = Command::new(common::spanvm())
+            .args(["node", "--config", config.to_str().unwrap()])
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .expect("cannot start spanvm node");
+        assert_eq!(self.children.len(), id, "nodes are started in order");
+        self.children.push(child);
+    }
+
+    fn stdout(&self, id: usize) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("node-{id}.out"))).unwrap_or_default()
+    }
+
+    fn stderr(&self, id: usize) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("node-{id}.err"))).unwrap_or_default()
+    }
+
+    /// Waits for every node to exit, at most `limit` (then panics; Drop kills them). Returns
+    /// the run as one `ProbeRun`: node 0's status, every node's output one after another.
+    fn wait_all(&mut self, limit: std::time::Duration) -> ProbeRun {
+        let start = std::time::Instant::now();
+        let mut statuses = vec![None; self.children.len()];
+        while statuses.iter().any(Option::is_none) {
+            for (i, c) in self.children.iter_mut().enumerate() {
+                if statuses[i].is_none() {
+                    statuses[i] = c.try_wait().unwrap();
+                }
+            }
+            if start.elapsed() > limit {
+                let all: String = (0..self.children.len())
+                    .map(|i| format!("node {i}:\n{}\n{}\n", self.stdout(i), self.stderr(i)))
+                    .collect();
+                panic!("nodes did not all exit within {limit:?}\n{all}");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let statuses: Vec<std::process::ExitStatus> = statuses.into_iter().flatten().collect();
+        for (i, s) in statuses.iter().enumerate() {
+            assert!(
+                s.success(),
+                "node {i} failed: {s:?}\nstdout:\n{}\nstderr:\n{}",
+                self.stdout(i),
+                self.stderr(i)
+            );
+        }
+        let stdout: String = (0..statuses.len()).map(|i| self.stdout(i)).collect();
+        let stderr: String = (0..statuses.len()).map(|i| self.stderr(i)).collect();
+        ProbeRun {
+            reports: common::parse_reports(&stdout),
+            output: std::process::Output {
+                status: statuses[0],
+                stdout: stdout.into_bytes(),
+                stderr: stderr.into_bytes(),
+            },
+        }
+    }
+}
+
+impl Drop for NodeProcesses {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+#[test]
+fn kvmclock_never_runs_backwards_between_nodes_started_5_s_apart() {
+    let hops = 2000;
+    let cluster = cluster_text(2, 1, "clock-token", hops, 32);
+    let mut nodes = NodeProcesses::new();
+    nodes.start(0, &cluster);
+    std::thread::sleep(std::time::Duration::from_secs(5));
+    nodes.start(1, &cluster);
+    let run = nodes.wait_all(std::time::Duration::from_secs(300));
+    run.assert_success(2);
+    run.assert_placement(2, |v| v as u64);
+    assert_eq!(run.get(0, "RECV") + run.get(1, "RECV"), hops - 1);
+    for v in 0..2 {
+        println!(
+            "vCPU {v}: worst send-after-receive skew {} ns, smallest receive - send {} ns",
+            run.get(v, "SKEW"),
+            run.get(v, "MINL")
+        );
+    }
+    for v in 0..2 {
+        assert_eq!(
+            run.get(v, "BACK"),
+            0,
+            "tokens vCPU {v} received before they were sent (by kvmclock); worst by {} ns",
+            run.get(v, "SKEW")
+        );
+    }
+}
