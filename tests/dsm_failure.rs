@@ -228,3 +228,69 @@ fn a_node_with_a_different_layout_is_refused() {
         assert!(!e.contains("running"), "node {i} started the guest:\n{e}");
     }
 }
+
+#[test]
+fn killing_the_master_while_a_vcpu_waits_on_a_forwarded_in_stops_its_node_within_2_seconds() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let secret = write_secret(dir.path(), "cluster.secret", 7);
+    // vCPU 1 (node 1) reads COM1's LSR in a loop: every read is forwarded to node 0.
+    let cluster = cluster_text(2, 1, "forward-in", 0, 32);
+    let mut procs: Vec<Node> = (0..2)
+        .map(|i| {
+            start(
+                dir.path(),
+                i,
+                &node_file(dir.path(), i, &secret, &cluster),
+                &[],
+            )
+        })
+        .collect();
+    // Kill every node still running however the test ends.
+    struct KillOnDrop<'a>(&'a mut Vec<Node>);
+    impl Drop for KillOnDrop<'_> {
+        fn drop(&mut self) {
+            for n in self.0.iter_mut() {
+                let _ = n.child.kill();
+                let _ = n.child.wait();
+            }
+        }
+    }
+    let guard = KillOnDrop(&mut procs);
+    let started = Instant::now();
+    while !guard.0[1].stdout().contains("PROBE vcpu=1 INRD=1000") {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "vCPU 1 made no progress reading the forwarded port\nnode 1:\n{}\n{}",
+            guard.0[1].stdout(),
+            guard.0[1].stderr()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(
+        guard.0[1].stdout().contains("PROBE vcpu=1 NODE=1"),
+        "vCPU 1 did not run on node 1"
+    );
+    guard.0[0].child.kill().unwrap(); // SIGKILL
+    let killed_at = Instant::now();
+    let _ = guard.0[0].child.wait();
+    let (code, at) = guard.0[1].wait(Duration::from_secs(20));
+    let stderr = guard.0[1].stderr();
+    let took = at.duration_since(killed_at);
+    assert_eq!(
+        code,
+        Some(5),
+        "node 1 should exit with the lost-peer code\n{stderr}"
+    );
+    assert!(
+        took < Duration::from_secs(2),
+        "node 1 took {took:?} to stop after the master died\n{stderr}"
+    );
+    assert!(
+        stderr
+            .lines()
+            .any(|l| l.contains("lost") && l.contains("node 0")),
+        "node 1 does not say it lost node 0:\n{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "node 1 panicked:\n{stderr}");
+}
