@@ -160,7 +160,7 @@ impl NodeVm {
                 cmdline,
             } => {
                 if config.node == layout.master() {
-                    let cmdline = linux_cmdline(cmdline);
+                    let cmdline = linux_cmdline(cmdline, layout.node_count());
                     boot::write_acpi(&memory, layout, &[])?;
                     let linux =
                         boot::load_linux(&memory, layout, kernel, initrd.as_deref(), &cmdline)?;
@@ -422,24 +422,34 @@ pub fn handle_signals(on_signal: impl Fn(i32) + Send + 'static) -> std::io::Resu
     Ok(())
 }
 
+/// `key=value` added to a kernel command line unless it sets `key` already.
+fn add_param(cmdline: &str, key: &str, value: &str) -> String {
+    if cmdline
+        .split_whitespace()
+        .any(|p| p.split('=').next() == Some(key))
+    {
+        return cmdline.to_string();
+    }
+    match cmdline.split_once(" -- ") {
+        // Arguments after `--` belong to init; kernel parameters go before them.
+        Some((kernel, init)) => format!("{kernel} {key}={value} -- {init}"),
+        None if cmdline.is_empty() => format!("{key}={value}"),
+        None => format!("{cmdline} {key}={value}"),
+    }
+}
+
 /// The guest's command line with what spanvm needs added, unless the user set it already:
 /// kvm-clock as the clocksource (it is the clock spanvm keeps in step across nodes; with an
 /// invariant TSC Linux would otherwise pick the TSC, which is not synchronised between
 /// machines), and on `kvm_pvm` the parameters that keep Linux away from instructions the host
 /// cannot run (HOST.md).
-pub fn linux_cmdline(user: &str) -> String {
-    let mut cmdline = user.trim().to_string();
-    let has = |c: &str, key: &str| {
-        c.split_whitespace()
-            .any(|p| p.split('=').next() == Some(key))
-    };
-    if !has(&cmdline, "clocksource") {
-        cmdline = match cmdline.split_once(" -- ") {
-            // Arguments after `--` belong to init; kernel parameters go before them.
-            Some((kernel, init)) => format!("{kernel} clocksource=kvm-clock -- {init}"),
-            None if cmdline.is_empty() => "clocksource=kvm-clock".to_string(),
-            None => format!("{cmdline} clocksource=kvm-clock"),
-        };
+pub fn linux_cmdline(user: &str, nodes: usize) -> String {
+    let mut cmdline = add_param(user.trim(), "clocksource", "kvm-clock");
+    if nodes > 1 {
+        // The initrd is loaded by the master, so its pages are in the master's memory: unpack
+        // it there, in the init thread on the boot CPU, rather than on whatever CPU the async
+        // worker lands on, which may be on another node and pull all of it over.
+        cmdline = add_param(&cmdline, "initramfs_async", "0");
     }
     if Hypervisor::is_pvm_host() {
         cmdline = crate::vcpu::pvm_repair::add_pvm_kernel_params(&cmdline);
@@ -453,8 +463,17 @@ mod tests {
 
     #[test]
     fn cmdline_gets_kvm_clock_unless_the_user_chose() {
-        assert!(linux_cmdline("console=ttyS0").contains("clocksource=kvm-clock"));
-        let own = linux_cmdline("console=ttyS0 clocksource=tsc");
+        assert!(linux_cmdline("console=ttyS0", 1).contains("clocksource=kvm-clock"));
+        assert!(!linux_cmdline("console=ttyS0", 1).contains("initramfs_async"));
+        let two = linux_cmdline("console=ttyS0 -- spanvm.run=true", 2);
+        assert!(
+            two.starts_with("console=ttyS0 clocksource=kvm-clock initramfs_async=0"),
+            "{two}"
+        );
+        assert!(two.contains(" -- spanvm.run=true"), "{two}");
+        assert!(linux_cmdline("initramfs_async=1", 2).contains("initramfs_async=1"));
+        assert!(!linux_cmdline("initramfs_async=1", 2).contains("initramfs_async=0"));
+        let own = linux_cmdline("console=ttyS0 clocksource=tsc", 1);
         assert!(
             own.contains("clocksource=tsc") && !own.contains("kvm-clock"),
             "{own}"

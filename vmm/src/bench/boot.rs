@@ -4,6 +4,10 @@
 //! `spanvm run` child with 2 vCPUs. Where `qemu-system-x86_64` can use hardware KVM (a VT-x
 //! host), the same images boot under QEMU in the same run as the anchor; on a `kvm_pvm` host
 //! that anchor cannot run and the table says so.
+//!
+//! A second table boots the minimal kernel on one node with 2 and 4 vCPUs and on 2 and 4 nodes
+//! with 1 vCPU each (`spanvm cluster`, real node processes on loopback), running sysbench cpu on
+//! every CPU, with its events per second: the cost of spreading one guest over nodes.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -31,9 +35,17 @@ fn images_dir() -> PathBuf {
 
 /// Reads `cmd`'s stdout line by line and notes when each milestone first shows.
 fn time_milestones(
-    mut cmd: Command,
+    cmd: Command,
     console_log: &Path,
 ) -> Result<Vec<Option<Duration>>, CommandError> {
+    Ok(time_milestones_and_rate(cmd, console_log)?.0)
+}
+
+/// Like [`time_milestones`], also returning sysbench's "events per second" if it printed one.
+fn time_milestones_and_rate(
+    mut cmd: Command,
+    console_log: &Path,
+) -> Result<(Vec<Option<Duration>>, Option<f64>), CommandError> {
     use std::io::Write;
     let mut log = std::fs::File::create(console_log)
         .map_err(|e| CommandError::Bench(format!("{}: {e}", console_log.display())))?;
@@ -49,9 +61,13 @@ fn time_milestones(
         .take()
         .ok_or_else(|| CommandError::Bench("no stdout".into()))?;
     let mut seen: Vec<Option<Duration>> = vec![None; MILESTONES.len()];
+    let mut rate = None;
     for line in BufReader::new(stdout).split(b'\n') {
         let Ok(line) = line else { break };
         let text = String::from_utf8_lossy(&line);
+        if let Some((_, v)) = text.split_once("events per second:") {
+            rate = rate.or(v.trim().parse::<f64>().ok());
+        }
         let _ = writeln!(log, "{:>9.3} {text}", start.elapsed().as_secs_f64());
         for (i, (_, needle)) in MILESTONES.iter().enumerate() {
             if seen[i].is_none() && (needle.is_empty() || text.contains(needle)) {
@@ -64,7 +80,61 @@ fn time_milestones(
     }
     let _ = child.kill();
     let _ = child.wait();
-    Ok(seen)
+    Ok((seen, rate))
+}
+
+/// The minimal kernel on `nodes` nodes with `per_node` vCPUs each, sysbench cpu on every CPU.
+fn topology_boot(
+    kernel: &Path,
+    initrd: &Path,
+    dir: &Path,
+    nodes: usize,
+    per_node: usize,
+) -> Result<(Vec<Option<Duration>>, Option<f64>), CommandError> {
+    let vcpus = nodes * per_node;
+    let run = format!("sysbench+cpu+--threads={vcpus}+--time=5+run");
+    let mut text = format!(
+        "[guest]\nvcpus = {vcpus}\nmemory_mib = 256\n[guest.linux]\nkernel = \"{}\"\ninitrd = \"{}\"\ncmdline = \"console=ttyS0 spanvm.run={run}\"\n",
+        kernel.display(),
+        initrd.display()
+    );
+    let listeners = (0..nodes)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| CommandError::Bench(format!("no free loopback port: {e}")))?;
+    for (i, l) in listeners.iter().enumerate() {
+        let addr = l
+            .local_addr()
+            .map_err(|e| CommandError::Bench(e.to_string()))?;
+        let list: Vec<String> = (i * per_node..(i + 1) * per_node)
+            .map(|v| v.to_string())
+            .collect();
+        text.push_str(&format!(
+            "\n[[nodes]]\nid = {i}\naddress = \"{addr}\"\nvcpus = [{}]\n",
+            list.join(", ")
+        ));
+    }
+    drop(listeners);
+    let name = format!("topology-{nodes}x{per_node}");
+    let config = dir.join(format!("{name}.toml"));
+    std::fs::write(&config, text)
+        .map_err(|e| CommandError::Bench(format!("{}: {e}", config.display())))?;
+    let exe = std::env::current_exe().map_err(|e| CommandError::Bench(e.to_string()))?;
+    let mut cmd = Command::new(exe);
+    if nodes == 1 {
+        let single =
+            std::fs::read_to_string(&config).map_err(|e| CommandError::Bench(e.to_string()))?;
+        std::fs::write(&config, format!("node = 0\n{single}"))
+            .map_err(|e| CommandError::Bench(e.to_string()))?;
+        cmd.arg("run").arg("--config").arg(&config);
+    } else {
+        cmd.arg("cluster")
+            .arg("--config")
+            .arg(&config)
+            .arg("--dir")
+            .arg(dir.join(&name));
+    }
+    time_milestones_and_rate(cmd, &dir.join(format!("{name}.console.log")))
 }
 
 fn spanvm_boot(
@@ -194,6 +264,34 @@ pub fn run() -> Result<(), CommandError> {
             ),
             Some(why) => println!("{:<34} {why}", format!("anchor qemu: {label}")),
         }
+    }
+    let minimal = &kernels[0].1;
+    println!();
+    println!("minimal kernel, 256 MiB, /init runs `sysbench cpu --threads=<all vCPUs> --time=5 run`; seconds from start");
+    println!(
+        "{:<34} {}{:>15}",
+        "",
+        MILESTONES
+            .iter()
+            .map(|(m, _)| format!("{m:>15}"))
+            .collect::<String>(),
+        "events/s"
+    );
+    for (nodes, per_node) in [(1, 2), (2, 1), (1, 4), (4, 1)] {
+        let (t, rate) = topology_boot(minimal, &initrd, &work, nodes, per_node)?;
+        let label = format!("{nodes} node(s) x {per_node} vCPU(s)");
+        print!("{label:<34} ");
+        for d in &t {
+            let cell = d
+                .map(|d| format!("{:.1}", d.as_secs_f64()))
+                .unwrap_or_else(|| "-".into());
+            print!("{cell:>15}");
+        }
+        println!(
+            "{:>15}",
+            rate.map(|r| format!("{r:.1}"))
+                .unwrap_or_else(|| "-".into())
+        );
     }
     println!("consoles, each line with its time: {}", work.display());
     Ok(())

@@ -171,6 +171,71 @@ fn ticks_us(ticks: u64, khz: u32) -> f64 {
     ticks as f64 * 1000.0 / f64::from(khz)
 }
 
+/// Runs `probe` as a 2-node cluster (`spanvm cluster --probe`, real node processes on
+/// loopback); returns every vCPU's reports.
+fn through_cluster(probe: &str) -> Result<HashMap<(usize, String), u64>, CommandError> {
+    let exe = std::env::current_exe()
+        .map_err(|e| CommandError::Bench(format!("cannot find the spanvm binary: {e}")))?;
+    let out = std::process::Command::new(exe)
+        .args(["cluster", "--probe", probe])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| CommandError::Bench(format!("cannot run the {probe} cluster: {e}")))?;
+    if !out.status.success() {
+        return Err(CommandError::Bench(format!(
+            "the {probe} cluster failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )));
+    }
+    let mut reports = HashMap::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Some((_, rest)) = line.split_once("PROBE vcpu=") else {
+            continue;
+        };
+        let mut words = rest.split_whitespace();
+        let (Some(vcpu), Some(kv)) = (words.next(), words.next()) else {
+            continue;
+        };
+        if let (Ok(vcpu), Some((k, v))) = (vcpu.parse::<usize>(), kv.split_once('=')) {
+            if let Ok(v) = v.parse::<u64>() {
+                reports.insert((vcpu, k.to_string()), v);
+            }
+        }
+    }
+    Ok(reports)
+}
+
+/// The median over runs of one vCPU's report.
+fn median_of(
+    runs: &[HashMap<(usize, String), u64>],
+    vcpu: usize,
+    key: &str,
+) -> Result<u64, CommandError> {
+    let mut v: Vec<u64> = runs
+        .iter()
+        .filter_map(|r| r.get(&(vcpu, key.to_string())).copied())
+        .collect();
+    if v.len() != runs.len() {
+        return Err(CommandError::Bench(format!(
+            "vCPU {vcpu} did not report {key}"
+        )));
+    }
+    v.sort_unstable();
+    Ok(v[v.len() / 2])
+}
+
+/// The median round trip of a small frame between two meshes on loopback, in µs.
+fn tcp_round_trip_us() -> Result<f64, CommandError> {
+    let report = transport::bench::loopback_round_trip(&transport::bench::RoundTripBench {
+        samples: 2000,
+        warmup: 200,
+        payload_len: 16,
+        busy_poll: false,
+    })
+    .map_err(|e| CommandError::Bench(format!("TCP round trip: {e}")))?;
+    Ok(report.median.as_secs_f64() * 1e6)
+}
+
 /// Runs the benchmark and prints its table.
 pub fn run() -> Result<(), CommandError> {
     // Each measurement runs ROUNDS times, spanvm and its anchor alternating, and the median is
@@ -180,8 +245,14 @@ pub fn run() -> Result<(), CommandError> {
     let mut ipi_runs = Vec::new();
     let mut halted_runs = Vec::new();
     let mut inject_runs = Vec::new();
+    let mut forward_runs = Vec::new();
+    let mut cross_ipi_runs = Vec::new();
+    let mut rtt_runs = Vec::new();
     let mut khz = 0;
     for _ in 0..ROUNDS {
+        forward_runs.push(through_cluster("bench-forward")?);
+        cross_ipi_runs.push(through_cluster("ipi-xapic")?);
+        rtt_runs.push(tcp_round_trip_us()?);
         let (o, k) = through_spanvm("bench-exits", 1)?;
         khz = k;
         ours_runs.push(o);
@@ -236,6 +307,36 @@ pub fn run() -> Result<(), CommandError> {
         halted_one_way / inject
     );
     println!("(the running target is kicked out of KVM_RUN by a signal; the halted one is woken from a condvar.)");
+    rtt_runs.sort_by(f64::total_cmp);
+    let rtt = rtt_runs[rtt_runs.len() / 2];
+    println!();
+    println!("across 2 node processes on loopback (median of {ROUNDS} clusters); anchor = local exit above + 1 TCP round trip");
+    println!(
+        "{:<34} {:>12} {:>12} {:>8}",
+        "", "spanvm µs", "anchor µs", "ratio"
+    );
+    println!("{:<34} {:>12.2}", "TCP frame round trip (16 B)", rtt);
+    for (label, key, local_key) in [
+        ("forwarded port read, CPL3", "FWIO", "P3IO"),
+        ("forwarded MMIO read, CPL3", "FWMM", "P3MM"),
+    ] {
+        let fwd = ticks_us(median_of(&forward_runs, 1, key)?, khz);
+        let anchor = ticks_us(get(&ours, local_key)?, khz) + rtt;
+        println!(
+            "{label:<34} {fwd:>12.2} {anchor:>12.2} {:>8.2}",
+            fwd / anchor
+        );
+    }
+    let cross = ticks_us(median_of(&cross_ipi_runs, 0, "IPRT")?, ipi_khz) / 2.0;
+    let anchor = one_way + rtt / 2.0;
+    println!(
+        "{:<34} {:>12.2} {:>12.2} {:>8.2}",
+        "cross-node IPI one way (xAPIC)",
+        cross,
+        anchor,
+        cross / anchor
+    );
+    println!("(cross-node IPI anchor: the local one-way IPI above + half a TCP round trip.)");
     println!("(rdmsr at CPL3 raises #GP on every host, so there is no CPL3 MSR exit to time.)");
     Ok(())
 }
