@@ -3,7 +3,10 @@
 /// Parameters a Linux guest needs on kvm_pvm (measured with a Debian 6.1 kernel, HOST.md):
 /// `noxsave` and `clearcpuid=cx16,ssse3` hide features whose instructions KVM's emulator
 /// cannot run at CPL0; `cryptomgr.notests`, `init_on_alloc=0`, `nowatchdog` and
-/// `no_timer_check` skip work and timing checks that an emulated kernel is far too slow for;
+/// `no_timer_check` skip work and timing checks that an emulated kernel is far too slow for,
+/// and `rcupdate.rcu_cpu_stall_timeout=300` gives RCU's stall detector the same allowance (its
+/// 21 s default is about 20 ms of kernel work at the emulator's 1.5 M instructions/s, less
+/// than one long initcall takes on a guest of several nodes whose pages move between them);
 /// `pci=off` because spanvm has no PCI.
 ///
 /// The rest keep Linux away from KVM paravirtual features that bypass the user-space APIC or
@@ -15,7 +18,8 @@
 /// 6.1 has no parameter against steal-time registration, PV EOI, PV TLB flush, PV sched-yield
 /// or PV send-IPI: only the CPUID keeps the guest from those.
 pub const PVM_KERNEL_PARAMS: &str = "noxsave clearcpuid=cx16,ssse3 cryptomgr.notests pci=off \
-                                     init_on_alloc=0 nowatchdog no_timer_check no-kvmapf \
+                                     init_on_alloc=0 nowatchdog no_timer_check \
+                                     rcupdate.rcu_cpu_stall_timeout=300 no-kvmapf \
                                      no-steal-acc nopvspin";
 
 const CLEARCPUID: &str = "clearcpuid";
@@ -151,7 +155,8 @@ mod tests {
         assert_eq!(
             add_pvm_kernel_params(""),
             "noxsave cryptomgr.notests pci=off init_on_alloc=0 nowatchdog no_timer_check \
-             no-kvmapf no-steal-acc nopvspin clearcpuid=cx16,ssse3"
+             rcupdate.rcu_cpu_stall_timeout=300 no-kvmapf no-steal-acc nopvspin \
+             clearcpuid=cx16,ssse3"
         );
     }
 
