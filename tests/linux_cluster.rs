@@ -244,6 +244,7 @@ fn linux_on_2_nodes_typed_input_with_com1_irq_on_node_1_powers_off_from_the_mast
 }
 
 #[test]
+#[ignore = "about 20 minutes on a 2-core kvm_pvm host (4 node processes); run with --ignored"]
 fn linux_on_4_nodes_powers_off_from_a_cpu_on_node_3() {
     let b = boot(4, 1, "reboot=s3", SYSBENCH, None);
     b.assert_healthy(4, 1);
@@ -256,6 +257,7 @@ fn linux_on_4_nodes_powers_off_from_a_cpu_on_node_3() {
 }
 
 #[test]
+#[ignore = "about 15 minutes on a 2-core kvm_pvm host; run with --ignored"]
 fn linux_on_2_nodes_with_2_vcpus_each() {
     let b = boot(2, 2, "", SYSBENCH, None);
     b.assert_healthy(2, 2);
