@@ -153,13 +153,15 @@ pub struct Platform {
 
 impl Platform {
     /// Builds the platform for `vcpu_count` vCPUs of which `local` run here; `is_master`
-    /// decides whether the devices are here. Attaches itself to `forward`.
+    /// decides whether the devices are here, `probe_guest` whether the probes' test-only IRQ
+    /// line driver is among them. Attaches itself to `forward`.
     pub fn new(
         vcpu_count: usize,
         local: &[usize],
         tsc_khz: u32,
         stop: Arc<Stop>,
         is_master: bool,
+        probe_guest: bool,
         forward: Arc<Forwarder>,
     ) -> Result<Arc<Self>, PlatformError> {
         let mut vcpus: Vec<Option<Arc<VcpuShared>>> = (0..vcpu_count).map(|_| None).collect();
@@ -232,8 +234,11 @@ impl Platform {
                     (COM1_PORT, 8, serial as Arc<dyn devices::bus::BusDevice>),
                     (I8042_PORT, I8042_PORT_LEN, i8042),
                     (ACPI_PM_PORT, ACPI_PM_PORT_LEN, acpi_pm),
-                    (IRQ_DRIVER_PORT, IRQ_DRIVER_PORT_LEN, irq_driver),
                 ]);
+                // A test device: a real guest (Linux) must not be able to raise IOAPIC pins.
+                if probe_guest {
+                    claims.push((IRQ_DRIVER_PORT, IRQ_DRIVER_PORT_LEN, irq_driver));
+                }
             }
             for (base, len, dev) in claims {
                 if let Err(e) = io_bus.insert(base, len, dev) {

@@ -129,6 +129,7 @@ impl NodeVm {
             tsc_khz,
             stop,
             is_master,
+            matches!(layout.guest, GuestImage::Probe { .. }),
             forwarder.clone(),
         )?;
         if let Some(d) = &distributed {
