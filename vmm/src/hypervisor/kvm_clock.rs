@@ -163,3 +163,46 @@ impl std::fmt::Debug for KvmClock {
             .finish()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_vm_clock_reads_sets_and_reports_what_the_host_allows() {
+        let hv = Hypervisor::open().expect("these tests need KVM");
+        let vm = hv.create_vm().unwrap();
+        let _vcpus: Vec<_> = (0..2).map(|i| vm.create_vcpu(i).unwrap()).collect();
+        let clock = vm.clock();
+        assert_eq!(clock.vcpus().len(), 2);
+        let a = clock.get().unwrap();
+        let b = clock.get().unwrap();
+        assert!(b.clock_ns >= a.clock_ns && b.host_tsc >= a.host_tsc);
+        // Ten seconds ahead, as of now.
+        let now = clock.get().unwrap();
+        let target = now.clock_ns + 10_000_000_000;
+        let at = if clock.can_set_at_realtime() {
+            now.realtime()
+        } else {
+            None
+        };
+        clock.set(target, at).unwrap();
+        let after = clock.get().unwrap();
+        assert!(
+            after.clock_ns >= target && after.clock_ns < target + 1_000_000_000,
+            "set {target}, read {}",
+            after.clock_ns
+        );
+        match clock.control() {
+            TscControl::Fixed { reason } => {
+                assert!(Hypervisor::is_pvm_host() || reason.contains("KVM_VCPU_TSC_OFFSET"))
+            }
+            TscControl::Offset { offset } => {
+                assert!(!Hypervisor::is_pvm_host());
+                clock.set_offset(offset).unwrap();
+                assert_eq!(clock.control(), TscControl::Offset { offset });
+                crate::tsc::set_guest_offset(0);
+            }
+        }
+    }
+}
