@@ -34,6 +34,8 @@ struct FakeVm {
     flags: u32,
     can_realtime: bool,
     fail_set: bool,
+    /// What a set with realtime lands ahead by (as KVM's does).
+    set_error_ns: i128,
 }
 
 impl FakeVm {
@@ -46,6 +48,7 @@ impl FakeVm {
             flags: KVM_CLOCK_TSC_STABLE | KVM_CLOCK_REALTIME | KVM_CLOCK_HOST_TSC,
             can_realtime: true,
             fail_set: false,
+            set_error_ns: 0,
         }
     }
     fn clock_at(&self, t: u64) -> i128 {
@@ -78,7 +81,9 @@ impl VmClock for FakeVm {
             });
         }
         let t = self.world.advance(READ_NS);
-        let passed = at_realtime.map_or(0, |r| i128::from(t) + self.realtime_base - i128::from(r));
+        let passed = at_realtime.map_or(0, |r| {
+            i128::from(t) + self.realtime_base - i128::from(r) + self.set_error_ns
+        });
         *self.epoch.lock().unwrap() = i128::from(clock_ns) + passed - i128::from(t);
         Ok(())
     }
@@ -527,4 +532,41 @@ fn same_host_without_realtime_in_start_sets_exactly_from_a_sample() {
     assert!(report.clock_skew_ns.abs() <= i128::from(READ_NS));
     // The master's replies say TSC_STABLE although START did not.
     assert!(report.master_tsc_stable);
+}
+
+#[test]
+fn a_constant_error_of_the_exact_set_is_corrected_once() {
+    let world = Arc::new(World::default());
+    let master_vm = FakeVm::new(&world, 3_000_000_000, 1 << 60, 0);
+    let mut local_vm = FakeVm::new(&world, 0, 1 << 60, 0);
+    local_vm.set_error_ns = 450;
+    let start = master_clock(boot(BOOT_A), 1_000_000, &master_vm, &FakeTsc::fixed()).unwrap();
+    let link = FakeLink {
+        world: world.clone(),
+        master: &master_vm,
+        tsc: MasterTsc::Fixed,
+        delays: vec![(5_000, 5_000)],
+        exchanges: AtomicUsize::new(0),
+        fail_at: None,
+    };
+    let tsc = FakeTsc::fixed();
+    let node = LocalNode {
+        id: 1,
+        boot_id: boot(BOOT_A),
+        tsc_khz: 1_000_000,
+        vm: &local_vm,
+        tsc: &tsc,
+    };
+    let report = sync_with_master(&node, &start, &link, 16).unwrap();
+    assert!(report.refined);
+    assert_eq!(link.exchanges.load(Ordering::SeqCst), 32);
+    assert!(
+        report.clock_skew_ns.abs() <= 2 * i128::from(READ_NS),
+        "{report}"
+    );
+    let t = world.now();
+    assert!((local_vm.clock_at(t) - master_vm.clock_at(t)).abs() <= 2 * i128::from(READ_NS));
+    assert!(report
+        .to_string()
+        .contains("(same host, realtime, corrected once)"));
 }
