@@ -6,26 +6,9 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::time::Duration;
 
-use common::run_spanvm;
-
-fn images_dir() -> PathBuf {
-    std::env::var_os("SPANVM_IMAGES_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../images/out"))
-}
-
-fn image(name: &str) -> PathBuf {
-    let p = images_dir().join(name);
-    assert!(
-        p.is_file(),
-        "{} is missing: build the guest images first with `bash images/build.sh`",
-        p.display()
-    );
-    p
-}
+use common::{image, run_spanvm};
 
 struct Boot {
     stdout: String,

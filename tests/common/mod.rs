@@ -8,6 +8,24 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+/// Where `images/build.sh` put the guest images (`SPANVM_IMAGES_DIR` overrides it).
+pub fn images_dir() -> PathBuf {
+    std::env::var_os("SPANVM_IMAGES_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../images/out"))
+}
+
+/// A guest image; fails the test, saying how to build it, when it is missing.
+pub fn image(name: &str) -> PathBuf {
+    let p = images_dir().join(name);
+    assert!(
+        p.is_file(),
+        "{} is missing: build the guest images first with `bash images/build.sh`",
+        p.display()
+    );
+    p
+}
+
 /// The `spanvm` binary built for these tests.
 pub fn spanvm() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_spanvm"))
