@@ -33,6 +33,8 @@ const KIND_CLOCK_REPLY: u16 = 7;
 pub const FLAG_CLOCK_ERROR: u16 = 1;
 /// How long a node waits for the answer to one clock sample.
 const CLOCK_REPLY_WAIT: Duration = Duration::from_secs(2);
+/// How long a node that lost a peer keeps its connections open before it leaves.
+const LOSS_GRACE: Duration = Duration::from_millis(300);
 /// How long the master waits for every STOP_ACK, and a node for EXIT.
 const LEAVE_WAIT: Duration = Duration::from_secs(3);
 
@@ -399,8 +401,11 @@ impl Control {
     /// Before this node closes its connections (see the module doc for the two phases).
     pub fn leave(&self, reason: &StopReason) {
         if matches!(reason, StopReason::PeerLost(_)) {
-            // The guest is lost already; every survivor stops on its own, at once.
+            // The guest is lost already; every survivor stops on its own, at once. Its own
+            // connections stay open a moment longer, so that every other survivor sees the
+            // lost node go (and names it) before it sees this one leave.
             self.stopping_cleanly.store(true, Ordering::SeqCst);
+            std::thread::sleep(LOSS_GRACE);
             return;
         }
         let me = self.me as usize;
