@@ -44,10 +44,14 @@ pub fn run(config: &Path) -> Result<StopReason, CommandError> {
     let dsm = vm.dsm();
     let dsm_on_request = dsm.clone();
     let forward_on_request = vm.platform().forward().clone();
+    let zap_on_request = vm.shadow_zap();
     handle_signals(move |sig| {
         if sig == libc::SIGUSR1 {
             if let Some(d) = &dsm_on_request {
                 eprint!("{}", d.stats());
+                if let Some(z) = &zap_on_request {
+                    eprintln!("{}", z.stats());
+                }
                 eprintln!("{}", forward_on_request.stats());
             }
         } else {
@@ -77,6 +81,9 @@ pub fn run(config: &Path) -> Result<StopReason, CommandError> {
     }
     if let Some(d) = dsm {
         eprint!("{}", d.stats());
+        if let Some(z) = vm.shadow_zap() {
+            eprintln!("{}", z.stats());
+        }
         eprintln!("{}", vm.platform().forward().stats());
     }
     Ok(reason)

@@ -229,7 +229,14 @@ impl NodeVm {
         self.pvm_repair.as_ref().map(|r| r.stats())
     }
 
-    /// The DSM, when this node is one of several.
+    /// The shadow zap of a multi-node guest on a host that needs it (`kvm_pvm`).
+    pub fn shadow_zap(
+        &self,
+    ) -> Option<Arc<crate::distributed::shadow_zap::ShadowZap<dsm::UffdGuestPages>>> {
+        self.distributed.as_ref().and_then(|d| d.shadow_zap())
+    }
+
+    /// The DSM of a multi-node guest.
     pub fn dsm(&self) -> Option<Arc<dsm::Dsm>> {
         self.distributed.as_ref().map(|d| d.dsm.clone())
     }

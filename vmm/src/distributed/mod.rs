@@ -199,7 +199,7 @@ pub struct Distributed {
     /// Start/finish/stop coordination.
     pub control: Arc<Control>,
     handler: Arc<NodeHandler>,
-    _pages: Arc<ShadowZap<UffdGuestPages>>,
+    pages: Arc<ShadowZap<UffdGuestPages>>,
 }
 
 impl Distributed {
@@ -258,8 +258,13 @@ impl Distributed {
             mesh,
             control,
             handler,
-            _pages: pages,
+            pages,
         })
+    }
+
+    /// The shadow zap over this node's guest memory, where the host needs it (`kvm_pvm`).
+    pub fn shadow_zap(&self) -> Option<Arc<ShadowZap<UffdGuestPages>>> {
+        self.pages.is_enabled().then(|| self.pages.clone())
     }
 
     /// Forwarding's way out to the peers.

@@ -20,8 +20,13 @@
 //! [`GuestPages::drop_page`] it reads the page's old content first, reads it as 512 x86-64 entries
 //! and, after the drop, re-applies the current protection to every old target frame that is in
 //! guest RAM and mapped here:
-//! - only entries with the present and accessed bits count: KVM sets the accessed bit of every
-//!   guest entry it derives a shadow translation from, as the CPU does for its TLB;
+//! - only entries with the present, user and accessed bits count: KVM sets the accessed bit of
+//!   every guest entry it derives a shadow translation from, as the CPU does for its TLB, and a
+//!   translation is usable at CPL3 only if every level allows user access. Supervisor-only
+//!   translations need no zap: guest CPL0 code is run by KVM's emulator, which walks the guest
+//!   page tables afresh (HOST.md), and native CPL3 code cannot use them. The filter matters for
+//!   cost: kernel data pages full of small counters (run queues, timekeeping) otherwise look like
+//!   tables that point at frame 0 and cost a scan and ioctls at every drop;
 //! - an entry with the PS bit counts as the 2 MiB range it would map in a page directory (as a
 //!   leaf entry the bit is PAT, and the 4 KiB frame lies inside that range);
 //! - for an entry without PS, the frame itself (the page was a leaf table) and, if that frame is
@@ -59,7 +64,10 @@ use crate::hypervisor::Hypervisor;
 pub const ENTRIES: usize = PAGE_SIZE / 8;
 
 const PTE_PRESENT: u64 = 1;
+const PTE_USER: u64 = 1 << 2;
 const PTE_ACCESSED: u64 = 1 << 5;
+/// The bits of an entry whose stale shadow translation native CPL3 code could still use.
+const PTE_USED_BY_USER: u64 = PTE_PRESENT | PTE_USER | PTE_ACCESSED;
 const PTE_PS: u64 = 1 << 7;
 /// Address bits 12..51 of an entry.
 const PTE_FRAME_MASK: u64 = 0x000f_ffff_ffff_f000;
@@ -147,6 +155,22 @@ pub struct ZapStats {
     pub tables_read: u64,
     /// Time spent scanning and re-protecting, in nanoseconds.
     pub nanos: u64,
+}
+
+impl std::fmt::Display for ZapStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "shadow zap: {} drops, {} with a zap, {} re-protections over {} pages, {} tables \
+             read, {:.1} ms in all",
+            self.drops,
+            self.zaps,
+            self.calls,
+            self.pages,
+            self.tables_read,
+            self.nanos as f64 / 1e6
+        )
+    }
 }
 
 #[derive(Default)]
@@ -299,7 +323,7 @@ impl<P: ShadowTarget> ShadowZap<P> {
     fn looks_like_table(&self, entries: &[u64; ENTRIES]) -> bool {
         entries
             .iter()
-            .filter(|&&e| e & (PTE_PRESENT | PTE_ACCESSED) == PTE_PRESENT | PTE_ACCESSED)
+            .filter(|&&e| e & PTE_USED_BY_USER == PTE_USED_BY_USER)
             .all(|&e| (e & PTE_FRAME_MASK) >> 12 < self.frame_limit)
     }
 
@@ -307,8 +331,10 @@ impl<P: ShadowTarget> ShadowZap<P> {
     fn collect(&self, entries: &[u64; ENTRIES], spans: &mut Vec<(u64, u64)>) -> Vec<u64> {
         let count = self.states.len() as u64;
         let mut tables = Vec::new();
-        let used = PTE_PRESENT | PTE_ACCESSED;
-        for &entry in entries.iter().filter(|&&e| e & used == used) {
+        for &entry in entries
+            .iter()
+            .filter(|&&e| e & PTE_USED_BY_USER == PTE_USED_BY_USER)
+        {
             let frame = (entry & PTE_FRAME_MASK) >> 12;
             if entry & PTE_PS != 0 {
                 let base = frame & !(LARGE_PAGES - 1);
@@ -585,6 +611,7 @@ mod tests {
         }
         z.install(14, PageContent::Zero, true).unwrap();
         z.install(16, PageContent::Zero, false).unwrap();
+        z.install(18, PageContent::Zero, true).unwrap();
         assert_eq!(z.local_mapping(14), LocalMapping::Writable);
         assert_eq!(z.local_mapping(15), LocalMapping::NotPresent);
         let entries: Vec<(usize, u64)> = (10..=16)
@@ -593,6 +620,7 @@ mod tests {
                 (300, 0x0000_7000_0000_0021),
                 (301, 5 << 12),
                 (302, (2 << 12) | 0x7),
+                (303, (18 << 12) | 0x63),
             ])
             .collect();
         z.install(1, PageContent::Bytes(&table(&entries)), false)
@@ -602,8 +630,8 @@ mod tests {
         assert_eq!(
             calls(&z),
             vec![(10, 4, false), (14, 1, true), (16, 1, false)],
-            "entries not present or never used (accessed bit clear), frames beyond RAM and \
-             absent frames are skipped"
+            "entries not present, never used (accessed bit clear) or kernel-only (user bit \
+             clear), frames beyond RAM and absent frames are skipped"
         );
         assert_eq!(z.local_mapping(10), LocalMapping::ReadOnly);
         assert_eq!(z.local_mapping(14), LocalMapping::Writable);
