@@ -161,7 +161,7 @@ impl NodeVm {
                 cmdline,
             } => {
                 if config.node == layout.master() {
-                    let cmdline = linux_cmdline(cmdline, layout.node_count());
+                    let cmdline = linux_cmdline(cmdline, layout.node_count(), layout.vcpu_count);
                     boot::write_acpi(&memory, layout, &[])?;
                     let linux =
                         boot::load_linux(&memory, layout, kernel, initrd.as_deref(), &cmdline)?;
@@ -450,14 +450,23 @@ fn add_param(cmdline: &str, key: &str, value: &str) -> String {
 /// kvm-clock as the clocksource (it is the clock spanvm keeps in step across nodes; with an
 /// invariant TSC Linux would otherwise pick the TSC, which is not synchronised between
 /// machines), and on `kvm_pvm` the parameters that keep Linux away from instructions the host
-/// cannot run (HOST.md).
-pub fn linux_cmdline(user: &str, nodes: usize) -> String {
+/// cannot run (HOST.md). For a guest on several nodes, also the parameters that keep kernel
+/// housekeeping from moving pages between nodes.
+pub fn linux_cmdline(user: &str, nodes: usize, vcpus: u32) -> String {
     let mut cmdline = add_param(user.trim(), "clocksource", "kvm-clock");
     if nodes > 1 {
         // The initrd is loaded by the master, so its pages are in the master's memory: unpack
         // it there, in the init thread on the boot CPU, rather than on whatever CPU the async
         // worker lands on, which may be on another node and pull all of it over.
         cmdline = add_param(&cmdline, "initramfs_async", "0");
+        // Every tick reads the timekeeper's and writes the CPU's own scheduler and RCU state,
+        // and the timekeeper (CPU 0) writes what the others read: a handful of pages cross the
+        // network per tick per CPU. Full dynticks stops the tick of a CPU that runs one user
+        // task (the kernel ignores the parameter if built without NO_HZ_FULL); CPU 0, on the
+        // master, keeps the tick, the timekeeping and the offloaded RCU callbacks.
+        if vcpus > 1 {
+            cmdline = add_param(&cmdline, "nohz_full", &format!("1-{}", vcpus - 1));
+        }
     }
     if Hypervisor::is_pvm_host() {
         cmdline = crate::vcpu::pvm_repair::add_pvm_kernel_params(&cmdline);
@@ -471,20 +480,36 @@ mod tests {
 
     #[test]
     fn cmdline_gets_kvm_clock_unless_the_user_chose() {
-        assert!(linux_cmdline("console=ttyS0", 1).contains("clocksource=kvm-clock"));
-        assert!(!linux_cmdline("console=ttyS0", 1).contains("initramfs_async"));
-        let two = linux_cmdline("console=ttyS0 -- spanvm.run=true", 2);
+        assert!(linux_cmdline("console=ttyS0", 1, 2).contains("clocksource=kvm-clock"));
+        assert!(!linux_cmdline("console=ttyS0", 1, 2).contains("initramfs_async"));
+        let two = linux_cmdline("console=ttyS0 -- spanvm.run=true", 2, 2);
         assert!(
             two.starts_with("console=ttyS0 clocksource=kvm-clock initramfs_async=0"),
             "{two}"
         );
         assert!(two.contains(" -- spanvm.run=true"), "{two}");
-        assert!(linux_cmdline("initramfs_async=1", 2).contains("initramfs_async=1"));
-        assert!(!linux_cmdline("initramfs_async=1", 2).contains("initramfs_async=0"));
-        let own = linux_cmdline("console=ttyS0 clocksource=tsc", 1);
+        assert!(linux_cmdline("initramfs_async=1", 2, 2).contains("initramfs_async=1"));
+        assert!(!linux_cmdline("initramfs_async=1", 2, 2).contains("initramfs_async=0"));
+        let own = linux_cmdline("console=ttyS0 clocksource=tsc", 1, 2);
         assert!(
             own.contains("clocksource=tsc") && !own.contains("kvm-clock"),
             "{own}"
         );
+    }
+
+    #[test]
+    fn cmdline_of_a_guest_on_several_nodes_leaves_the_tick_to_cpu_0() {
+        assert!(two_nodes(4).contains("nohz_full=1-3"));
+        assert!(!linux_cmdline("console=ttyS0", 1, 4).contains("nohz_full"));
+        assert!(!linux_cmdline("console=ttyS0", 2, 1).contains("nohz_full"));
+        let own = linux_cmdline("nohz_full=2-3", 2, 4);
+        assert!(
+            own.contains("nohz_full=2-3") && !own.contains("nohz_full=1-3"),
+            "{own}"
+        );
+    }
+
+    fn two_nodes(vcpus: u32) -> String {
+        linux_cmdline("console=ttyS0 -- spanvm.run=true", 2, vcpus)
     }
 }
