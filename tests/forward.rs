@@ -196,6 +196,27 @@ fn ioapic_programmed_and_driven_from_a_remote_node() {
 }
 
 #[test]
+fn a_page_table_entry_rewritten_on_another_node_is_seen_after_invlpg_and_cr3_reload() {
+    // HOST.md: on kvm_pvm a page-table page replaced by the DSM can leave KVM's shadow
+    // translation behind. Node 1 rewrites the entry node 0's CPL3 code reads, then IPIs node 0,
+    // whose handler flushes (argument 0: invlpg, 1: CR3 reload) before the next read.
+    for (arg, flush) in [(0, "invlpg"), (1, "CR3 reload")] {
+        let run = run(2, 1, "pt-swap", arg, 32);
+        assert_eq!(run.get(0, "PTRN"), 200, "rounds with {flush}");
+        assert_eq!(
+            run.get(1, "PTWR"),
+            200,
+            "entries rewritten on node 1 ({flush})"
+        );
+        assert_eq!(
+            run.get(0, "PTST"),
+            0,
+            "reads through a stale translation after {flush}"
+        );
+    }
+}
+
+#[test]
 fn ipi_storm_all_to_all_on_4_nodes_loses_nothing() {
     // 8334 IPIs per (sender, receiver) pair, 12 pairs: 100 008 IPIs across the cluster.
     let per_pair = 8334;

@@ -27,6 +27,7 @@ fn layout_inc() -> String {
         ("IDT_ADDR", IDT_ADDR),
         ("TSS_ADDR", TSS_ADDR),
         ("PVCLOCK_ADDR", PVCLOCK_ADDR),
+        ("PML4_ADDR", PML4_ADDR),
         ("STACKS_ADDR", STACKS_ADDR),
         ("STACK_BLOCK", STACK_BLOCK),
         ("PROBE_LOAD_ADDR", PROBE_LOAD_ADDR),
