@@ -1,5 +1,5 @@
-//! Failures of a distributed guest with real node processes: a node killed mid-run, a node with
-//! the wrong secret, a node whose layout differs. (Malformed frames are fuzzed in the transport
+//! Failures of a distributed guest with real node processes: a node killed mid-run, a node whose
+//! distributed memory fails, a node with the wrong secret, a node whose layout differs. (Malformed frames are fuzzed in the transport
 //! and dsm crates' own tests.)
 
 mod common;
@@ -40,6 +40,16 @@ impl Node {
                 );
             }
             std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+impl Drop for Node {
+    /// A test that fails half-way still leaves no node behind.
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
         }
     }
 }
@@ -167,6 +177,60 @@ fn killing_the_master_stops_the_others() {
 }
 
 /// Starts two nodes that should refuse each other; returns their stderr and exit codes.
+#[test]
+fn a_node_whose_memory_fails_stops_every_node_with_code_6_naming_it() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let secret = write_secret(dir.path(), "cluster.secret", 7);
+    let cluster = cluster_text(2, 1, "counter", 2_000_000_000, 64);
+    // Node 1's 200th page install fails as a refused UFFDIO_COPY (out of memory) would.
+    let mut procs: Vec<Node> = (0..2)
+        .map(|i| {
+            let env: &[(&str, &str)] = if i == 1 {
+                &[("SPANVM_TEST_FAIL_INSTALL_AFTER", "200")]
+            } else {
+                &[]
+            };
+            start(
+                dir.path(),
+                i,
+                &node_file(dir.path(), i, &secret, &cluster),
+                env,
+            )
+        })
+        .collect();
+    let mut ends = Vec::new();
+    for (i, node) in procs.iter_mut().enumerate() {
+        let (code, at) = node.wait(Duration::from_secs(60));
+        let stderr = node.stderr();
+        assert_eq!(
+            code,
+            Some(6),
+            "node {i} should exit with the memory-failure code\n{stderr}"
+        );
+        assert!(
+            stderr.contains("the distributed memory failed on node 1")
+                && stderr.contains("UFFDIO_COPY"),
+            "node {i} does not say that node 1's memory failed and why:\n{stderr}"
+        );
+        assert!(
+            !node.stdout().contains("CNTR="),
+            "node {i} reported a counter although the memory failed"
+        );
+        ends.push(at);
+    }
+    let apart = if ends[0] > ends[1] {
+        ends[0] - ends[1]
+    } else {
+        ends[1] - ends[0]
+    };
+    eprintln!("the two nodes stopped {apart:?} apart");
+    assert!(
+        apart < Duration::from_secs(2),
+        "nodes stopped {apart:?} apart"
+    );
+}
+
 fn refused_pair(secret1_byte: u8, memory1_mib: u64) -> [(Option<i32>, String); 2] {
     let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let dir = tempfile::tempdir().unwrap();

@@ -44,7 +44,7 @@ pub use nodeset::NodeSet;
 pub use protocol::{
     Access, DsmMessage, Frame, GrantData, Outgoing, PageBuf, ProtocolError, RequestId, WireLimits,
 };
-pub use runtime::{Dsm, DsmConfig, DsmError, DsmLink, LinkError, PinGuard};
+pub use runtime::{Dsm, DsmConfig, DsmError, DsmLink, FailureHook, LinkError, PinGuard};
 pub use stats::{NodeStats, StatsSnapshot};
 pub use uffd::{FaultSource, PageFault, UffdError, UffdGuestPages};
 

@@ -15,7 +15,7 @@ use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
@@ -119,7 +119,15 @@ struct Inner {
     failure: Mutex<Option<String>>,
     failed: AtomicBool,
     stopping: AtomicBool,
+    /// Told once when the node fails on its own (not when the VMM fails it).
+    on_failure: OnceLock<FailureHook>,
+    /// The peer whose broken link failed the node, if that was the cause.
+    lost_link: Mutex<Option<NodeId>>,
 }
+
+/// What the VMM runs when the DSM fails on its own: the reason, and the peer whose link broke
+/// when that is the cause (then it is a lost peer rather than a memory failure).
+pub type FailureHook = Box<dyn Fn(&str, Option<NodeId>) + Send + Sync>;
 
 /// Per-thread buffers of the message paths, reused so that handling a message allocates nothing
 /// but page buffers.
@@ -212,11 +220,25 @@ impl Dsm {
             failure: Mutex::new(None),
             failed: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
+            on_failure: OnceLock::new(),
+            lost_link: Mutex::new(None),
         });
         let thread_inner = inner.clone();
         let fault_thread = std::thread::Builder::new()
             .name(format!("dsm-faults-{node}"))
-            .spawn(move || thread_inner.fault_loop())
+            .spawn(move || {
+                // A panic here would leave every fault unanswered: fail the node instead, so
+                // that the VMM stops the cluster and says why.
+                let run = std::panic::AssertUnwindSafe(|| thread_inner.fault_loop());
+                if let Err(panic) = std::panic::catch_unwind(run) {
+                    let what = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "no message".into());
+                    thread_inner.fail(&format!("the fault thread panicked: {what}"));
+                }
+            })
             .map_err(DsmError::Spawn)?;
         Ok(Dsm {
             inner,
@@ -307,9 +329,23 @@ impl Dsm {
 
     /// Stops the node for good: a peer was lost or the VMM is stopping the guest after an error.
     /// Accesses waiting for pages stay blocked; the memory is frozen so that no teardown lets them
-    /// through; pins fail from now on.
+    /// through; pins fail from now on. The failure hook is not run: the caller knows already.
     pub fn fail(&self, reason: &str) {
-        self.inner.fail(reason);
+        self.inner.fail_as(reason, false);
+    }
+
+    /// Runs `hook` with the reason when this node's DSM fails on its own (a failed kernel call on
+    /// guest memory, a peer's frame that breaks the protocol's invariants, a lost link while
+    /// sending, a panic of the fault thread); at once if it failed already.
+    pub fn on_failure(&self, hook: FailureHook) {
+        if self.inner.on_failure.set(hook).is_err() {
+            return;
+        }
+        if let Some(reason) = self.failure() {
+            if let Some(hook) = self.inner.on_failure.get() {
+                hook(&reason, *lock(&self.inner.lost_link));
+            }
+        }
     }
 
     /// Stops the fault thread (normal exit; the vCPUs must be stopped first).
@@ -375,21 +411,33 @@ impl Inner {
     }
 
     fn fail(&self, reason: &str) {
-        {
+        self.fail_as(reason, true);
+    }
+
+    /// Records the first failure; `own` failures (not requested by the VMM) run the hook.
+    fn fail_as(&self, reason: &str, own: bool) {
+        let first = {
             let mut failure = lock(&self.failure);
-            if failure.is_none() {
+            let first = failure.is_none();
+            if first {
                 *failure = Some(reason.to_owned());
                 self.log(&format!(
                     "stopping: {reason}; accesses waiting for guest pages stay blocked"
                 ));
             }
-        }
+            first
+        };
         self.failed.store(true, Ordering::SeqCst);
         self.memory.freeze();
         self.faults.interrupt();
         for shard in self.shards.iter() {
             let _pages = lock(&shard.pages);
             shard.completed.notify_all();
+        }
+        if first && own {
+            if let Some(hook) = self.on_failure.get() {
+                hook(reason, *lock(&self.lost_link));
+            }
         }
     }
 
@@ -536,6 +584,12 @@ impl Inner {
             }
             self.stats.record_sent(msg.payload().len());
             if let Err(e) = self.link.send(to, &msg) {
+                {
+                    let mut lost = lock(&self.lost_link);
+                    if lock(&self.failure).is_none() {
+                        *lost = Some(to);
+                    }
+                }
                 self.fail(&format!("lost node {to}: {e}"));
             }
         }

@@ -309,6 +309,7 @@ pub fn run(guest: Guest, dir: Option<&Path>) -> Result<StopReason, ClusterError>
         3 => StopReason::Reset("a node reported a guest reset".into()),
         4 => StopReason::ProbeFailed { vcpu: 0, status: 1 },
         5 => StopReason::PeerLost("a node lost its peer".into()),
+        6 => StopReason::MemoryFailed("a node (see its output)".into()),
         130 => StopReason::Interrupted,
         c => StopReason::Error(format!("a node exited with code {c}")),
     })

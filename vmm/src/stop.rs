@@ -18,6 +18,10 @@ pub enum StopReason {
     Interrupted,
     /// A peer node went away or misbehaved.
     PeerLost(String),
+    /// The distributed shared memory failed on a node (a kernel call on guest memory failed, a
+    /// peer's frame broke the coherence protocol's invariants, the fault thread panicked): no
+    /// page can be trusted to be current any more. The text names the node.
+    MemoryFailed(String),
     /// Something failed in the VMM.
     Error(String),
 }
@@ -31,6 +35,7 @@ impl StopReason {
             StopReason::Reset(_) => 3,
             StopReason::ProbeFailed { .. } => 4,
             StopReason::PeerLost(_) => 5,
+            StopReason::MemoryFailed(_) => 6,
             StopReason::Interrupted => 130,
         }
     }
@@ -46,6 +51,7 @@ impl std::fmt::Display for StopReason {
             }
             StopReason::Interrupted => write!(f, "interrupted"),
             StopReason::PeerLost(why) => write!(f, "lost a peer: {why}"),
+            StopReason::MemoryFailed(why) => write!(f, "the distributed memory failed on {why}"),
             StopReason::Error(why) => write!(f, "error: {why}"),
         }
     }

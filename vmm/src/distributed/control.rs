@@ -51,6 +51,7 @@ fn reason_from_wire(code: u64, text: &str) -> StopReason {
             }
         }
         5 => StopReason::PeerLost(text.to_string()),
+        6 => StopReason::MemoryFailed(text.to_string()),
         130 => StopReason::Interrupted,
         _ => StopReason::Error(text.to_string()),
     }
@@ -59,7 +60,10 @@ fn reason_from_wire(code: u64, text: &str) -> StopReason {
 fn reason_text(reason: &StopReason) -> String {
     match reason {
         StopReason::ProbeFailed { vcpu, status } => format!("{vcpu}:{status}"),
-        StopReason::Reset(t) | StopReason::PeerLost(t) | StopReason::Error(t) => t.clone(),
+        StopReason::Reset(t)
+        | StopReason::PeerLost(t)
+        | StopReason::MemoryFailed(t)
+        | StopReason::Error(t) => t.clone(),
         StopReason::PowerOff | StopReason::Interrupted => String::new(),
     }
 }
@@ -70,6 +74,8 @@ pub type ClockResponder = Box<dyn Fn(u64) -> Result<ClockReply, ClockError> + Se
 #[derive(Default)]
 struct State {
     started: bool,
+    /// A stop requested before the platform existed (while the guest was being loaded).
+    pending_stop: Option<StopReason>,
     /// The master's clock from START (or why it could not be read), until taken.
     start_clock: Option<Result<MasterClock, ClockError>>,
     /// The latest answer to a clock sample: its number and content.
@@ -126,6 +132,10 @@ impl Control {
 
     pub(crate) fn set_platform(&self, platform: Weak<Platform>) {
         *self.platform.lock().unwrap_or_else(|p| p.into_inner()) = Some(platform);
+        let pending = self.lock().pending_stop.take();
+        if let Some(reason) = pending {
+            self.stop_platform(reason);
+        }
     }
 
     fn is_master(&self) -> bool {
@@ -163,8 +173,16 @@ impl Control {
             .unwrap_or_else(|p| p.into_inner())
             .as_ref()
             .and_then(Weak::upgrade);
-        if let Some(p) = platform {
-            p.request_stop(reason);
+        match platform {
+            Some(p) => {
+                p.request_stop(reason);
+            }
+            None => {
+                let mut st = self.lock();
+                if st.pending_stop.is_none() {
+                    st.pending_stop = Some(reason);
+                }
+            }
         }
     }
 

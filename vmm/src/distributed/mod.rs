@@ -213,9 +213,17 @@ impl Distributed {
         // ShadowZap: on kvm_pvm, dropping a page-table page clears KVM's shadow translations.
         // SAFETY: the mapping belongs to `memory`, which the caller keeps alive for as long as
         // the VM (and so this DSM) exists; nothing else registers it with a userfaultfd.
-        let pages = Arc::new(ShadowZap::for_this_host(unsafe {
+        let mut pages = ShadowZap::for_this_host(unsafe {
             UffdGuestPages::register(memory.host_base(), memory.len() as usize)?
-        }));
+        });
+        // Fault injection for the tests of a failing DSM (tests/dsm_failure.rs).
+        if let Some(n) = std::env::var("SPANVM_TEST_FAIL_INSTALL_AFTER")
+            .ok()
+            .and_then(|v| v.parse().ok())
+        {
+            pages = pages.fail_install_after(n);
+        }
+        let pages = Arc::new(pages);
         let link = Arc::new(MeshLink::default());
         let home_layout = layout.clone();
         let dsm = Arc::new(Dsm::start(
@@ -232,6 +240,25 @@ impl Distributed {
             link.clone(),
         )?);
         let control = Arc::new(Control::new(config.node, layout.node_count()));
+        {
+            // A DSM that fails on its own stops this node's guest; leaving then tells the
+            // master, which stops every other node with the same reason.
+            let control = Arc::downgrade(&control);
+            let me = config.node;
+            dsm.on_failure(Box::new(move |why, lost| {
+                let Some(control) = control.upgrade() else {
+                    return;
+                };
+                match lost {
+                    // The transport reports the loss too; whichever comes first names it.
+                    Some(peer) => control.peer_lost(peer as NodeId, why),
+                    None => {
+                        eprintln!("spanvm: node {me}: the distributed memory failed: {why}");
+                        control.fail(StopReason::MemoryFailed(format!("node {me}: {why}")));
+                    }
+                }
+            }));
+        }
         let handler = Arc::new(NodeHandler::new(control.clone()));
         let _ = handler.dsm.set(dsm.clone());
         let me = config.local();

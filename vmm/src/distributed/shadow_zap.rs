@@ -192,6 +192,8 @@ pub struct ShadowZap<P> {
     /// Entries whose frame has bits at or above this are not page-table entries.
     frame_limit: u64,
     counters: Counters,
+    /// Fault injection for tests: installs left before one fails as a refused `UFFDIO_COPY`.
+    installs_before_failure: Option<AtomicU64>,
 }
 
 /// Holds one page's lock bit; stores the (possibly updated) state on drop.
@@ -257,7 +259,15 @@ impl<P: ShadowTarget> ShadowZap<P> {
             states: (0..count).map(|_| AtomicU8::new(0)).collect(),
             frame_limit: 1u64 << (physical_address_bits() - 12),
             counters: Counters::default(),
+            installs_before_failure: None,
         }
+    }
+
+    /// Makes the install after the next `installs` fail as the kernel refusing `UFFDIO_COPY`
+    /// (out of memory) would: the path of a real memory failure, for tests of what follows.
+    pub fn fail_install_after(mut self, installs: u64) -> ShadowZap<P> {
+        self.installs_before_failure = Some(AtomicU64::new(installs));
+        self
     }
 
     /// Wraps `inner`, on only where KVM shadows guest page tables (`kvm_pvm`).
@@ -455,6 +465,18 @@ impl<P: ShadowTarget> GuestPages for ShadowZap<P> {
     ) -> Result<(), MemoryError> {
         // A present page is never replaced by an install (the kernel refuses: AlreadyPresent),
         // so an install has nothing to zap.
+        if let Some(left) = &self.installs_before_failure {
+            let before =
+                left.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+            if before == Err(0) {
+                return Err(MemoryError::Os {
+                    operation: "UFFDIO_COPY",
+                    page,
+                    errno: "injected failure (SPANVM_TEST_FAIL_INSTALL_AFTER): out of memory"
+                        .into(),
+                });
+            }
+        }
         let after = if writable {
             LocalMapping::Writable
         } else {
