@@ -124,16 +124,16 @@ fn srat_gives_each_node_its_vcpus_and_its_home_memory() {
 }
 
 #[test]
-fn slit_has_10_within_and_100_between_nodes() {
+fn slit_has_10_within_and_20_between_nodes() {
     let acpi = build_acpi(&layout(256, &[1, 1]), &[]).unwrap();
     let fields = dsl_fields(&iasl_disassemble("slit", &table(&acpi, b"SLIT").bytes));
     assert_eq!(hex(values(&fields, "Localities")[0]), 2);
-    assert_eq!(values(&fields, "Locality   0"), ["0A 64"]);
-    assert_eq!(values(&fields, "Locality   1"), ["64 0A"]);
+    assert_eq!(values(&fields, "Locality   0"), ["0A 14"]);
+    assert_eq!(values(&fields, "Locality   1"), ["14 0A"]);
 
     let acpi = build_acpi(&layout(256, &[1, 1, 1]), &[]).unwrap();
     let fields = dsl_fields(&iasl_disassemble("slit3", &table(&acpi, b"SLIT").bytes));
-    assert_eq!(values(&fields, "Locality   1"), ["64 0A 64"]);
+    assert_eq!(values(&fields, "Locality   1"), ["14 0A 14"]);
 }
 
 #[test]
