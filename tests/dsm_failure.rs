@@ -231,6 +231,61 @@ fn a_node_whose_memory_fails_stops_every_node_with_code_6_naming_it() {
     );
 }
 
+#[test]
+fn sigusr1_prints_a_nodes_statistics_and_ctrl_c_on_the_master_stops_all_with_130() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let secret = write_secret(dir.path(), "cluster.secret", 7);
+    let cluster = cluster_text(2, 1, "counter", 2_000_000_000, 64);
+    let mut procs: Vec<Node> = (0..2)
+        .map(|i| {
+            start(
+                dir.path(),
+                i,
+                &node_file(dir.path(), i, &secret, &cluster),
+                &[],
+            )
+        })
+        .collect();
+    wait_until_running(&procs);
+    // Statistics on request, while the guest runs: the DSM's and forwarding's.
+    signal(&procs[1], libc::SIGUSR1);
+    let asked = Instant::now();
+    while !procs[1].stderr().contains("forwarding: ") {
+        assert!(
+            asked.elapsed() < Duration::from_secs(10),
+            "no statistics after SIGUSR1:\n{}",
+            procs[1].stderr()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let stats = procs[1].stderr();
+    assert!(stats.contains("DSM statistics of node 1"), "{stats}");
+    assert!(stats.contains("faults: "), "{stats}");
+    assert_eq!(
+        procs[1].child.try_wait().unwrap(),
+        None,
+        "SIGUSR1 must not stop the node"
+    );
+    // Ctrl-C on the master stops the whole guest with 130.
+    signal(&procs[0], libc::SIGINT);
+    for (i, node) in procs.iter_mut().enumerate() {
+        let (code, _) = node.wait(Duration::from_secs(10));
+        assert_eq!(code, Some(130), "node {i}\n{}", node.stderr());
+        assert!(
+            node.stderr().contains("interrupted"),
+            "node {i}\n{}",
+            node.stderr()
+        );
+    }
+}
+
+fn signal(node: &Node, sig: libc::c_int) {
+    // SAFETY: kill(2) on the pid of a child this test started and has not reaped.
+    let rc = unsafe { libc::kill(node.child.id() as libc::pid_t, sig) };
+    assert_eq!(rc, 0, "kill({sig})");
+}
+
 fn refused_pair(secret1_byte: u8, memory1_mib: u64) -> [(Option<i32>, String); 2] {
     let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let dir = tempfile::tempdir().unwrap();

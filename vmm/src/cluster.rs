@@ -199,12 +199,15 @@ pub fn run(guest: Guest, dir: Option<&Path>) -> Result<StopReason, ClusterError>
     let children: Arc<Mutex<Vec<Child>>> = Arc::new(Mutex::new(Vec::new()));
     let signalled = children.clone();
     handle_signals(move |sig| {
-        if sig == libc::SIGUSR1 {
-            return;
-        }
+        // SIGUSR1 asks every node for its statistics; SIGINT and SIGTERM stop them all.
+        let to_children = if sig == libc::SIGUSR1 {
+            libc::SIGUSR1
+        } else {
+            libc::SIGTERM
+        };
         for c in signalled.lock().unwrap_or_else(|p| p.into_inner()).iter() {
             // SAFETY: kill(2) on a child we started and have not reaped yet.
-            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            unsafe { libc::kill(c.id() as i32, to_children) };
         }
     })
     .map_err(ClusterError::Signals)?;

@@ -1,6 +1,7 @@
 //! What the `spanvm` subcommands do.
 
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 
 use resources::{ConfigError, NodeConfig};
 
@@ -39,13 +40,30 @@ pub fn check(config: &Path) -> Result<(), CommandError> {
 /// statistics are printed at exit and on SIGUSR1.
 pub fn run(config: &Path) -> Result<StopReason, CommandError> {
     let cfg = NodeConfig::load(config)?;
+    // Signals are taken before NodeVm::build starts the DSM's and the transport's threads
+    // (which inherit the mask); until the VM exists, Ctrl-C simply ends the process.
+    type SignalAction = Box<dyn Fn(i32) + Send>;
+    let action: Arc<Mutex<Option<SignalAction>>> = Arc::new(Mutex::new(None));
+    let slot = action.clone();
+    handle_signals(move |sig| {
+        let guard = slot.lock().unwrap_or_else(|p| p.into_inner());
+        match guard.as_ref() {
+            Some(act) => act(sig),
+            None if sig == libc::SIGUSR1 => {}
+            None => {
+                eprintln!("spanvm: interrupted while the node was starting");
+                std::process::exit(StopReason::Interrupted.exit_code());
+            }
+        }
+    })
+    .map_err(CommandError::Signals)?;
     let mut vm = NodeVm::build(&cfg)?;
     let platform = vm.platform().clone();
     let dsm = vm.dsm();
     let dsm_on_request = dsm.clone();
     let forward_on_request = vm.platform().forward().clone();
     let zap_on_request = vm.shadow_zap();
-    handle_signals(move |sig| {
+    *action.lock().unwrap_or_else(|p| p.into_inner()) = Some(Box::new(move |sig| {
         if sig == libc::SIGUSR1 {
             if let Some(d) = &dsm_on_request {
                 eprint!("{}", d.stats());
@@ -57,8 +75,7 @@ pub fn run(config: &Path) -> Result<StopReason, CommandError> {
         } else {
             platform.request_stop(StopReason::Interrupted);
         }
-    })
-    .map_err(CommandError::Signals)?;
+    }));
     eprintln!(
         "spanvm: node {} running {} of the guest's {} vCPUs",
         cfg.node,

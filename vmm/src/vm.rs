@@ -403,21 +403,10 @@ fn join_for(threads: Vec<JoinHandle<()>>, limit: Duration) {
 }
 
 /// Blocks SIGINT, SIGTERM and SIGUSR1 in the calling thread (and so in every thread it starts
-/// later) and starts a thread that hands each to `on_signal(signal)`.
+/// later) and starts a thread that hands each to `on_signal(signal)`. Call it before any other
+/// thread starts.
 pub fn handle_signals(on_signal: impl Fn(i32) + Send + 'static) -> std::io::Result<()> {
-    // SAFETY: sigset manipulation on a local, zero-initialised set; pthread_sigmask only changes
-    // this thread's mask.
-    let set = unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::sigaddset(&mut set, libc::SIGUSR1);
-        if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        set
-    };
+    let set = block_signals()?;
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || loop {
@@ -428,6 +417,25 @@ pub fn handle_signals(on_signal: impl Fn(i32) + Send + 'static) -> std::io::Resu
             }
         })?;
     Ok(())
+}
+
+/// Blocks SIGINT, SIGTERM and SIGUSR1 in the calling thread, and so in every thread it starts
+/// afterwards. A thread started earlier would take these signals with their default action
+/// instead of leaving them to [`handle_signals`].
+fn block_signals() -> std::io::Result<libc::sigset_t> {
+    // SAFETY: sigset manipulation on a local, zero-initialised set; pthread_sigmask only changes
+    // this thread's mask.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGUSR1);
+        if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(set)
+    }
 }
 
 /// `key=value` added to a kernel command line unless it sets `key` already.
