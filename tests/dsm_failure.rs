@@ -280,6 +280,70 @@ fn sigusr1_prints_a_nodes_statistics_and_ctrl_c_on_the_master_stops_all_with_130
     }
 }
 
+/// A 2-node Linux cluster (the master loads the kernel and the initrd through the DSM).
+fn linux_pair(dir: &Path) -> [PathBuf; 2] {
+    let secret = write_secret(dir, "cluster.secret", 9);
+    let addrs = common::free_addrs(2);
+    let cluster = format!(
+        "[guest]\nvcpus = 2\nmemory_mib = 256\n[guest.linux]\nkernel = \"{}\"\ninitrd = \"{}\"\n\
+         cmdline = \"console=ttyS0 spanvm.run=true\"\n\n[[nodes]]\nid = 0\naddress = \"{}\"\n\
+         vcpus = [0]\n\n[[nodes]]\nid = 1\naddress = \"{}\"\nvcpus = [1]\n",
+        common::image("minimal.vmlinux").display(),
+        common::image("initramfs.cpio").display(),
+        addrs[0],
+        addrs[1]
+    );
+    [0, 1].map(|i| node_file(dir, i, &secret, &cluster))
+}
+
+/// Starts the pair with START held back by the master, kills `victim` while node 1 waits for
+/// it, and checks that the survivor exits 5 within 2 s naming the victim.
+fn kill_before_start(victim: usize) {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let files = linux_pair(dir.path());
+    // The master holds START back for a minute: node 1 waits for it all that time.
+    let hold = [("SPANVM_TEST_HOLD_START_MS", "60000")];
+    let mut procs: Vec<Node> = (0..2)
+        .map(|i| start(dir.path(), i, &files[i], if i == 0 { &hold } else { &[] }))
+        .collect();
+    let survivor = 1 - victim;
+    // The master prints its clock line just before it would send START.
+    let begun = Instant::now();
+    while !procs[0].stderr().contains("clock: master") {
+        assert!(
+            begun.elapsed() < Duration::from_secs(60),
+            "the master never got to START:\n{}",
+            procs[0].stderr()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    procs[victim].child.kill().unwrap();
+    let killed_at = Instant::now();
+    let _ = procs[victim].child.wait();
+    let (code, at) = procs[survivor].wait(Duration::from_secs(70));
+    let stderr = procs[survivor].stderr();
+    let took = at.duration_since(killed_at);
+    eprintln!("node {survivor} stopped {took:?} after node {victim} was killed before START");
+    assert_eq!(code, Some(5), "node {survivor}\n{stderr}");
+    assert!(took < Duration::from_secs(2), "took {took:?}\n{stderr}");
+    assert!(
+        stderr.contains(&format!("node {victim}")) && stderr.contains("before the guest started"),
+        "node {survivor} does not say it lost node {victim} before the start:\n{stderr}"
+    );
+}
+
+#[test]
+fn killing_a_node_that_waits_for_start_stops_the_master_within_2_seconds() {
+    kill_before_start(1);
+}
+
+#[test]
+fn killing_the_master_while_a_node_waits_for_start_stops_it_within_2_seconds() {
+    kill_before_start(0);
+}
+
 fn signal(node: &Node, sig: libc::c_int) {
     // SAFETY: kill(2) on the pid of a child this test started and has not reaped.
     let rc = unsafe { libc::kill(node.child.id() as libc::pid_t, sig) };

@@ -57,7 +57,17 @@ pub fn run(config: &Path) -> Result<StopReason, CommandError> {
         }
     })
     .map_err(CommandError::Signals)?;
-    let mut vm = NodeVm::build(&cfg)?;
+    let mut vm = match NodeVm::build(&cfg) {
+        Ok(vm) => vm,
+        Err(VmError::Stopped(reason)) => {
+            eprintln!(
+                "spanvm: node {} stopped before the guest started: {reason}",
+                cfg.node
+            );
+            return Ok(reason);
+        }
+        Err(e) => return Err(e.into()),
+    };
     let platform = vm.platform().clone();
     let dsm = vm.dsm();
     let dsm_on_request = dsm.clone();

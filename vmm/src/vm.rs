@@ -55,6 +55,10 @@ pub enum VmError {
     /// This node's clock could not be set from the master's.
     #[error("cannot synchronise this node's clock with the master's: {0}")]
     Clock(#[from] clock::ClockError),
+    /// The guest was stopped while this node loaded it or waited for START (a peer was lost,
+    /// a node's memory failed); the reason carries the exit code.
+    #[error("stopped before the guest started: {0}")]
+    Stopped(StopReason),
 }
 
 /// A built VM taken apart (see [`NodeVm::into_parts`]).
@@ -139,6 +143,36 @@ impl NodeVm {
             platform.on_local_finish(Box::new(move |reason| control.local_done(reason)));
         }
 
+        // Loading and the clock wait on peers: a stop requested meanwhile (a lost peer, a failed
+        // DSM) is what ended them, whatever error they return.
+        let prepared = Self::prepare_guest(config, &vm, &memory, &fds, &distributed, tsc_khz);
+        let on_sipi = match (prepared, platform.stop().reason()) {
+            (Ok(on_sipi), _) => on_sipi,
+            (Err(_), Some(reason)) => return Err(VmError::Stopped(reason)),
+            (Err(e), None) => return Err(e),
+        };
+        Ok(Self {
+            _vm: vm,
+            _memory: memory,
+            distributed,
+            on_sipi,
+            pvm_repair: Hypervisor::is_pvm_host().then(|| Arc::new(PvmRepair::new())),
+            platform,
+            fds,
+            tsc_khz,
+        })
+    }
+
+    /// Loads the guest (the master) and sets this node's clock from the master's (the others).
+    fn prepare_guest(
+        config: &NodeConfig,
+        vm: &KvmVm,
+        memory: &GuestMemory,
+        fds: &[(usize, VcpuFd)],
+        distributed: &Option<Distributed>,
+        tsc_khz: u32,
+    ) -> Result<Option<SipiSetup>, VmError> {
+        let layout = &config.layout;
         let mut on_sipi: Option<SipiSetup> = None;
         match &layout.guest {
             GuestImage::Probe { name, arg } => {
@@ -147,11 +181,11 @@ impl NodeVm {
                     known: crate::probe::names().collect::<Vec<_>>().join(", "),
                 })?;
                 let entry = if config.node == layout.master() {
-                    loader::load(name, img, layout, &memory)?
+                    loader::load(name, img, layout, memory)?
                 } else {
                     loader::parse_image(name, img)?.0
                 };
-                for (i, fd) in &fds {
+                for (i, fd) in fds {
                     loader::setup_vcpu(fd, *i, entry, layout, config.node, tsc_khz, *arg)?;
                 }
             }
@@ -162,9 +196,9 @@ impl NodeVm {
             } => {
                 if config.node == layout.master() {
                     let cmdline = linux_cmdline(cmdline, layout.node_count(), layout.vcpu_count);
-                    boot::write_acpi(&memory, layout, &[])?;
+                    boot::write_acpi(memory, layout, &[])?;
                     let linux =
-                        boot::load_linux(&memory, layout, kernel, initrd.as_deref(), &cmdline)?;
+                        boot::load_linux(memory, layout, kernel, initrd.as_deref(), &cmdline)?;
                     if let Some((_, bsp)) = fds.iter().find(|(i, _)| *i == 0) {
                         boot::setup_bsp(bsp, &linux)?;
                         boot::set_boot_msrs(bsp)?;
@@ -179,20 +213,11 @@ impl NodeVm {
         // --- Clock synchronisation (the `clock` crate; see `sync_clock`): the master's clock
         // goes out in START, and every other node sets its own from it before returning, that
         // is before any local vCPU runs.
-        if let Some(d) = &distributed {
-            sync_clock(config, &vm, &d.control, tsc_khz)?;
+        if let Some(d) = distributed {
+            sync_clock(config, vm, &d.control, tsc_khz)?;
         }
         // --- End of clock synchronisation.
-        Ok(Self {
-            _vm: vm,
-            _memory: memory,
-            distributed,
-            on_sipi,
-            pvm_repair: Hypervisor::is_pvm_host().then(|| Arc::new(PvmRepair::new())),
-            platform,
-            fds,
-            tsc_khz,
-        })
+        Ok(on_sipi)
     }
 
     fn start_activity(&self, index: usize) -> Activity {
@@ -355,6 +380,16 @@ fn sync_clock(
             "{}",
             clock::master_report(config.node, layout.node_count(), &master, &tsc_control)
         );
+        // Fault injection for the tests of a node lost before START (tests/dsm_failure.rs):
+        // the master holds START back, the others wait for it.
+        if let Some(ms) = std::env::var("SPANVM_TEST_HOLD_START_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+        {
+            if control.wait_for_stop(Duration::from_millis(ms)) {
+                return Err(VmError::NoStart(Duration::from_millis(ms)));
+            }
+        }
         control.announce_start(&master);
         // KVM may turn on its stable master clock only when a vCPU first runs: check then.
         let node = config.node;

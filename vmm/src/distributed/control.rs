@@ -76,6 +76,8 @@ struct State {
     started: bool,
     /// A stop requested before the platform existed (while the guest was being loaded).
     pending_stop: Option<StopReason>,
+    /// Some stop was requested (ends the wait for START).
+    stop_requested: bool,
     /// The master's clock from START (or why it could not be read), until taken.
     start_clock: Option<Result<MasterClock, ClockError>>,
     /// The latest answer to a clock sample: its number and content.
@@ -167,6 +169,8 @@ impl Control {
     }
 
     fn stop_platform(&self, reason: StopReason) {
+        self.lock().stop_requested = true;
+        self.changed.notify_all();
         let platform = self
             .platform
             .lock()
@@ -219,12 +223,18 @@ impl Control {
         }
     }
 
+    /// Waits up to `limit` for a stop to be requested; whether one was.
+    pub fn wait_for_stop(&self, limit: Duration) -> bool {
+        self.wait_until(limit, |st| st.stop_requested);
+        self.lock().stop_requested
+    }
+
     /// Others: waits for the master's START; gives the master's clock from it (or why START
     /// was unusable), or `None` on a stop or the timeout.
     pub fn wait_for_start(&self, timeout: Duration) -> Option<Result<MasterClock, ClockError>> {
         let deadline = Instant::now() + timeout;
         let mut st = self.lock();
-        while !st.started && !self.is_stopping_cleanly() {
+        while !st.started && !st.stop_requested && !self.is_stopping_cleanly() {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return None;
