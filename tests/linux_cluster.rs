@@ -254,7 +254,6 @@ fn linux_on_4_nodes_powers_off_from_a_cpu_on_node_3() {
 }
 
 #[test]
-#[ignore = "not yet run to the end on a 2-core kvm_pvm host (4 vCPUs on 2 nodes, 10+ minutes); run with --ignored"]
 fn linux_on_2_nodes_with_2_vcpus_each() {
     let b = boot(2, 2, "", SYSBENCH, None);
     b.assert_healthy(2, 2);
