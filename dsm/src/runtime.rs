@@ -116,13 +116,18 @@ struct Inner {
     faults: Arc<dyn FaultSource>,
     link: Arc<dyn DsmLink>,
     stats: Arc<NodeStats>,
-    failure: Mutex<Option<String>>,
+    failure: Mutex<Option<Failure>>,
     failed: AtomicBool,
     stopping: AtomicBool,
     /// Told once when the node fails on its own (not when the VMM fails it).
     on_failure: OnceLock<FailureHook>,
+}
+
+/// The first failure of a node.
+struct Failure {
+    reason: String,
     /// The peer whose broken link failed the node, if that was the cause.
-    lost_link: Mutex<Option<NodeId>>,
+    lost_link: Option<NodeId>,
 }
 
 /// What the VMM runs when the DSM fails on its own: the reason, and the peer whose link broke
@@ -221,7 +226,6 @@ impl Dsm {
             failed: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
             on_failure: OnceLock::new(),
-            lost_link: Mutex::new(None),
         });
         let thread_inner = inner.clone();
         let fault_thread = std::thread::Builder::new()
@@ -324,14 +328,14 @@ impl Dsm {
 
     /// Why the node failed, if it did.
     pub fn failure(&self) -> Option<String> {
-        lock(&self.inner.failure).clone()
+        lock(&self.inner.failure).as_ref().map(|f| f.reason.clone())
     }
 
     /// Stops the node for good: a peer was lost or the VMM is stopping the guest after an error.
     /// Accesses waiting for pages stay blocked; the memory is frozen so that no teardown lets them
     /// through; pins fail from now on. The failure hook is not run: the caller knows already.
     pub fn fail(&self, reason: &str) {
-        self.inner.fail_as(reason, false);
+        self.inner.fail_as(reason, false, None);
     }
 
     /// Runs `hook` with the reason when this node's DSM fails on its own (a failed kernel call on
@@ -341,10 +345,11 @@ impl Dsm {
         if self.inner.on_failure.set(hook).is_err() {
             return;
         }
-        if let Some(reason) = self.failure() {
-            if let Some(hook) = self.inner.on_failure.get() {
-                hook(&reason, *lock(&self.inner.lost_link));
-            }
+        let failure = lock(&self.inner.failure)
+            .as_ref()
+            .map(|f| (f.reason.clone(), f.lost_link));
+        if let (Some((reason, lost_link)), Some(hook)) = (failure, self.inner.on_failure.get()) {
+            hook(&reason, lost_link);
         }
     }
 
@@ -411,16 +416,20 @@ impl Inner {
     }
 
     fn fail(&self, reason: &str) {
-        self.fail_as(reason, true);
+        self.fail_as(reason, true, None);
     }
 
-    /// Records the first failure; `own` failures (not requested by the VMM) run the hook.
-    fn fail_as(&self, reason: &str, own: bool) {
+    /// Records the first failure; `own` failures (not requested by the VMM) run the hook, with
+    /// the peer whose link broke when that was the cause.
+    fn fail_as(&self, reason: &str, own: bool, lost_link: Option<NodeId>) {
         let first = {
             let mut failure = lock(&self.failure);
             let first = failure.is_none();
             if first {
-                *failure = Some(reason.to_owned());
+                *failure = Some(Failure {
+                    reason: reason.to_owned(),
+                    lost_link,
+                });
                 self.log(&format!(
                     "stopping: {reason}; accesses waiting for guest pages stay blocked"
                 ));
@@ -436,7 +445,7 @@ impl Inner {
         }
         if first && own {
             if let Some(hook) = self.on_failure.get() {
-                hook(reason, *lock(&self.lost_link));
+                hook(reason, lost_link);
             }
         }
     }
@@ -584,13 +593,7 @@ impl Inner {
             }
             self.stats.record_sent(msg.payload().len());
             if let Err(e) = self.link.send(to, &msg) {
-                {
-                    let mut lost = lock(&self.lost_link);
-                    if lock(&self.failure).is_none() {
-                        *lost = Some(to);
-                    }
-                }
-                self.fail(&format!("lost node {to}: {e}"));
+                self.fail_as(&format!("lost node {to}: {e}"), true, Some(to));
             }
         }
     }
@@ -649,8 +652,8 @@ impl Inner {
     fn failed_error(&self) -> DsmError {
         DsmError::Failed {
             reason: lock(&self.failure)
-                .clone()
-                .unwrap_or_else(|| "stopped".to_owned()),
+                .as_ref()
+                .map_or_else(|| "stopped".to_owned(), |f| f.reason.clone()),
         }
     }
 }
