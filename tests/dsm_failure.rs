@@ -88,6 +88,20 @@ fn start(dir: &Path, id: usize, config: &Path, env: &[(&str, &str)]) -> Node {
     }
 }
 
+/// Starts every node of the probe cluster `cluster` (from `cluster_text`) with one secret, each
+/// with the environment `env(node)`.
+fn start_probe_cluster(
+    dir: &Path,
+    cluster: &str,
+    env: impl Fn(usize) -> &'static [(&'static str, &'static str)],
+) -> Vec<Node> {
+    let secret = write_secret(dir, "cluster.secret", 7);
+    let nodes = cluster.matches("[[nodes]]").count();
+    (0..nodes)
+        .map(|i| start(dir, i, &node_file(dir, i, &secret, cluster), env(i)))
+        .collect()
+}
+
 fn wait_until_running(nodes: &[Node]) {
     let start = Instant::now();
     while !nodes.iter().all(|n| n.stderr().contains("running")) {
@@ -106,19 +120,12 @@ static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 fn kill_one_mid_counter(nodes: usize, victim: usize) {
     let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let dir = tempfile::tempdir().unwrap();
-    let secret = write_secret(dir.path(), "cluster.secret", 7);
     // Enough increments to run for minutes: the kill always lands mid-probe.
-    let cluster = cluster_text(nodes, 1, "counter", 2_000_000_000, 64);
-    let mut procs: Vec<Node> = (0..nodes)
-        .map(|i| {
-            start(
-                dir.path(),
-                i,
-                &node_file(dir.path(), i, &secret, &cluster),
-                &[],
-            )
-        })
-        .collect();
+    let mut procs = start_probe_cluster(
+        dir.path(),
+        &cluster_text(nodes, 1, "counter", 2_000_000_000, 64),
+        |_| &[],
+    );
     wait_until_running(&procs);
     std::thread::sleep(Duration::from_millis(700));
     procs[victim].child.kill().unwrap();
@@ -181,24 +188,15 @@ fn killing_the_master_stops_the_others() {
 fn a_node_whose_memory_fails_stops_every_node_with_code_6_naming_it() {
     let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let dir = tempfile::tempdir().unwrap();
-    let secret = write_secret(dir.path(), "cluster.secret", 7);
     let cluster = cluster_text(2, 1, "counter", 2_000_000_000, 64);
     // Node 1's 200th page install fails as a refused UFFDIO_COPY (out of memory) would.
-    let mut procs: Vec<Node> = (0..2)
-        .map(|i| {
-            let env: &[(&str, &str)] = if i == 1 {
-                &[("SPANVM_TEST_FAIL_INSTALL_AFTER", "200")]
-            } else {
-                &[]
-            };
-            start(
-                dir.path(),
-                i,
-                &node_file(dir.path(), i, &secret, &cluster),
-                env,
-            )
-        })
-        .collect();
+    let mut procs = start_probe_cluster(dir.path(), &cluster, |i| {
+        if i == 1 {
+            &[("SPANVM_TEST_FAIL_INSTALL_AFTER", "200")]
+        } else {
+            &[]
+        }
+    });
     let mut ends = Vec::new();
     for (i, node) in procs.iter_mut().enumerate() {
         let (code, at) = node.wait(Duration::from_secs(60));
@@ -235,18 +233,11 @@ fn a_node_whose_memory_fails_stops_every_node_with_code_6_naming_it() {
 fn sigusr1_prints_a_nodes_statistics_and_ctrl_c_on_the_master_stops_all_with_130() {
     let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let dir = tempfile::tempdir().unwrap();
-    let secret = write_secret(dir.path(), "cluster.secret", 7);
-    let cluster = cluster_text(2, 1, "counter", 2_000_000_000, 64);
-    let mut procs: Vec<Node> = (0..2)
-        .map(|i| {
-            start(
-                dir.path(),
-                i,
-                &node_file(dir.path(), i, &secret, &cluster),
-                &[],
-            )
-        })
-        .collect();
+    let mut procs = start_probe_cluster(
+        dir.path(),
+        &cluster_text(2, 1, "counter", 2_000_000_000, 64),
+        |_| &[],
+    );
     wait_until_running(&procs);
     // Statistics on request, while the guest runs: the DSM's and forwarding's.
     signal(&procs[1], libc::SIGUSR1);
@@ -416,49 +407,31 @@ fn a_node_with_a_different_layout_is_refused() {
 fn killing_the_master_while_a_vcpu_waits_on_a_forwarded_in_stops_its_node_within_2_seconds() {
     let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let dir = tempfile::tempdir().unwrap();
-    let secret = write_secret(dir.path(), "cluster.secret", 7);
     // vCPU 1 (node 1) reads COM1's LSR in a loop: every read is forwarded to node 0.
-    let cluster = cluster_text(2, 1, "forward-in", 0, 32);
-    let mut procs: Vec<Node> = (0..2)
-        .map(|i| {
-            start(
-                dir.path(),
-                i,
-                &node_file(dir.path(), i, &secret, &cluster),
-                &[],
-            )
-        })
-        .collect();
-    // Kill every node still running however the test ends.
-    struct KillOnDrop<'a>(&'a mut Vec<Node>);
-    impl Drop for KillOnDrop<'_> {
-        fn drop(&mut self) {
-            for n in self.0.iter_mut() {
-                let _ = n.child.kill();
-                let _ = n.child.wait();
-            }
-        }
-    }
-    let guard = KillOnDrop(&mut procs);
+    let mut procs =
+        start_probe_cluster(dir.path(), &cluster_text(2, 1, "forward-in", 0, 32), |_| {
+            &[]
+        });
+    // Every node still running is killed when `procs` is dropped, however the test ends.
     let started = Instant::now();
-    while !guard.0[1].stdout().contains("PROBE vcpu=1 INRD=1000") {
+    while !procs[1].stdout().contains("PROBE vcpu=1 INRD=1000") {
         assert!(
             started.elapsed() < Duration::from_secs(60),
             "vCPU 1 made no progress reading the forwarded port\nnode 1:\n{}\n{}",
-            guard.0[1].stdout(),
-            guard.0[1].stderr()
+            procs[1].stdout(),
+            procs[1].stderr()
         );
         std::thread::sleep(Duration::from_millis(10));
     }
     assert!(
-        guard.0[1].stdout().contains("PROBE vcpu=1 NODE=1"),
+        procs[1].stdout().contains("PROBE vcpu=1 NODE=1"),
         "vCPU 1 did not run on node 1"
     );
-    guard.0[0].child.kill().unwrap(); // SIGKILL
+    procs[0].child.kill().unwrap(); // SIGKILL
     let killed_at = Instant::now();
-    let _ = guard.0[0].child.wait();
-    let (code, at) = guard.0[1].wait(Duration::from_secs(20));
-    let stderr = guard.0[1].stderr();
+    let _ = procs[0].child.wait();
+    let (code, at) = procs[1].wait(Duration::from_secs(20));
+    let stderr = procs[1].stderr();
     let took = at.duration_since(killed_at);
     assert_eq!(
         code,
