@@ -133,8 +133,12 @@ impl Control {
     }
 
     pub(crate) fn set_platform(&self, platform: Weak<Platform>) {
-        *self.platform.lock().unwrap_or_else(|p| p.into_inner()) = Some(platform);
-        let pending = self.lock().pending_stop.take();
+        let pending = {
+            // Under the platform lock, so that no stop falls between the two (see stop_platform).
+            let mut slot = self.platform.lock().unwrap_or_else(|p| p.into_inner());
+            *slot = Some(platform);
+            self.lock().pending_stop.take()
+        };
         if let Some(reason) = pending {
             self.stop_platform(reason);
         }
@@ -171,22 +175,20 @@ impl Control {
     fn stop_platform(&self, reason: StopReason) {
         self.lock().stop_requested = true;
         self.changed.notify_all();
-        let platform = self
-            .platform
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-            .and_then(Weak::upgrade);
-        match platform {
-            Some(p) => {
-                p.request_stop(reason);
-            }
-            None => {
+        let platform = {
+            let slot = self.platform.lock().unwrap_or_else(|p| p.into_inner());
+            let platform = slot.as_ref().and_then(Weak::upgrade);
+            if platform.is_none() {
+                // Kept (under the platform lock) until set_platform hands it over.
                 let mut st = self.lock();
                 if st.pending_stop.is_none() {
-                    st.pending_stop = Some(reason);
+                    st.pending_stop = Some(reason.clone());
                 }
             }
+            platform
+        };
+        if let Some(p) = platform {
+            p.request_stop(reason);
         }
     }
 
