@@ -5,6 +5,39 @@ use crate::channel::{Channel, NodeId};
 use crate::error::TransportError;
 use crate::frame::{Frame, FrameRef};
 
+/// How a node's sends went, summed over its connections.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TransportStats {
+    /// Frames handed to the transport.
+    pub frames_sent: u64,
+    /// Frames the socket could not take at once, left to a writer thread instead of making
+    /// their sender wait.
+    pub frames_queued: u64,
+    /// The largest backlog of one connection, in bytes.
+    pub peak_backlog_bytes: usize,
+}
+
+impl TransportStats {
+    /// Adds another connection's numbers (the backlog peak is the larger of both).
+    pub fn add(&mut self, other: TransportStats) {
+        self.frames_sent += other.frames_sent;
+        self.frames_queued += other.frames_queued;
+        self.peak_backlog_bytes = self.peak_backlog_bytes.max(other.peak_backlog_bytes);
+    }
+}
+
+impl std::fmt::Display for TransportStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "  transport: sent {} frames; queued behind a full socket: {}; largest backlog: {} KiB",
+            self.frames_sent,
+            self.frames_queued,
+            self.peak_backlog_bytes.div_ceil(1024)
+        )
+    }
+}
+
 /// What receives frames and learns of lost peers.
 ///
 /// Called on the receiver thread of the (peer, channel) the frame came in on, so frames of one
@@ -34,9 +67,12 @@ pub trait Transport: Send + Sync {
     /// Every peer, in id order (lost ones included).
     fn peers(&self) -> Vec<NodeId>;
 
-    /// Sends one frame; thread-safe, the frame is written whole (one writer lock per
-    /// connection). Refuses payloads over [`crate::MAX_PAYLOAD`] and reserved kinds. A write
-    /// error makes the peer lost.
+    /// Sends one frame; thread-safe, the frame goes out whole and after every frame an
+    /// earlier call handed to the same (peer, channel). Never waits for the peer to read: what
+    /// the socket does not take at once is queued for the connection's writer thread, up to a
+    /// bound past which the peer counts as stuck. Refuses payloads over
+    /// [`crate::MAX_PAYLOAD`] and reserved kinds. A write error or a full queue makes the peer
+    /// lost.
     fn send(&self, to: NodeId, channel: Channel, frame: &Frame) -> Result<(), TransportError> {
         self.send_ref(to, channel, frame.view())
     }

@@ -190,6 +190,7 @@ fn establish_pair(
         connect_timeout: Duration::from_secs(10),
         busy_poll,
         liveness: Liveness::default(),
+        socket_buffer: None,
     };
     let cfg0 = config(0, addr0, (1, addr1));
     let cfg1 = config(1, addr1, (0, addr0));

@@ -16,8 +16,9 @@ use crate::handshake_wire::MAX_LAYOUT_TEXT;
 pub struct Liveness {
     /// How often a heartbeat is sent to every peer.
     pub heartbeat_interval: Duration,
-    /// A peer from which nothing (no frame, no heartbeat) arrived for this long is lost. Also
-    /// the limit for a send that makes no progress because the peer does not read.
+    /// A peer from which nothing (no frame, no heartbeat) arrived for this long is lost. A
+    /// peer that reads slowly is not lost while it still sends: only a backlog past the
+    /// connection's limit (a receiver stuck for good) drops it.
     pub silence_timeout: Duration,
 }
 
@@ -54,6 +55,10 @@ pub struct MeshConfig {
     pub busy_poll: bool,
     /// Heartbeat period and silence limit.
     pub liveness: Liveness,
+    /// `SO_SNDBUF` and `SO_RCVBUF` of every connection; `None` leaves the kernel's
+    /// autotuning. Small buffers make every large frame a partial write: tests use them to
+    /// prove that no thread serving the protocol waits for a peer to read.
+    pub socket_buffer: Option<usize>,
 }
 
 impl fmt::Debug for MeshConfig {
@@ -67,6 +72,7 @@ impl fmt::Debug for MeshConfig {
             .field("connect_timeout", &self.connect_timeout)
             .field("busy_poll", &self.busy_poll)
             .field("liveness", &self.liveness)
+            .field("socket_buffer", &self.socket_buffer)
             .finish()
     }
 }
@@ -156,6 +162,7 @@ mod tests {
             connect_timeout: Duration::from_secs(1),
             busy_poll: false,
             liveness: Liveness::default(),
+            socket_buffer: None,
         }
     }
 

@@ -222,6 +222,16 @@ pub enum TransportError {
         /// The kind.
         kind: u16,
     },
+    /// A peer left more queued frames unread than a connection may hold.
+    #[error("node {peer} does not read its {channel} connection ({queued} bytes wait for it) although it is alive; it is now treated as lost")]
+    NotReading {
+        /// The peer.
+        peer: NodeId,
+        /// The channel.
+        channel: Channel,
+        /// Bytes queued for it.
+        queued: usize,
+    },
     /// Writing a frame failed; the peer is now treated as lost.
     #[error("sending to node {peer} on the {channel} channel failed: {source}; node {peer} is now treated as lost")]
     SendFailed {

@@ -63,7 +63,7 @@ mod handshake_wire;
 mod layout_diff;
 mod tcp;
 
-pub use api::{FrameHandler, Transport};
+pub use api::{FrameHandler, Transport, TransportStats};
 pub use channel::{Channel, NodeId};
 pub use config::{Liveness, MeshConfig};
 pub use error::{Remote, TransportError};

@@ -4,7 +4,7 @@
 //! ```text
 //! transport-peer --me 1 --listen 0.0.0.0:7001 --peer 0=10.0.0.1:7000 --secret S \
 //!                [--layout TEXT | --layout-file PATH] [--connect-timeout-ms N] [--busy-poll]
-//!                [--echo] [--print-frames]
+//!                [--socket-buffer BYTES] [--echo] [--print-frames]
 //! ```
 //! Prints `ready` once the mesh is up, `lost <peer>: <why>` for each lost peer, and with
 //! `--print-frames` one line per frame. With `--echo` it sends every frame back to its sender
@@ -33,6 +33,7 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<Options, String> {
     let mut layout = String::from("transport-peer default layout\n");
     let mut connect_timeout = Duration::from_secs(30);
     let mut busy_poll = false;
+    let mut socket_buffer = None;
     let mut echo = false;
     let mut print_frames = false;
     let mut args = args.peekable();
@@ -63,6 +64,12 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<Options, String> {
                 connect_timeout = Duration::from_millis(ms);
             }
             "--busy-poll" => busy_poll = true,
+            "--socket-buffer" => {
+                let bytes = value()?
+                    .parse()
+                    .map_err(|e| format!("--socket-buffer: {e}"))?;
+                socket_buffer = Some(bytes);
+            }
             "--echo" => echo = true,
             "--print-frames" => print_frames = true,
             other => return Err(format!("unknown argument {other}")),
@@ -78,6 +85,7 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<Options, String> {
             connect_timeout,
             busy_poll,
             liveness: Liveness::default(),
+            socket_buffer,
         },
         echo,
         print_frames,

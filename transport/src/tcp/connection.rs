@@ -1,11 +1,12 @@
 //! One established TCP connection to a peer: its writer, and the sources its receiver reads.
 
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::net::{Shutdown, TcpStream};
 use std::os::fd::AsRawFd;
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread;
 
+use crate::api::TransportStats;
 use crate::frame::{FrameRef, HEADER_LEN, MAX_PAYLOAD};
 use crate::frame_reader::{ByteSource, FrameReader};
 use crate::handshake::HANDSHAKE_IO_TIMEOUT;
@@ -17,19 +18,85 @@ pub(crate) fn prepare_socket(stream: &TcpStream) -> io::Result<()> {
     stream.set_write_timeout(Some(HANDSHAKE_IO_TIMEOUT))
 }
 
+/// Most bytes a connection may hold for a peer that does not read them. The DSM protocol
+/// keeps few frames in flight per connection (one page per waiting fault, one invalidation per
+/// page), so a backlog this large means the peer has stopped reading while it still sends
+/// heartbeats: a stuck receiver, which is treated as a lost peer rather than as memory to grow.
+pub(crate) const OUTBOX_LIMIT: usize = 32 << 20;
+
+/// Why a frame could not be handed to a connection.
+#[derive(Debug)]
+pub(crate) enum SendError {
+    /// The socket failed; part of a frame may be on the wire.
+    Io(io::Error),
+    /// The peer left this many bytes unread, more than [`OUTBOX_LIMIT`] allows.
+    Backlog(usize),
+    /// The connection was closed (lost peer, or shutdown).
+    Closed,
+}
+
+impl std::fmt::Display for SendError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SendError::Io(e) => write!(f, "{e}"),
+            SendError::Backlog(bytes) => write!(
+                f,
+                "{} KiB are waiting for it to read them (limit {} KiB), yet it still sends \
+                 heartbeats: its receiver is stuck",
+                bytes / 1024,
+                OUTBOX_LIMIT / 1024
+            ),
+            SendError::Closed => f.write_str("the connection is closed"),
+        }
+    }
+}
+
+/// Bytes on their way to the socket, in order.
+struct Outbox {
+    /// Encoded frames no thread has handed to the socket yet.
+    pending: Vec<u8>,
+    /// The connection's writer thread is writing bytes it took from `pending`; until it is
+    /// done, nobody else may write to the socket or frames would interleave.
+    writing: bool,
+    closed: bool,
+    /// Frames handed to this connection.
+    frames: u64,
+    /// Frames that found the socket full (or a queue before them) and were queued.
+    queued: u64,
+    /// The most bytes ever waiting in `pending`.
+    peak_backlog: usize,
+    /// Where a frame is encoded for a direct write, without a fresh allocation per frame.
+    scratch: Vec<u8>,
+}
+
 /// An authenticated connection of one channel to one peer.
+///
+/// Sending never blocks on the socket: a frame is written at once with a non-blocking send
+/// when nothing is queued before it (the common case, at no extra latency), and whatever the
+/// socket does not take is queued for the connection's writer thread. So a receiver or fault
+/// thread that sends a reply never waits for a peer to read, and a cycle of nodes with full
+/// socket buffers cannot stall (each node's receivers keep reading while its writers wait).
 pub(crate) struct Connection {
     stream: TcpStream,
-    /// The writer lock, and the buffer a frame is encoded into so that it goes out in one
-    /// write whole, without a fresh allocation per frame.
-    out: Mutex<Vec<u8>>,
+    outbox: Mutex<Outbox>,
+    /// Wakes the writer thread when `pending` fills or the connection closes.
+    wake: Condvar,
 }
 
 impl Connection {
     pub(crate) fn new(stream: TcpStream) -> Connection {
         Connection {
             stream,
-            out: Mutex::new(Vec::with_capacity(HEADER_LEN + MAX_PAYLOAD)),
+            outbox: Mutex::new(Outbox {
+                pending: Vec::new(),
+                writing: false,
+                closed: false,
+                frames: 0,
+                queued: 0,
+                peak_backlog: 0,
+                scratch: Vec::with_capacity(HEADER_LEN + MAX_PAYLOAD),
+            }),
+            wake: Condvar::new(),
         }
     }
 
@@ -37,28 +104,99 @@ impl Connection {
         &self.stream
     }
 
-    /// Writes one whole frame; concurrent writers are serialised. A failed or timed-out write
-    /// may leave part of a frame on the wire: the caller must then give up the connection.
-    pub(crate) fn write_frame(&self, frame: FrameRef<'_>) -> io::Result<()> {
-        let mut out = self.out.lock().unwrap_or_else(PoisonError::into_inner);
-        out.clear();
-        frame.encode_into(&mut out);
-        (&self.stream).write_all(&out)
+    fn outbox(&self) -> MutexGuard<'_, Outbox> {
+        self.outbox.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Like [`Connection::write_frame`], but skips (returns `Ok(false)`) when another thread
-    /// is writing: that write is proof of life too, and a heartbeat must not queue behind it.
-    pub(crate) fn try_write_frame(&self, frame: FrameRef<'_>) -> io::Result<bool> {
-        let Ok(mut out) = self.out.try_lock() else {
-            return Ok(false);
+    /// Hands one whole frame to the connection without ever blocking on the socket; frames
+    /// of concurrent senders go out whole and in the order their calls took the outbox. An
+    /// error means the connection can no longer be used (part of a frame may be on the wire).
+    pub(crate) fn write_frame(&self, frame: FrameRef<'_>) -> Result<(), SendError> {
+        let mut outbox = self.outbox();
+        if outbox.closed {
+            return Err(SendError::Closed);
+        }
+        outbox.frames += 1;
+        if !outbox.writing && outbox.pending.is_empty() {
+            let Outbox {
+                scratch, pending, ..
+            } = &mut *outbox;
+            scratch.clear();
+            frame.encode_into(scratch);
+            let sent = send_nonblocking(&self.stream, scratch).map_err(SendError::Io)?;
+            if sent == scratch.len() {
+                return Ok(());
+            }
+            pending.extend_from_slice(&scratch[sent..]);
+        } else {
+            let queued = outbox.pending.len() + HEADER_LEN + frame.payload.len();
+            if queued > OUTBOX_LIMIT {
+                return Err(SendError::Backlog(queued));
+            }
+            frame.encode_into(&mut outbox.pending);
+        }
+        outbox.queued += 1;
+        outbox.peak_backlog = outbox.peak_backlog.max(outbox.pending.len());
+        drop(outbox);
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    /// Like [`Connection::write_frame`], but only when nothing is queued or being written
+    /// (returns `Ok(false)` otherwise): bytes already on their way are proof of life too, and
+    /// a heartbeat must not add to a backlog.
+    pub(crate) fn try_write_frame(&self, frame: FrameRef<'_>) -> Result<bool, SendError> {
+        let busy = {
+            let outbox = self.outbox();
+            outbox.writing || !outbox.pending.is_empty()
         };
-        out.clear();
-        frame.encode_into(&mut out);
-        (&self.stream).write_all(&out).map(|()| true)
+        if busy {
+            return Ok(false);
+        }
+        self.write_frame(frame).map(|()| true)
     }
 
-    /// Ends the connection in both directions; its receiver sees the end of the stream.
+    /// The writer thread's wait: the next run of queued bytes (swapped into `batch`, which
+    /// must be empty), or `None` once the connection is closed.
+    pub(crate) fn next_batch(&self, batch: &mut Vec<u8>) -> Option<()> {
+        let mut outbox = self.outbox();
+        outbox.writing = false;
+        loop {
+            if outbox.closed {
+                return None;
+            }
+            if !outbox.pending.is_empty() {
+                std::mem::swap(&mut outbox.pending, batch);
+                outbox.writing = true;
+                return Some(());
+            }
+            outbox = self
+                .wake
+                .wait(outbox)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+
+    /// What went through this connection so far.
+    pub(crate) fn stats(&self) -> TransportStats {
+        let outbox = self.outbox();
+        TransportStats {
+            frames_sent: outbox.frames,
+            frames_queued: outbox.queued,
+            peak_backlog_bytes: outbox.peak_backlog,
+        }
+    }
+
+    /// Whether the connection was closed.
+    pub(crate) fn is_closed(&self) -> bool {
+        self.outbox().closed
+    }
+
+    /// Ends the connection in both directions; its receiver sees the end of the stream and
+    /// its writer thread stops (dropping whatever was still queued).
     pub(crate) fn close(&self) {
+        self.outbox().closed = true;
+        self.wake.notify_all();
         // Already closed (or reset by the peer) is as good as closed.
         let _ = self.stream.shutdown(Shutdown::Both);
     }
@@ -72,6 +210,38 @@ impl Connection {
             SocketSource::Blocking(stream)
         }))
     }
+}
+
+/// Writes as much of `bytes` as the socket takes now; `Ok(n)` with `n < bytes.len()` when its
+/// buffer is full. The socket itself stays blocking for the writer thread (`MSG_DONTWAIT` is
+/// per call).
+fn send_nonblocking(stream: &TcpStream, bytes: &[u8]) -> io::Result<usize> {
+    let mut sent = 0;
+    while sent < bytes.len() {
+        let rest = &bytes[sent..];
+        // SAFETY: `rest` is a valid, readable buffer of `rest.len()` bytes for the whole call,
+        // and the descriptor belongs to `stream`, which outlives the call. MSG_NOSIGNAL turns
+        // a closed peer into EPIPE instead of a process-killing SIGPIPE.
+        let written = unsafe {
+            libc::send(
+                stream.as_raw_fd(),
+                rest.as_ptr().cast(),
+                rest.len(),
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            )
+        };
+        if written >= 0 {
+            sent += written.unsigned_abs();
+            continue;
+        }
+        let error = io::Error::last_os_error();
+        match error.kind() {
+            io::ErrorKind::WouldBlock => break,
+            io::ErrorKind::Interrupted => continue,
+            _ => return Err(error),
+        }
+    }
+    Ok(sent)
 }
 
 /// The read side of a connection.

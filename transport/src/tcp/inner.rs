@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, TcpStream};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::{self, JoinHandle};
@@ -14,7 +15,7 @@ use crate::config::{Liveness, MeshConfig};
 use crate::error::TransportError;
 use crate::frame::{FrameRef, FIRST_RESERVED_KIND, MAX_PAYLOAD};
 
-use super::connection::Connection;
+use super::connection::{Connection, SendError};
 
 /// Everything about one peer.
 pub(crate) struct PeerLink {
@@ -68,14 +69,20 @@ impl MeshInner {
                 let stream = streams
                     .remove(&(peer, channel))
                     .ok_or_else(|| missing(peer, addr, channel))?;
-                // A peer that does not read for this long is as good as lost (see Liveness).
+                let socket_error = |source| TransportError::Socket {
+                    peer,
+                    channel,
+                    source,
+                };
+                // Only the writer thread blocks on this socket, and a peer that reads slowly
+                // is not lost while it still sends (the watchdog decides): the timeout only
+                // bounds how long the writer goes without checking for a close.
                 stream
-                    .set_write_timeout(Some(cfg.liveness.silence_timeout))
-                    .map_err(|source| TransportError::Socket {
-                        peer,
-                        channel,
-                        source,
-                    })?;
+                    .set_write_timeout(Some(cfg.liveness.heartbeat_interval))
+                    .map_err(socket_error)?;
+                if let Some(bytes) = cfg.socket_buffer {
+                    set_socket_buffers(&stream, bytes).map_err(socket_error)?;
+                }
                 conns.push(Connection::new(stream));
             }
             let link = PeerLink {
@@ -181,15 +188,26 @@ impl MeshInner {
         if link.is_lost() {
             return Err(TransportError::PeerLost { peer: to });
         }
-        link.conn(channel).write_frame(frame).map_err(|source| {
-            self.declare_lost(
-                to,
-                &format!("sending on the {channel} channel failed: {source}"),
-            );
-            TransportError::SendFailed {
-                peer: to,
-                channel,
-                source,
+        link.conn(channel).write_frame(frame).map_err(|error| {
+            let why = format!("sending on the {channel} channel failed: {error}");
+            match error {
+                SendError::Closed => TransportError::PeerLost { peer: to },
+                SendError::Io(source) => {
+                    self.declare_lost(to, &why);
+                    TransportError::SendFailed {
+                        peer: to,
+                        channel,
+                        source,
+                    }
+                }
+                SendError::Backlog(queued) => {
+                    self.declare_lost(to, &why);
+                    TransportError::NotReading {
+                        peer: to,
+                        channel,
+                        queued,
+                    }
+                }
             }
         })
     }
@@ -241,6 +259,28 @@ impl MeshInner {
             }
         }
     }
+}
+
+/// Sets both socket buffer sizes (the kernel doubles them and enforces a minimum).
+fn set_socket_buffers(stream: &TcpStream, bytes: usize) -> std::io::Result<()> {
+    let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    for option in [libc::SO_SNDBUF, libc::SO_RCVBUF] {
+        // SAFETY: the descriptor belongs to `stream`, which outlives the call, and the option
+        // value is a live `c_int` whose exact size is passed.
+        let done = unsafe {
+            libc::setsockopt(
+                stream.as_raw_fd(),
+                libc::SOL_SOCKET,
+                option,
+                std::ptr::from_ref(&value).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if done != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 fn missing(peer: NodeId, addr: SocketAddr, channel: Channel) -> TransportError {

@@ -5,12 +5,13 @@ mod inner;
 mod liveness;
 mod receiver;
 mod setup;
+mod writer;
 
 use std::net::TcpListener;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::api::{FrameHandler, Transport};
+use crate::api::{FrameHandler, Transport, TransportStats};
 use crate::channel::{Channel, NodeId};
 use crate::config::MeshConfig;
 use crate::error::TransportError;
@@ -62,6 +63,7 @@ impl TcpMesh {
         let mesh = Arc::new(TcpMesh {
             inner: Arc::clone(&inner),
         });
+        writer::start_writers(&inner)?;
         liveness::start_heartbeats(&inner)?;
         let mut control_readers = setup::await_mesh_ready(&inner, deadline, cfg.connect_timeout)?;
 
@@ -96,6 +98,17 @@ impl TcpMesh {
             });
         }
         Ok(mesh)
+    }
+
+    /// How this node's sends went so far, over every connection.
+    pub fn stats(&self) -> TransportStats {
+        let mut total = TransportStats::default();
+        for link in self.inner.links.values() {
+            for conn in link.conns() {
+                total.add(conn.stats());
+            }
+        }
+        total
     }
 
     /// Whether `peer` has been declared lost.
@@ -138,3 +151,6 @@ impl Drop for TcpMesh {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod backlog_tests;

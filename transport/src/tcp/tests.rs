@@ -65,6 +65,7 @@ fn config(me: NodeId, listen: SocketAddr, peers: Vec<(NodeId, SocketAddr)>) -> M
         connect_timeout: Duration::from_secs(10),
         busy_poll: false,
         liveness: patient(),
+        socket_buffer: None,
     }
 }
 

@@ -92,6 +92,7 @@ pub fn config(me: NodeId, addrs: &[SocketAddr]) -> MeshConfig {
         connect_timeout: Duration::from_secs(15),
         busy_poll: false,
         liveness: Liveness::default(),
+        socket_buffer: None,
     }
 }
 
