@@ -229,6 +229,11 @@ pub fn cluster_text(
 
 /// Runs a cluster description through `spanvm cluster`.
 pub fn run_cluster(text: &str) -> ProbeRun {
+    run_cluster_with_env(text, &[])
+}
+
+/// Like [`run_cluster`], with extra environment for every node (the test hooks).
+pub fn run_cluster_with_env(text: &str, env: &[(&str, &str)]) -> ProbeRun {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("cluster.toml");
     std::fs::write(&config, text).unwrap();
@@ -240,7 +245,7 @@ pub fn run_cluster(text: &str) -> ProbeRun {
             "--dir",
             dir.path().to_str().unwrap(),
         ],
-        &[],
+        env,
         Duration::from_secs(600),
     );
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();

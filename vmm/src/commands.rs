@@ -73,6 +73,7 @@ pub fn run(config: &Path) -> Result<StopReason, CommandError> {
     let dsm_on_request = dsm.clone();
     let forward_on_request = vm.platform().forward().clone();
     let zap_on_request = vm.shadow_zap();
+    let mesh_on_request = vm.mesh();
     *action.lock().unwrap_or_else(|p| p.into_inner()) = Some(Box::new(move |sig| {
         if sig == libc::SIGUSR1 {
             if let Some(d) = &dsm_on_request {
@@ -81,6 +82,9 @@ pub fn run(config: &Path) -> Result<StopReason, CommandError> {
                     eprintln!("{}", z.stats());
                 }
                 eprintln!("{}", forward_on_request.stats());
+            }
+            if let Some(mesh) = &mesh_on_request {
+                eprintln!("{}", mesh.stats());
             }
         } else {
             platform.request_stop(StopReason::Interrupted);
@@ -112,6 +116,9 @@ pub fn run(config: &Path) -> Result<StopReason, CommandError> {
             eprintln!("{}", z.stats());
         }
         eprintln!("{}", vm.platform().forward().stats());
+    }
+    if let Some(mesh) = vm.mesh() {
+        eprintln!("{}", mesh.stats());
     }
     Ok(reason)
 }

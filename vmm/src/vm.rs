@@ -261,6 +261,11 @@ impl NodeVm {
         self.distributed.as_ref().and_then(|d| d.shadow_zap())
     }
 
+    /// The mesh to the peers of a multi-node guest (for its statistics).
+    pub fn mesh(&self) -> Option<Arc<transport::TcpMesh>> {
+        self.distributed.as_ref().map(|d| d.mesh.clone())
+    }
+
     /// The DSM of a multi-node guest.
     pub fn dsm(&self) -> Option<Arc<dsm::Dsm>> {
         self.distributed.as_ref().map(|d| d.dsm.clone())

@@ -95,6 +95,7 @@ fn pair(busy_poll: bool) -> Result<(BenchNode, BenchNode), CommandError> {
                     connect_timeout: Duration::from_secs(20),
                     busy_poll,
                     liveness: Default::default(),
+                    socket_buffer: None,
                 };
                 let mesh = TcpMesh::establish_on(listener, cfg, handler).map_err(bench_err)?;
                 link.set(mesh.clone());

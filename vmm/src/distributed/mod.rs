@@ -276,6 +276,7 @@ impl Distributed {
             connect_timeout: connect_timeout(),
             busy_poll: false,
             liveness: Default::default(),
+            socket_buffer: test_socket_buffer(),
         };
         let mesh = TcpMesh::establish(mesh_config, handler.clone())?;
         link.set(mesh.clone());
@@ -315,5 +316,18 @@ impl Distributed {
         self.control.leave(reason);
         self.mesh.shutdown();
         self.dsm.shutdown();
+    }
+}
+
+/// Socket buffer sizes forced by a test (`SPANVM_TEST_SOCKET_BUFFER`, bytes) to make every
+/// large frame a partial write; the kernel's autotuning otherwise.
+fn test_socket_buffer() -> Option<usize> {
+    let bytes = std::env::var("SPANVM_TEST_SOCKET_BUFFER").ok()?;
+    match bytes.parse() {
+        Ok(bytes) => Some(bytes),
+        Err(_) => {
+            eprintln!("spanvm: ignoring SPANVM_TEST_SOCKET_BUFFER={bytes:?}: not a byte count");
+            None
+        }
     }
 }
