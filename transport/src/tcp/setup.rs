@@ -13,7 +13,7 @@ use crate::config::MeshConfig;
 use crate::error::TransportError;
 use crate::frame::{FrameRef, KIND_HEARTBEAT, KIND_MESH_READY};
 use crate::frame_reader::{FrameReader, ReceiveError};
-use crate::handshake::{self, Credentials};
+use crate::handshake::{self, Credentials, HANDSHAKE_DEADLINE};
 use crate::handshake_wire::{Refusal, RefusalCode};
 
 use super::connection::{prepare_socket, SocketSource};
@@ -118,7 +118,11 @@ fn dial_one(
                         remote: crate::Remote::node(peer, addr),
                         source,
                     })
-                    .and_then(|()| handshake::dial(&mut stream, creds, peer, addr, channel));
+                    .and_then(|()| {
+                        // Not past the setup deadline either, so that setup ends when it says.
+                        let by = deadline.min(Instant::now() + HANDSHAKE_DEADLINE);
+                        handshake::dial(&mut stream, creds, peer, addr, channel, by)
+                    });
                 match shaken {
                     Ok(()) => return Ok(stream),
                     Err(e) if e.is_definitive() => return Err(e),
@@ -191,7 +195,8 @@ fn accept_all(
         }
         let admit =
             |peer: NodeId, channel: Channel| admit(cfg, &expected, &accepted, peer, channel);
-        match handshake::accept(&mut stream, creds, from, &admit) {
+        let by = Instant::now() + HANDSHAKE_DEADLINE;
+        match handshake::accept(&mut stream, creds, from, by, &admit) {
             Ok(key) => {
                 accepted.insert(key, stream);
             }

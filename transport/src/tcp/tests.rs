@@ -86,12 +86,17 @@ fn mesh_with_hand_peer(liveness: Liveness) -> (Arc<TcpMesh>, Arc<Recorder>, Vec<
     for channel in Channel::ALL {
         let mut stream = TcpStream::connect(addr0).unwrap();
         prepare_socket(&stream).unwrap();
-        handshake::dial(&mut stream, &creds1, 0, addr0, channel).unwrap();
+        handshake::dial(&mut stream, &creds1, 0, addr0, channel, soon()).unwrap();
         streams.push(stream);
     }
     write_frame(&mut streams[Channel::Control.index()], KIND_MESH_READY, 0);
     let mesh = node0.join().unwrap().unwrap();
     (mesh, recorder, streams)
+}
+
+/// The deadline the mesh gives a handshake starting now.
+fn soon() -> Instant {
+    Instant::now() + handshake::HANDSHAKE_DEADLINE
 }
 
 fn write_frame(stream: &mut TcpStream, kind: u16, payload_len: u32) {
@@ -200,10 +205,11 @@ fn a_second_connection_for_the_same_channel_is_refused_as_a_duplicate() {
         });
         let mut first = TcpStream::connect(addr0).unwrap();
         prepare_socket(&first).unwrap();
-        handshake::dial(&mut first, &creds1, 0, addr0, Channel::DsmRequest).unwrap();
+        handshake::dial(&mut first, &creds1, 0, addr0, Channel::DsmRequest, soon()).unwrap();
         let mut second = TcpStream::connect(addr0).unwrap();
         prepare_socket(&second).unwrap();
-        let err = handshake::dial(&mut second, &creds1, 0, addr0, Channel::DsmRequest).unwrap_err();
+        let err = handshake::dial(&mut second, &creds1, 0, addr0, Channel::DsmRequest, soon())
+            .unwrap_err();
         assert!(
             matches!(err, TransportError::DuplicateConnection { peer: 0, .. }),
             "{err}"
