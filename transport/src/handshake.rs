@@ -68,6 +68,19 @@ impl Credentials {
     }
 }
 
+/// What the accepting end asks about the node that is connecting.
+pub(crate) trait Admission {
+    /// Whether `peer` may open `channel` now. Asked as soon as the hello names them, before the
+    /// node proved anything, so that strangers are turned away cheaply; it must not reserve
+    /// anything, since anyone can claim to be any node.
+    fn screen(&self, peer: NodeId, channel: Channel) -> Result<(), Refusal>;
+
+    /// Takes `channel` of `peer` for this connection, or refuses it. Asked once the node proved
+    /// the secret and the layouts match, just before it is told it is accepted, so that of two
+    /// handshakes for the same channel at once only one is told so.
+    fn claim(&self, peer: NodeId, channel: Channel) -> Result<(), Refusal>;
+}
+
 /// Runs the dialing end of the handshake with `peer` for `channel`; it fails once `deadline`
 /// passes.
 pub(crate) fn dial(
@@ -153,14 +166,15 @@ pub(crate) fn dial(
 }
 
 /// Runs the accepting end of the handshake on a connection from `from_addr`; it fails once
-/// `deadline` passes. `admit` decides whether the node named in the hello may open this
-/// channel now (known peer, not a duplicate). Returns who connected and for which channel.
+/// `deadline` passes. `admission` decides whether the node named in the hello may open this
+/// channel (known peer, not a duplicate). Returns who connected and for which channel; if it
+/// fails after the claim, the caller must give the claimed channel up.
 pub(crate) fn accept(
     stream: &mut TcpStream,
     creds: &Credentials,
     from_addr: SocketAddr,
     deadline: Instant,
-    admit: &dyn Fn(NodeId, Channel) -> Result<(), Refusal>,
+    admission: &dyn Admission,
 ) -> Result<(NodeId, Channel), TransportError> {
     let me = creds.me;
     let unidentified = Remote::unidentified(from_addr);
@@ -205,19 +219,8 @@ pub(crate) fn accept(
         refuse(&mut ex, RefusalCode::UnexpectedNode, &detail);
         return Err(TransportError::UnexpectedNode { remote, detail });
     }
-    if let Err(refusal) = admit(peer, channel) {
-        refuse(&mut ex, refusal.code, &refusal.message);
-        return Err(match refusal.code {
-            RefusalCode::DuplicateConnection => TransportError::DuplicateConnection {
-                peer,
-                channel,
-                detail: refusal.message,
-            },
-            _ => TransportError::UnexpectedNode {
-                remote,
-                detail: refusal.message,
-            },
-        });
+    if let Err(refusal) = admission.screen(peer, channel) {
+        return Err(turn_away(&mut ex, refusal, remote, peer, channel));
     }
 
     let our_nonce = fresh_nonce()?;
@@ -247,6 +250,9 @@ pub(crate) fn accept(
         other => return Err(out_of_order(remote, "a layout hash", &other)),
     };
     if their_hash == creds.layout_hash {
+        if let Err(refusal) = admission.claim(peer, channel) {
+            return Err(turn_away(&mut ex, refusal, remote, peer, channel));
+        }
         ex.send(remote, &[Record::Accepted], "sending the verdict")?;
         return Ok((peer, channel));
     }
@@ -410,6 +416,28 @@ fn refused(refusal: Refusal, peer: NodeId, remote: Remote, channel: Channel) -> 
         RefusalCode::Protocol => TransportError::Handshake {
             remote,
             detail: format!("it refused the connection: {message}"),
+        },
+    }
+}
+
+/// Refuses a node the admission said no to; the error is this node's side of the refusal.
+fn turn_away(
+    ex: &mut Exchange<'_>,
+    refusal: Refusal,
+    remote: Remote,
+    peer: NodeId,
+    channel: Channel,
+) -> TransportError {
+    refuse(ex, refusal.code, &refusal.message);
+    match refusal.code {
+        RefusalCode::DuplicateConnection => TransportError::DuplicateConnection {
+            peer,
+            channel,
+            detail: refusal.message,
+        },
+        _ => TransportError::UnexpectedNode {
+            remote,
+            detail: refusal.message,
         },
     }
 }

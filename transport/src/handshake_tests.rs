@@ -32,12 +32,22 @@ fn admit_any(_: NodeId, _: Channel) -> Result<(), Refusal> {
     Ok(())
 }
 
+/// A closure decides both at the hello and at the verdict.
+impl<F: Fn(NodeId, Channel) -> Result<(), Refusal>> Admission for F {
+    fn screen(&self, peer: NodeId, channel: Channel) -> Result<(), Refusal> {
+        self(peer, channel)
+    }
+    fn claim(&self, peer: NodeId, channel: Channel) -> Result<(), Refusal> {
+        self(peer, channel)
+    }
+}
+
 /// Runs `dial` from node `d` to node `a` and `accept` on node `a` concurrently.
 fn run(
     d: &Credentials,
     a: &Credentials,
     dialed_as: NodeId,
-    admit: &(dyn Fn(NodeId, Channel) -> Result<(), Refusal> + Sync),
+    admit: &(dyn Admission + Sync),
 ) -> (
     Result<(), TransportError>,
     Result<(NodeId, Channel), TransportError>,
@@ -413,4 +423,111 @@ fn a_stranger_streaming_after_its_refusal_holds_the_acceptor_no_longer_than_the_
             "{chunk} bytes every {pause:?}: {took:?}"
         );
     }
+}
+
+/// One channel slot: screening only looks, claiming takes it.
+#[derive(Default)]
+struct OneSlot {
+    taken: std::sync::Mutex<bool>,
+}
+
+impl Admission for OneSlot {
+    fn screen(&self, peer: NodeId, channel: Channel) -> Result<(), Refusal> {
+        if *self.taken.lock().unwrap() {
+            return Err(duplicate(peer, channel));
+        }
+        Ok(())
+    }
+    fn claim(&self, peer: NodeId, channel: Channel) -> Result<(), Refusal> {
+        let mut taken = self.taken.lock().unwrap();
+        if *taken {
+            return Err(duplicate(peer, channel));
+        }
+        *taken = true;
+        Ok(())
+    }
+}
+
+fn duplicate(peer: NodeId, channel: Channel) -> Refusal {
+    Refusal {
+        code: RefusalCode::DuplicateConnection,
+        message: format!("node 0 already has a {channel} connection from node {peer}"),
+    }
+}
+
+#[test]
+fn of_two_proven_handshakes_for_one_channel_only_one_is_accepted() {
+    let d = creds(1, b"s", "l");
+    let a = creds(0, b"s", "l");
+    let slot = OneSlot::default();
+    let pairs = [socket_pair(), socket_pair()];
+    thread::scope(|s| {
+        let mut dialers = Vec::new();
+        let mut accepts = Vec::new();
+        for (dialer, mut acceptor) in pairs {
+            let from = acceptor.peer_addr().unwrap();
+            let (a, slot) = (&a, &slot);
+            accepts.push(s.spawn(move || accept(&mut acceptor, a, from, soon(), slot)));
+            dialers.push(dialer);
+        }
+        // Node 1 played by hand on both connections, step by step, so that both are screened
+        // before either proves itself and claims the channel.
+        let channel = Channel::Forward;
+        let mut their_nonces = Vec::new();
+        for dialer in &mut dialers {
+            write_records(
+                dialer,
+                &[Record::Hello(Hello {
+                    from: 1,
+                    to: 0,
+                    channel: channel as u8,
+                    nonce: [3; NONCE_LEN],
+                })],
+            )
+            .unwrap();
+        }
+        for dialer in &mut dialers {
+            let Record::Hello(hello) = read_record(dialer).unwrap() else {
+                panic!("expected a hello");
+            };
+            assert!(matches!(read_record(dialer).unwrap(), Record::Proof(_)));
+            their_nonces.push(hello.nonce);
+        }
+        for (dialer, nonce) in dialers.iter_mut().zip(&their_nonces) {
+            let remote = Remote::node(0, dialer.peer_addr().unwrap());
+            let proof = make_proof(&d.secret, nonce, 1, 0, channel, remote).unwrap();
+            write_records(
+                dialer,
+                &[Record::Proof(proof), Record::LayoutHash(d.layout_hash)],
+            )
+            .unwrap();
+        }
+        let verdicts: Vec<Record> = dialers
+            .iter_mut()
+            .map(|dialer| read_record(dialer).unwrap())
+            .collect();
+        drop(dialers);
+        let results: Vec<_> = accepts.into_iter().map(|a| a.join().unwrap()).collect();
+
+        let accepted = verdicts
+            .iter()
+            .filter(|v| matches!(v, Record::Accepted))
+            .count();
+        assert_eq!(accepted, 1, "{verdicts:?}");
+        assert!(
+            verdicts.iter().any(|v| matches!(
+                v,
+                Record::Refused(Refusal {
+                    code: RefusalCode::DuplicateConnection,
+                    ..
+                })
+            )),
+            "{verdicts:?}"
+        );
+        let ok: Vec<_> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
+        assert_eq!(ok, [&(1, channel)]);
+        assert!(results
+            .iter()
+            .any(|r| matches!(r, Err(TransportError::DuplicateConnection { peer: 1, .. }))));
+    });
 }

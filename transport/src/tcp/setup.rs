@@ -13,7 +13,7 @@ use crate::config::MeshConfig;
 use crate::error::TransportError;
 use crate::frame::{FrameRef, KIND_HEARTBEAT, KIND_MESH_READY};
 use crate::frame_reader::{FrameReader, ReceiveError};
-use crate::handshake::{self, Credentials, HANDSHAKE_DEADLINE};
+use crate::handshake::{self, Admission, Credentials, HANDSHAKE_DEADLINE};
 use crate::handshake_wire::{Refusal, RefusalCode};
 
 use super::connection::{prepare_socket, SocketSource};
@@ -193,10 +193,13 @@ fn accept_all(
             );
             continue;
         }
-        let admit =
-            |peer: NodeId, channel: Channel| admit(cfg, &expected, &accepted, peer, channel);
+        let admission = Serial {
+            cfg,
+            expected: &expected,
+            accepted: &accepted,
+        };
         let by = Instant::now() + HANDSHAKE_DEADLINE;
-        match handshake::accept(&mut stream, creds, from, by, &admit) {
+        match handshake::accept(&mut stream, creds, from, by, &admission) {
             Ok(key) => {
                 accepted.insert(key, stream);
             }
@@ -215,6 +218,23 @@ fn accept_all(
         }
     }
     Ok(accepted)
+}
+
+/// Admission while connections are handshaken one at a time: nothing changes between the
+/// screening and the claim, so both ask the same.
+struct Serial<'a> {
+    cfg: &'a MeshConfig,
+    expected: &'a BTreeSet<NodeId>,
+    accepted: &'a Streams,
+}
+
+impl Admission for Serial<'_> {
+    fn screen(&self, peer: NodeId, channel: Channel) -> Result<(), Refusal> {
+        admit(self.cfg, self.expected, self.accepted, peer, channel)
+    }
+    fn claim(&self, peer: NodeId, channel: Channel) -> Result<(), Refusal> {
+        admit(self.cfg, self.expected, self.accepted, peer, channel)
+    }
 }
 
 /// Whether `peer` may open `channel` to this node now.
