@@ -151,6 +151,20 @@ pub enum TransportError {
         #[source]
         source: io::Error,
     },
+    /// The other end did not finish the handshake by its deadline.
+    #[error(
+        "handshake with {remote} gave up after {waited:?} {step}: the other end is too slow \
+         (a spanvm node answers each step at once, so it is overloaded, the network between \
+         the nodes is losing packets, or it is not a spanvm node)"
+    )]
+    HandshakeTimeout {
+        /// The other end.
+        remote: Remote,
+        /// How long the handshake had run.
+        waited: Duration,
+        /// What this node was doing when time ran out.
+        step: &'static str,
+    },
     /// A peer connected but did not report its whole mesh up within `connect_timeout`.
     #[error(
         "node {peer} connected but did not finish joining the mesh within {waited:?}: {detail}"
@@ -273,7 +287,8 @@ impl TransportError {
             TransportError::VersionMismatch { remote, .. }
             | TransportError::UnexpectedNode { remote, .. }
             | TransportError::Handshake { remote, .. }
-            | TransportError::HandshakeIo { remote, .. } => remote.id,
+            | TransportError::HandshakeIo { remote, .. }
+            | TransportError::HandshakeTimeout { remote, .. } => remote.id,
             _ => None,
         }
     }

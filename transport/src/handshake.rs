@@ -12,9 +12,9 @@
 //! cause; layout texts go only to a node that proved the secret. Every step is one ordered
 //! write, so neither end ever waits for the other to read a large message.
 
-use std::io::Read;
+use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hmac::{Hmac, Mac};
 use rand::RngCore;
@@ -29,15 +29,25 @@ use crate::handshake_wire::{
 };
 use crate::layout_diff::first_difference;
 
-/// Read and write timeout while handshaking: a live peer answers each step at once.
-pub(crate) const HANDSHAKE_IO_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest a whole handshake may take, from its first byte to the verdict. A spanvm node
+/// answers each step at once, so on a cluster network a handshake is a few round trips and a
+/// few milliseconds, even with a 1 MiB layout text; 3 s leaves room for a loaded machine many
+/// times over. A per-read timeout would not do: one byte just before each timeout would keep
+/// a handshake alive for ever. Past this, a connection that sends nothing or trickles bytes
+/// gives up its place, so it delays nobody for longer.
+pub(crate) const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(3);
 
 /// Keeps these MACs from being valid for anything else keyed with the same secret.
 const PROOF_DOMAIN: &[u8] = b"spanvm transport handshake proof v1";
 
-/// How long a refusing end keeps reading after its refusal, so that closing does not reset the
-/// connection before the other end has read why.
+/// How long in total a refusing end keeps reading after its refusal, so that closing does not
+/// reset the connection before the other end has read why.
 const REFUSAL_LINGER: Duration = Duration::from_millis(500);
+
+/// Most bytes a refusing end reads after its refusal. Before it reads a refusal, a spanvm node
+/// has sent at most a hello (up to 256 bytes) and a proof and a layout hash (37 bytes each), so
+/// this reads all of them; a stranger's stream of anything else is cut off here.
+const REFUSAL_DRAIN_BUDGET: usize = 4096;
 
 /// What a node proves and compares in the handshake.
 pub(crate) struct Credentials {
@@ -58,17 +68,32 @@ impl Credentials {
     }
 }
 
-/// Runs the dialing end of the handshake with `peer` for `channel`.
+/// What the accepting end asks about the node that is connecting.
+pub(crate) trait Admission {
+    /// Whether `peer` may open `channel` now. Asked as soon as the hello names them, before the
+    /// node proved anything, so that strangers are turned away cheaply; it must not reserve
+    /// anything, since anyone can claim to be any node.
+    fn screen(&self, peer: NodeId, channel: Channel) -> Result<(), Refusal>;
+
+    /// Takes `channel` of `peer` for this connection, or refuses it. Asked once the node proved
+    /// the secret and the layouts match, just before it is told it is accepted, so that of two
+    /// handshakes for the same channel at once only one is told so.
+    fn claim(&self, peer: NodeId, channel: Channel) -> Result<(), Refusal>;
+}
+
+/// Runs the dialing end of the handshake with `peer` for `channel`; it fails once `deadline`
+/// passes.
 pub(crate) fn dial(
     stream: &mut TcpStream,
     creds: &Credentials,
     peer: NodeId,
     addr: SocketAddr,
     channel: Channel,
+    deadline: Instant,
 ) -> Result<(), TransportError> {
     let me = creds.me;
     let remote = Remote::node(peer, addr);
-    let io = |source| TransportError::HandshakeIo { remote, source };
+    let mut ex = Exchange::new(stream, deadline);
     let our_nonce = fresh_nonce()?;
     let hello = Hello {
         from: me,
@@ -76,14 +101,14 @@ pub(crate) fn dial(
         channel: channel as u8,
         nonce: our_nonce,
     };
-    write_records(stream, &[Record::Hello(hello)]).map_err(io)?;
+    ex.send(remote, &[Record::Hello(hello)], "sending this node's hello")?;
 
-    let their_hello = match read(stream, remote)? {
+    let their_hello = match ex.receive(remote, "waiting for its hello")? {
         Record::Hello(hello) => hello,
         Record::ForeignHello { version, .. } => {
             let detail = versions(version);
             refuse(
-                stream,
+                &mut ex,
                 RefusalCode::VersionMismatch,
                 &format!("node {me}: {detail}"),
             );
@@ -98,35 +123,39 @@ pub(crate) fn dial(
              there says it is node {} answering node {} on channel {}; check the peer addresses",
             their_hello.from, their_hello.to, their_hello.channel
         );
-        refuse(stream, RefusalCode::UnexpectedNode, &detail);
+        refuse(&mut ex, RefusalCode::UnexpectedNode, &detail);
         return Err(TransportError::UnexpectedNode { remote, detail });
     }
-    let their_proof = match read(stream, remote)? {
+    let their_proof = match ex.receive(remote, "waiting for its proof")? {
         Record::Proof(proof) => proof,
         Record::Refused(refusal) => return Err(refused(refusal, peer, remote, channel)),
         other => return Err(out_of_order(remote, "a proof", &other)),
     };
     let proof_ok = verify_proof(&creds.secret, &our_nonce, peer, me, channel, &their_proof);
     if !proof_ok {
-        return Err(refuse_wrong_secret(stream, me, peer));
+        return Err(refuse_wrong_secret(&mut ex, me, peer));
     }
     let our_proof = make_proof(&creds.secret, &their_hello.nonce, me, peer, channel, remote)?;
-    write_records(
-        stream,
+    ex.send(
+        remote,
         &[
             Record::Proof(our_proof),
             Record::LayoutHash(creds.layout_hash),
         ],
-    )
-    .map_err(io)?;
+        "sending this node's proof",
+    )?;
 
-    match read(stream, remote)? {
+    match ex.receive(remote, "waiting for its verdict")? {
         Record::Accepted => Ok(()),
         Record::Refused(refusal) => Err(refused(refusal, peer, remote, channel)),
         Record::LayoutText(theirs) => {
             // The mismatch is the error to report; if the peer is already gone and cannot get
             // our text, it reports its own side of the mismatch without it.
-            let _ = write_records(stream, &[Record::LayoutText(creds.layout.clone())]);
+            let _ = ex.send(
+                remote,
+                &[Record::LayoutText(creds.layout.clone())],
+                "sending this node's layout",
+            );
             Err(TransportError::LayoutMismatch {
                 peer,
                 difference: first_difference(&creds.layout, &theirs, peer),
@@ -136,23 +165,26 @@ pub(crate) fn dial(
     }
 }
 
-/// Runs the accepting end of the handshake on a connection from `from_addr`. `admit` decides
-/// whether the node named in the hello may open this channel now (known peer, not a duplicate).
-/// Returns who connected and for which channel.
+/// Runs the accepting end of the handshake on a connection from `from_addr`; it fails once
+/// `deadline` passes. `admission` decides whether the node named in the hello may open this
+/// channel (known peer, not a duplicate). Returns who connected and for which channel; if it
+/// fails after the claim, the caller must give the claimed channel up.
 pub(crate) fn accept(
     stream: &mut TcpStream,
     creds: &Credentials,
     from_addr: SocketAddr,
-    admit: &dyn Fn(NodeId, Channel) -> Result<(), Refusal>,
+    deadline: Instant,
+    admission: &dyn Admission,
 ) -> Result<(NodeId, Channel), TransportError> {
     let me = creds.me;
     let unidentified = Remote::unidentified(from_addr);
-    let hello = match read_record(stream) {
-        Ok(Record::Hello(hello)) => hello,
-        Ok(Record::ForeignHello { version, from }) => {
+    let mut ex = Exchange::new(stream, deadline);
+    let hello = match ex.receive(unidentified, "waiting for its hello")? {
+        Record::Hello(hello) => hello,
+        Record::ForeignHello { version, from } => {
             let detail = versions(version);
             refuse(
-                stream,
+                &mut ex,
                 RefusalCode::VersionMismatch,
                 &format!("node {me}: {detail}"),
             );
@@ -162,30 +194,17 @@ pub(crate) fn accept(
             };
             return Err(TransportError::VersionMismatch { remote, detail });
         }
-        Ok(other) => return Err(out_of_order(unidentified, "a hello", &other)),
-        Err(WireError::Io(source)) => {
-            return Err(TransportError::HandshakeIo {
-                remote: unidentified,
-                source,
-            })
-        }
-        Err(e) => {
-            return Err(TransportError::Handshake {
-                remote: unidentified,
-                detail: e.to_string(),
-            })
-        }
+        other => return Err(out_of_order(unidentified, "a hello", &other)),
     };
     let peer = hello.from;
     let remote = Remote::node(peer, from_addr);
-    let io = |source| TransportError::HandshakeIo { remote, source };
     let Some(channel) = Channel::from_u8(hello.channel) else {
         let detail = format!(
             "it asked for channel {}, which does not exist",
             hello.channel
         );
         refuse(
-            stream,
+            &mut ex,
             RefusalCode::Protocol,
             &format!("node {me}: {detail}"),
         );
@@ -194,25 +213,14 @@ pub(crate) fn accept(
     if hello.to != me {
         let detail = format!(
             "node {peer} dialed {} expecting node {}, but this is node {me}; check its peer addresses",
-            stream.local_addr().map_or_else(|_| "this node".to_string(), |a| a.to_string()),
+            ex.stream.local_addr().map_or_else(|_| "this node".to_string(), |a| a.to_string()),
             hello.to
         );
-        refuse(stream, RefusalCode::UnexpectedNode, &detail);
+        refuse(&mut ex, RefusalCode::UnexpectedNode, &detail);
         return Err(TransportError::UnexpectedNode { remote, detail });
     }
-    if let Err(refusal) = admit(peer, channel) {
-        refuse(stream, refusal.code, &refusal.message);
-        return Err(match refusal.code {
-            RefusalCode::DuplicateConnection => TransportError::DuplicateConnection {
-                peer,
-                channel,
-                detail: refusal.message,
-            },
-            _ => TransportError::UnexpectedNode {
-                remote,
-                detail: refusal.message,
-            },
-        });
+    if let Err(refusal) = admission.screen(peer, channel) {
+        return Err(turn_away(&mut ex, refusal, remote, peer, channel));
     }
 
     let our_nonce = fresh_nonce()?;
@@ -223,30 +231,37 @@ pub(crate) fn accept(
         channel: channel as u8,
         nonce: our_nonce,
     };
-    write_records(
-        stream,
+    ex.send(
+        remote,
         &[Record::Hello(our_hello), Record::Proof(our_proof)],
-    )
-    .map_err(io)?;
+        "sending this node's hello and proof",
+    )?;
 
-    let their_proof = match read(stream, remote)? {
+    let their_proof = match ex.receive(remote, "waiting for its proof")? {
         Record::Proof(proof) => proof,
         Record::Refused(refusal) => return Err(refused(refusal, peer, remote, channel)),
         other => return Err(out_of_order(remote, "a proof", &other)),
     };
     if !verify_proof(&creds.secret, &our_nonce, peer, me, channel, &their_proof) {
-        return Err(refuse_wrong_secret(stream, me, peer));
+        return Err(refuse_wrong_secret(&mut ex, me, peer));
     }
-    let their_hash = match read(stream, remote)? {
+    let their_hash = match ex.receive(remote, "waiting for its layout hash")? {
         Record::LayoutHash(hash) => hash,
         other => return Err(out_of_order(remote, "a layout hash", &other)),
     };
     if their_hash == creds.layout_hash {
-        write_records(stream, &[Record::Accepted]).map_err(io)?;
+        if let Err(refusal) = admission.claim(peer, channel) {
+            return Err(turn_away(&mut ex, refusal, remote, peer, channel));
+        }
+        ex.send(remote, &[Record::Accepted], "sending the verdict")?;
         return Ok((peer, channel));
     }
-    write_records(stream, &[Record::LayoutText(creds.layout.clone())]).map_err(io)?;
-    match read(stream, remote)? {
+    ex.send(
+        remote,
+        &[Record::LayoutText(creds.layout.clone())],
+        "sending this node's layout",
+    )?;
+    match ex.receive(remote, "waiting for its layout")? {
         Record::LayoutText(theirs) => Err(TransportError::LayoutMismatch {
             peer,
             difference: first_difference(&creds.layout, &theirs, peer),
@@ -255,14 +270,115 @@ pub(crate) fn accept(
     }
 }
 
-fn read(stream: &mut TcpStream, remote: Remote) -> Result<Record, TransportError> {
-    read_record(stream).map_err(|e| match e {
-        WireError::Io(source) => TransportError::HandshakeIo { remote, source },
-        other => TransportError::Handshake {
-            remote,
-            detail: other.to_string(),
-        },
-    })
+/// A connection being handshaken. Each read and write waits at most until the deadline, so
+/// that the whole handshake is bounded, not each step of it.
+struct Exchange<'a> {
+    stream: &'a mut TcpStream,
+    started: Instant,
+    deadline: Instant,
+}
+
+/// What a read or write of an [`Exchange`] fails with once its deadline has passed.
+#[derive(Debug, thiserror::Error)]
+#[error("the handshake deadline passed")]
+struct DeadlinePassed;
+
+impl<'a> Exchange<'a> {
+    fn new(stream: &'a mut TcpStream, deadline: Instant) -> Exchange<'a> {
+        Exchange {
+            stream,
+            started: Instant::now(),
+            deadline,
+        }
+    }
+
+    /// The time left, as a socket timeout (which cannot be zero).
+    fn time_left(&self) -> io::Result<Duration> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, DeadlinePassed));
+        }
+        Ok(left)
+    }
+
+    fn receive(&mut self, remote: Remote, step: &'static str) -> Result<Record, TransportError> {
+        read_record(self).map_err(|e| match e {
+            WireError::Io(source) => self.io_failure(remote, step, source),
+            other => TransportError::Handshake {
+                remote,
+                detail: other.to_string(),
+            },
+        })
+    }
+
+    fn send(
+        &mut self,
+        remote: Remote,
+        records: &[Record],
+        step: &'static str,
+    ) -> Result<(), TransportError> {
+        write_records(self, records).map_err(|source| self.io_failure(remote, step, source))
+    }
+
+    fn io_failure(&self, remote: Remote, step: &'static str, source: io::Error) -> TransportError {
+        let deadline_passed = source
+            .get_ref()
+            .is_some_and(|inner| inner.is::<DeadlinePassed>());
+        if deadline_passed {
+            TransportError::HandshakeTimeout {
+                remote,
+                waited: self.started.elapsed(),
+                step,
+            }
+        } else {
+            TransportError::HandshakeIo { remote, source }
+        }
+    }
+
+    /// Reads and discards until the other end closes, `budget` bytes were read, or `until`
+    /// (or the deadline, if earlier) passes.
+    fn drain(&mut self, until: Instant, budget: usize) {
+        self.deadline = self.deadline.min(until);
+        let mut sink = [0u8; 1024];
+        let mut left = budget;
+        while left > 0 {
+            let want = left.min(sink.len());
+            match self.read(&mut sink[..want]) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left -= n,
+            }
+        }
+    }
+}
+
+/// The socket timeout is the time left, so a timed-out read or write means the deadline passed.
+fn deadline_if_timed_out(e: io::Error) -> io::Error {
+    match e.kind() {
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
+            io::Error::new(io::ErrorKind::TimedOut, DeadlinePassed)
+        }
+        _ => e,
+    }
+}
+
+impl Read for Exchange<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let left = self.time_left()?;
+        self.stream.set_read_timeout(Some(left))?;
+        self.stream.read(buf).map_err(deadline_if_timed_out)
+    }
+}
+
+impl Write for Exchange<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let left = self.time_left()?;
+        self.stream.set_write_timeout(Some(left))?;
+        self.stream.write(buf).map_err(deadline_if_timed_out)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.stream.flush()
+    }
 }
 
 fn versions(theirs: u16) -> String {
@@ -304,9 +420,31 @@ fn refused(refusal: Refusal, peer: NodeId, remote: Remote, channel: Channel) -> 
     }
 }
 
-fn refuse_wrong_secret(stream: &mut TcpStream, me: NodeId, peer: NodeId) -> TransportError {
+/// Refuses a node the admission said no to; the error is this node's side of the refusal.
+fn turn_away(
+    ex: &mut Exchange<'_>,
+    refusal: Refusal,
+    remote: Remote,
+    peer: NodeId,
+    channel: Channel,
+) -> TransportError {
+    refuse(ex, refusal.code, &refusal.message);
+    match refusal.code {
+        RefusalCode::DuplicateConnection => TransportError::DuplicateConnection {
+            peer,
+            channel,
+            detail: refusal.message,
+        },
+        _ => TransportError::UnexpectedNode {
+            remote,
+            detail: refusal.message,
+        },
+    }
+}
+
+fn refuse_wrong_secret(ex: &mut Exchange<'_>, me: NodeId, peer: NodeId) -> TransportError {
     refuse(
-        stream,
+        ex,
         RefusalCode::WrongSecret,
         &format!("node {me} could not verify node {peer}'s proof of the cluster secret"),
     );
@@ -318,26 +456,19 @@ fn refuse_wrong_secret(stream: &mut TcpStream, me: NodeId, peer: NodeId) -> Tran
 
 /// Tells the other end why it is refused, then closes gently. Best effort: the caller reports
 /// the refusal itself whatever happens to this courtesy message.
-fn refuse(stream: &mut TcpStream, code: RefusalCode, message: &str) {
+fn refuse(ex: &mut Exchange<'_>, code: RefusalCode, message: &str) {
     let refusal = Record::Refused(Refusal {
         code,
         message: message.to_string(),
     });
-    if write_records(stream, &[refusal]).is_err() {
+    if write_records(ex, &[refusal]).is_err() {
         return;
     }
-    let _ = stream.shutdown(Shutdown::Write);
+    let _ = ex.stream.shutdown(Shutdown::Write);
     // Read until the other end closes: closing with unread data would send a reset, which
-    // can destroy the refusal before the other end has read it.
-    let _ = stream.set_read_timeout(Some(REFUSAL_LINGER));
-    let mut sink = [0u8; 4096];
-    let mut drained = 0usize;
-    while drained < (4 << 20) {
-        match stream.read(&mut sink) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => drained += n,
-        }
-    }
+    // can destroy the refusal before the other end has read it. Bounded in bytes and in total
+    // time, so that a stranger streaming bytes at us cannot hold the connection.
+    ex.drain(Instant::now() + REFUSAL_LINGER, REFUSAL_DRAIN_BUDGET);
 }
 
 fn fresh_nonce() -> Result<[u8; NONCE_LEN], TransportError> {

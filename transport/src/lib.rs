@@ -20,6 +20,11 @@
 //! waiting for the right peer until `connect_timeout`. [`TcpMesh::establish`] returns only once
 //! every node of the mesh has all its connections.
 //!
+//! A whole handshake has 3 s, however the other end paces its bytes, and the accepting node
+//! handshakes each connection on its own thread (at most 32 at once; more are closed at
+//! once), so a connection that sends nothing, trickles bytes or streams garbage delays no one
+//! else's handshake.
+//!
 //! The handshake proves who connects; the frames after it are neither encrypted nor
 //! individually authenticated. Run the mesh on a network only the cluster's machines reach.
 //!

@@ -9,13 +9,10 @@ use std::thread;
 use crate::api::TransportStats;
 use crate::frame::{FrameRef, HEADER_LEN, MAX_PAYLOAD};
 use crate::frame_reader::{ByteSource, FrameReader};
-use crate::handshake::HANDSHAKE_IO_TIMEOUT;
 
-/// Socket options every connection gets before its handshake.
+/// Socket options every connection gets before its handshake (which sets its own timeouts).
 pub(crate) fn prepare_socket(stream: &TcpStream) -> io::Result<()> {
-    stream.set_nodelay(true)?;
-    stream.set_read_timeout(Some(HANDSHAKE_IO_TIMEOUT))?;
-    stream.set_write_timeout(Some(HANDSHAKE_IO_TIMEOUT))
+    stream.set_nodelay(true)
 }
 
 /// Most bytes a connection may hold for a peer that does not read them. The DSM protocol

@@ -5,7 +5,7 @@ use std::io::Write;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::{Condvar, Mutex};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::connection::prepare_socket;
 use super::*;
@@ -87,12 +87,17 @@ fn mesh_with_hand_peer(liveness: Liveness) -> (Arc<TcpMesh>, Arc<Recorder>, Vec<
     for channel in Channel::ALL {
         let mut stream = TcpStream::connect(addr0).unwrap();
         prepare_socket(&stream).unwrap();
-        handshake::dial(&mut stream, &creds1, 0, addr0, channel).unwrap();
+        handshake::dial(&mut stream, &creds1, 0, addr0, channel, soon()).unwrap();
         streams.push(stream);
     }
     write_frame(&mut streams[Channel::Control.index()], KIND_MESH_READY, 0);
     let mesh = node0.join().unwrap().unwrap();
     (mesh, recorder, streams)
+}
+
+/// The deadline the mesh gives a handshake starting now.
+fn soon() -> Instant {
+    Instant::now() + handshake::HANDSHAKE_DEADLINE
 }
 
 fn write_frame(stream: &mut TcpStream, kind: u16, payload_len: u32) {
@@ -201,10 +206,11 @@ fn a_second_connection_for_the_same_channel_is_refused_as_a_duplicate() {
         });
         let mut first = TcpStream::connect(addr0).unwrap();
         prepare_socket(&first).unwrap();
-        handshake::dial(&mut first, &creds1, 0, addr0, Channel::DsmRequest).unwrap();
+        handshake::dial(&mut first, &creds1, 0, addr0, Channel::DsmRequest, soon()).unwrap();
         let mut second = TcpStream::connect(addr0).unwrap();
         prepare_socket(&second).unwrap();
-        let err = handshake::dial(&mut second, &creds1, 0, addr0, Channel::DsmRequest).unwrap_err();
+        let err = handshake::dial(&mut second, &creds1, 0, addr0, Channel::DsmRequest, soon())
+            .unwrap_err();
         assert!(
             matches!(err, TransportError::DuplicateConnection { peer: 0, .. }),
             "{err}"
@@ -221,4 +227,134 @@ fn a_second_connection_for_the_same_channel_is_refused_as_a_duplicate() {
             "{err}"
         );
     });
+}
+
+/// Closes a socket when dropped, on every path out of a test, so that a thread writing to it
+/// sees its write fail and ends.
+struct CloseOnDrop<'a>(&'a TcpStream);
+
+impl Drop for CloseOnDrop<'_> {
+    fn drop(&mut self) {
+        let _ = self.0.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+/// Whether the other end closed `stream` within `within` (rather than leaving it open).
+fn closed_by_the_other_end(mut stream: &TcpStream, within: Duration) -> bool {
+    stream.set_read_timeout(Some(within)).unwrap();
+    let mut byte = [0u8; 1];
+    match std::io::Read::read(&mut stream, &mut byte) {
+        Ok(n) => n == 0,
+        Err(e) => !matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ),
+    }
+}
+
+#[test]
+fn a_trickling_and_a_silent_stranger_do_not_delay_the_mesh() {
+    let listeners: Vec<TcpListener> = (0..3)
+        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    let addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
+    // Both strangers reach the listeners of nodes 0 and 1 before any real peer does.
+    let strangers: Vec<(TcpStream, TcpStream)> = addrs[..2]
+        .iter()
+        .map(|&addr| {
+            (
+                TcpStream::connect(addr).unwrap(),
+                TcpStream::connect(addr).unwrap(),
+            )
+        })
+        .collect();
+    thread::scope(|s| {
+        let _close: Vec<CloseOnDrop> = strangers
+            .iter()
+            .flat_map(|(trickling, silent)| [CloseOnDrop(trickling), CloseOnDrop(silent)])
+            .collect();
+        for (trickling, _) in &strangers {
+            s.spawn(move || {
+                let mut trickling = trickling;
+                // The start of a hello, so that it is not refused as garbage; bounded, and it
+                // stops at the first write that fails once its connection is closed.
+                for &byte in b"\x01\x31\x00\x00\x00SPANVM".iter() {
+                    if trickling.write_all(&[byte]).is_err() {
+                        return;
+                    }
+                    thread::sleep(Duration::from_secs(1));
+                }
+            });
+        }
+        let started = Instant::now();
+        let nodes: Vec<_> = listeners
+            .into_iter()
+            .enumerate()
+            .map(|(me, listener)| {
+                let peers = (0..3)
+                    .filter(|&p| p != me)
+                    .map(|p| (p as NodeId, addrs[p]))
+                    .collect();
+                let cfg = config(me as NodeId, addrs[me], peers);
+                let handler: Arc<dyn FrameHandler> = Arc::new(Recorder::default());
+                s.spawn(move || TcpMesh::establish_on(listener, cfg, handler))
+            })
+            .collect();
+        let meshes: Vec<Arc<TcpMesh>> = nodes
+            .into_iter()
+            .map(|node| node.join().unwrap().unwrap())
+            .collect();
+        let took = started.elapsed();
+        // The strangers would have been given up only at the handshake deadline.
+        assert!(took < handshake::HANDSHAKE_DEADLINE, "{took:?}");
+        // And they were not left hanging: setup closed them when it ended.
+        for (trickling, silent) in &strangers {
+            assert!(closed_by_the_other_end(silent, Duration::from_secs(1)));
+            assert!(closed_by_the_other_end(trickling, Duration::from_secs(1)));
+        }
+        drop(meshes);
+    });
+}
+
+#[test]
+fn connections_past_the_handshake_limit_are_closed_at_once_and_the_rest_when_setup_ends() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr0 = listener.local_addr().unwrap();
+    let addr1: SocketAddr = "127.0.0.1:1".parse().unwrap();
+    let mut cfg0 = config(0, addr0, vec![(1, addr1)]);
+    // Shorter than the handshake deadline, so that ending on time means cutting handshakes off.
+    cfg0.connect_timeout = Duration::from_millis(1500);
+    let creds0 = Credentials::new(&cfg0);
+    let silent: Vec<TcpStream> = (0..setup::MAX_HANDSHAKES)
+        .map(|_| TcpStream::connect(addr0).unwrap())
+        .collect();
+    let started = Instant::now();
+    thread::scope(|s| {
+        let acceptor = s.spawn(|| {
+            let deadline = Instant::now() + cfg0.connect_timeout;
+            setup::connect_all(&listener, &cfg0, &creds0, deadline)
+        });
+        let one_too_many = TcpStream::connect(addr0).unwrap();
+        assert!(closed_by_the_other_end(
+            &one_too_many,
+            Duration::from_secs(1)
+        ));
+        assert!(!closed_by_the_other_end(
+            &silent[0],
+            Duration::from_millis(100)
+        ));
+        let err = acceptor.join().unwrap().unwrap_err();
+        assert!(
+            matches!(err, TransportError::PeerUnreachable { peer: 1, .. }),
+            "{err}"
+        );
+        let took = started.elapsed();
+        assert!(
+            took < cfg0.connect_timeout + Duration::from_secs(1),
+            "{took:?}"
+        );
+    });
+    for stream in &silent {
+        assert!(closed_by_the_other_end(stream, Duration::from_secs(1)));
+    }
 }
