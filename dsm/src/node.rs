@@ -22,7 +22,9 @@ use std::time::Instant;
 use thiserror::Error;
 
 use crate::memory::{GuestPages, MemoryError, PageContent};
-use crate::protocol::{new_page_buf, Access, DsmMessage, GrantData, Outgoing, RequestId};
+use crate::protocol::{
+    new_page_buf, Access, DsmMessage, GrantData, Outgoing, RequestId, RequestIds,
+};
 use crate::stats::{NodeStats, RequestKind};
 use crate::{HomeFn, NodeId};
 
@@ -215,7 +217,9 @@ pub struct NodePages {
     entries: Vec<PageEntry>,
     pending: HashMap<u64, Pending>,
     deferred: HashMap<u64, Deferred>,
+    /// Counter of this shard's requests (`offset`, then steps of `stride`), made an id by `ids`.
     next_seq: u64,
+    ids: RequestIds,
     stats: Arc<NodeStats>,
 }
 
@@ -228,11 +232,13 @@ impl NodePages {
         home_of: HomeFn,
         stats: Arc<NodeStats>,
     ) -> NodePages {
-        Self::new_shard(me, node_count, page_count, 1, 0, home_of, stats)
+        let ids = RequestIds::new();
+        Self::new_shard(me, node_count, page_count, 1, 0, home_of, ids, stats)
     }
 
     /// The pages `p < page_count` with `p % stride == offset`, every one Invalid. Request ids of
-    /// different shards of one node never collide.
+    /// different shards of one node made with the same `ids` never collide.
+    #[allow(clippy::too_many_arguments)]
     pub fn new_shard(
         me: NodeId,
         node_count: usize,
@@ -240,6 +246,7 @@ impl NodePages {
         stride: u64,
         offset: u64,
         home_of: HomeFn,
+        ids: RequestIds,
         stats: Arc<NodeStats>,
     ) -> NodePages {
         let stride = stride.max(1);
@@ -262,6 +269,7 @@ impl NodePages {
             pending: HashMap::new(),
             deferred: HashMap::new(),
             next_seq: offset,
+            ids,
             stats,
         }
     }
@@ -497,10 +505,7 @@ impl NodePages {
             return Ok(LocalOutcome::Joined);
         }
         let home = self.home(page)?;
-        let id = RequestId {
-            node: self.me,
-            seq: self.next_seq,
-        };
+        let id = self.ids.id(self.me, self.next_seq);
         self.next_seq += self.stride;
         self.pending.insert(
             page,
@@ -1081,6 +1086,17 @@ mod tests {
             f.node.try_pin(7, Access::Read, Instant::now(), &mut f.out),
             Ok(PinOutcome::Pinned)
         );
+    }
+
+    #[test]
+    fn request_ids_do_not_follow_a_counter() {
+        let mut f = fixture();
+        let mut seqs = Vec::new();
+        for page in 0..4 {
+            f.fault(page, Access::Read);
+            seqs.push(f.requested(page, Access::Read).seq);
+        }
+        assert!(seqs.windows(2).all(|w| w[0].abs_diff(w[1]) > 1), "{seqs:?}");
     }
 
     #[test]

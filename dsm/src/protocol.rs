@@ -11,7 +11,9 @@
 //! correctness does not depend on ordering between the two classes (the requester collects the
 //! parts of a reply in any order; see `README.md`).
 
+use std::collections::hash_map::RandomState;
 use std::fmt;
+use std::hash::{BuildHasher, Hasher};
 
 use thiserror::Error;
 
@@ -89,6 +91,64 @@ impl RequestId {
 impl fmt::Display for RequestId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}#{}", self.node, self.seq)
+    }
+}
+
+/// Makes a node's request ids: a keyed permutation of a counter, so that ids never repeat within
+/// a run yet a peer cannot predict them from the ids it has seen.
+///
+/// Replies are matched to a request by its id, so a peer that could guess the id of a request it
+/// takes no part in could answer it in the requester's place before the real answer arrives. The
+/// permutation is a four-round Feistel network over the 56 sequence bits whose round function is
+/// the standard library's keyed hasher (SipHash with keys drawn from the operating system's
+/// randomness, fresh in every process): without the keys, seeing ids does not tell the next one.
+#[derive(Clone)]
+pub struct RequestIds {
+    keys: RandomState,
+}
+
+impl RequestIds {
+    const HALF_BITS: u32 = RequestId::SEQ_BITS / 2;
+    const HALF_MASK: u64 = (1 << Self::HALF_BITS) - 1;
+    const ROUNDS: u64 = 4;
+
+    /// Ids under fresh random keys.
+    pub fn new() -> RequestIds {
+        RequestIds {
+            keys: RandomState::new(),
+        }
+    }
+
+    /// The id of request number `counter` (below 2^56) of `node`; distinct counters give
+    /// distinct ids.
+    pub fn id(&self, node: NodeId, counter: u64) -> RequestId {
+        let counter = counter & RequestId::SEQ_MASK;
+        let mut left = counter >> Self::HALF_BITS;
+        let mut right = counter & Self::HALF_MASK;
+        for round in 0..Self::ROUNDS {
+            let mut hasher = self.keys.build_hasher();
+            hasher.write_u64((round << Self::HALF_BITS) | right);
+            let mixed = left ^ (hasher.finish() & Self::HALF_MASK);
+            left = right;
+            right = mixed;
+        }
+        RequestId {
+            node,
+            seq: (left << Self::HALF_BITS) | right,
+        }
+    }
+}
+
+impl Default for RequestIds {
+    fn default() -> RequestIds {
+        RequestIds::new()
+    }
+}
+
+impl fmt::Debug for RequestIds {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The keys are the secret: never in a log.
+        f.write_str("RequestIds(..)")
     }
 }
 
@@ -812,6 +872,25 @@ mod tests {
             Frame::parse(&[1, 0, 0]),
             Err(ProtocolError::Truncated { len: 3 })
         ));
+    }
+
+    #[test]
+    fn request_ids_are_distinct_and_unpredictable_from_the_counter() {
+        let ids = RequestIds::new();
+        let seqs: std::collections::HashSet<u64> =
+            (0..10_000u64).map(|c| ids.id(3, c * 64 + 5).seq).collect();
+        assert_eq!(seqs.len(), 10_000, "a permutation never repeats an id");
+        assert!(seqs.iter().all(|&s| s < 1 << RequestId::SEQ_BITS));
+        assert_eq!(ids.id(3, 5).node, 3);
+        assert_eq!(ids.id(3, 5), ids.clone().id(3, 5), "shards share the key");
+        // Neither the counter nor a fixed offset from it shows through.
+        let steps = (0..100u64)
+            .filter(|&c| ids.id(0, c + 1).seq.wrapping_sub(ids.id(0, c).seq) == 1)
+            .count();
+        assert!(steps < 3, "{steps} consecutive ids");
+        let other_run = RequestIds::new();
+        assert!((0..8).any(|c| other_run.id(0, c) != ids.id(0, c)));
+        assert_eq!(format!("{ids:?}"), "RequestIds(..)");
     }
 
     #[test]

@@ -24,7 +24,7 @@ use thiserror::Error;
 use crate::directory::{DirectoryView, HomeDirectory};
 use crate::memory::GuestPages;
 use crate::node::{LocalOutcome, NodeError, NodePages, PageState, PinOutcome};
-use crate::protocol::{Access, DsmMessage, Frame, Outgoing, WireLimits};
+use crate::protocol::{Access, DsmMessage, Frame, Outgoing, RequestIds, WireLimits};
 use crate::stats::{NodeStats, StatsSnapshot};
 use crate::uffd::{FaultSource, PageFault};
 use crate::{HomeFn, NodeId, MAX_NODES, PAGE_SHIFT};
@@ -193,6 +193,8 @@ impl Dsm {
             )));
         }
         let stats = Arc::new(NodeStats::new(page_count, top_pages));
+        // One key for all shards: their counters differ, so their ids do too.
+        let ids = RequestIds::new();
         let shards = (0..SHARDS)
             .map(|offset| Shard {
                 pages: Mutex::new(NodePages::new_shard(
@@ -202,6 +204,7 @@ impl Dsm {
                     SHARDS,
                     offset,
                     home_of.clone(),
+                    ids.clone(),
                     stats.clone(),
                 )),
                 completed: Condvar::new(),
