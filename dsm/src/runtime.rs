@@ -511,7 +511,7 @@ impl Inner {
             return;
         }
         if from != self.me {
-            self.stats.record_received(msg.payload().len());
+            self.stats.record_received(msg.page_len());
         }
         SCRATCH.with(|cell| match cell.try_borrow_mut() {
             Ok(mut scratch) => {
@@ -594,7 +594,7 @@ impl Inner {
                 scratch.queue.extend(scratch.out.drain(..));
                 continue;
             }
-            self.stats.record_sent(msg.payload().len());
+            self.stats.record_sent(msg.page_len());
             if let Err(e) = self.link.send(to, &msg) {
                 self.fail_as(&format!("lost node {to}: {e}"), true, Some(to));
             }

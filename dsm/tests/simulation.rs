@@ -94,6 +94,8 @@ struct Workload {
 struct Totals {
     steps: u64,
     messages: u64,
+    /// Copies sent by a data source other than the home, beside the home's grant.
+    page_data_messages: u64,
     page_bytes_between_nodes: u64,
     reads_checked: u64,
     writes: u64,
@@ -208,7 +210,8 @@ impl Sim {
                 page,
                 data: GrantData::Bytes(_),
                 ..
-            } = &msg
+            }
+            | DsmMessage::PageData { page, .. } = &msg
             {
                 assert!(
                     self.write_granted.contains(page),
@@ -312,6 +315,9 @@ impl Sim {
             self.channels.remove(&(from, to, class));
         }
         self.totals.messages += 1;
+        if let DsmMessage::PageData { .. } = msg {
+            self.totals.page_data_messages += 1;
+        }
         let page = msg.page();
         msg.check_route(from, to, self.home_of(page))
             .unwrap_or_else(|e| panic!("protocol produced a badly routed message {msg:?}: {e}"));
@@ -619,6 +625,7 @@ fn random_workloads_stay_coherent_on_2_to_16_nodes() {
     let mut upgrades = 0;
     let mut merged = 0;
     let mut deferred = 0;
+    let mut page_data = 0;
     for nodes in [2, 3, 4, 5, 8, 16] {
         for seed in 0..seeds(4) {
             let work = workload(nodes, seed * 1000 + nodes as u64, true);
@@ -630,10 +637,15 @@ fn random_workloads_stay_coherent_on_2_to_16_nodes() {
             upgrades += sum(&snapshots, |s| s.upgrades[0] + s.upgrades[1]);
             merged += sum(&snapshots, |s| s.faults_merged);
             deferred += sum(&snapshots, |s| s.deferred_by_pin);
+            page_data += totals.page_data_messages;
         }
     }
     // The runs exercised the paths they are meant to check.
     assert!(upgrades > 0, "no Shared -> Modified upgrade happened");
+    assert!(
+        page_data > 0,
+        "no data source other than the home ever sent a copy"
+    );
     assert!(merged > 0, "no concurrent faults were merged");
     assert!(
         deferred > 0,

@@ -497,7 +497,7 @@ fn bad_frames_and_misrouted_messages_are_rejected_and_counted() {
         page: 3,
         id: dsm::RequestId { node: 1, seq: 1 },
         access: Access::Read,
-        acks: 0,
+        sharers: dsm::NodeSet::EMPTY,
         data: dsm::GrantData::Bytes(Box::new([1; PAGE_SIZE])),
     }
     .to_frame();
@@ -521,7 +521,7 @@ fn bad_frames_and_misrouted_messages_are_rejected_and_counted() {
             page: 3,
             id: dsm::RequestId { node: 0, seq: 2 },
             access: Access::Read,
-            acks: 0,
+            sharers: dsm::NodeSet::EMPTY,
         },
     );
     // A sender outside the cluster, and a stray grant for a request never made.
@@ -532,7 +532,7 @@ fn bad_frames_and_misrouted_messages_are_rejected_and_counted() {
             page: 8,
             id: dsm::RequestId { node: 1, seq: 99 },
             access: Access::Read,
-            acks: 0,
+            sharers: dsm::NodeSet::EMPTY,
             data: dsm::GrantData::Zero,
         },
     );
