@@ -22,7 +22,9 @@
 //!
 //! Pins keep a page in the state the VMM needs: a fetch or invalidation that would take that
 //! state away waits in `deferred` until the last conflicting pin ends (at most one can wait per
-//! page, since the home serves one request per page at a time).
+//! page, since the home serves one request per page at a time). While it waits, no new pin that
+//! it would also wait for is granted: otherwise pins of overlapping users, each taken before the
+//! previous one ends, could keep it waiting forever, and the remote request behind it with it.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -76,6 +78,9 @@ pub enum PinOutcome {
     Pinned,
     /// A request is in flight; try again when it completes.
     Waiting,
+    /// The home is taking the access away (an invalidation or downgrade waits for the pins
+    /// already held); try again once it has run, which may then need a new request.
+    Revoking,
 }
 
 /// A request of this node that completed: the page is now installed in `state`.
@@ -332,6 +337,11 @@ impl NodePages {
         pages
     }
 
+    /// Whether a fetch or invalidation of `page` waits for pins to end.
+    pub fn has_deferred(&self, page: u64) -> bool {
+        self.deferred.contains_key(&page)
+    }
+
     /// Pins held on `page`: `(read, write)`.
     pub fn pins(&self, page: u64) -> (u16, u16) {
         self.index(page).map_or((0, 0), |i| {
@@ -360,8 +370,9 @@ impl NodePages {
         Ok(outcome)
     }
 
-    /// The VMM wants `page` kept in a state allowing `access`: pins it if it already is, else
-    /// makes sure a request is in flight (try again after it completes).
+    /// The VMM wants `page` kept in a state allowing `access`: pins it if it already is and
+    /// nothing waits to take that state away, else makes sure a request is in flight (try again
+    /// after it completes) or says that a revocation goes first (try again after it ran).
     pub fn try_pin(
         &mut self,
         page: u64,
@@ -374,6 +385,11 @@ impl NodePages {
         if !entry.state.allows(access) {
             self.request(page, access, now, out)?;
             return Ok(PinOutcome::Waiting);
+        }
+        if let Some(deferred) = self.deferred.get(&page) {
+            if Self::pin_holds_up(access, deferred) {
+                return Ok(PinOutcome::Revoking);
+            }
         }
         let count = match access {
             Access::Read => &mut entry.read_pins,
@@ -640,15 +656,21 @@ impl NodePages {
         }
     }
 
-    fn blocked_by_pins(entry: PageEntry, deferred: &Deferred) -> bool {
+    /// Whether a pin for `access` must wait for the fetch or invalidation `deferred`.
+    fn pin_holds_up(access: Access, deferred: &Deferred) -> bool {
         match deferred {
             // A downgrade keeps the page readable: only a write pin stops it.
             Deferred::Fetch {
                 access: Access::Read,
                 ..
-            } => entry.write_pins > 0,
-            _ => entry.read_pins > 0 || entry.write_pins > 0,
+            } => access == Access::Write,
+            _ => true,
         }
+    }
+
+    fn blocked_by_pins(entry: PageEntry, deferred: &Deferred) -> bool {
+        (entry.read_pins > 0 && Self::pin_holds_up(Access::Read, deferred))
+            || (entry.write_pins > 0 && Self::pin_holds_up(Access::Write, deferred))
     }
 
     fn defer_if_pinned(
@@ -1199,6 +1221,87 @@ mod tests {
             f.node.unpin(2, Access::Read, &f.memory, &mut f.out),
             Err(NodeError::NotPinned { .. })
         ));
+    }
+
+    #[test]
+    fn overlapping_read_pins_do_not_starve_an_invalidation() {
+        // Two users of a Shared page pin it in turn, each before the other unpins: without the
+        // rule some pin is always held and the invalidation never runs.
+        let mut f = fixture();
+        f.fault(2, Access::Read);
+        let id = f.requested(2, Access::Read);
+        f.deliver(HOME, grant(2, id, Access::Read, &[], GrantData::Zero))
+            .unwrap();
+        f.sent();
+        let pin = |f: &mut Fixture| f.node.try_pin(2, Access::Read, Instant::now(), &mut f.out);
+        assert_eq!(pin(&mut f), Ok(PinOutcome::Pinned));
+        f.deliver(
+            HOME,
+            DsmMessage::Invalidate {
+                page: 2,
+                id: other(4),
+            },
+        )
+        .unwrap();
+        assert!(f.node.has_deferred(2));
+        let mut held = 1;
+        let mut cycles = 0;
+        while f.node.has_deferred(2) {
+            cycles += 1;
+            assert!(cycles <= 1, "the invalidation starves behind new pins");
+            // The next user arrives while a pin is still held...
+            match pin(&mut f).unwrap() {
+                PinOutcome::Pinned => held += 1,
+                outcome => assert_eq!(outcome, PinOutcome::Revoking),
+            }
+            // ...and then the oldest pin ends.
+            f.node
+                .unpin(2, Access::Read, &f.memory, &mut f.out)
+                .unwrap();
+            held -= 1;
+        }
+        assert_eq!(held, 0);
+        assert_eq!(
+            f.sent(),
+            vec![(
+                2,
+                DsmMessage::InvalidateAck {
+                    page: 2,
+                    id: other(4)
+                }
+            )]
+        );
+        assert_eq!(f.node.state(2), PageState::Invalid);
+        // The user that gave way asks for the page again.
+        assert_eq!(pin(&mut f), Ok(PinOutcome::Waiting));
+        assert_eq!(f.requested(2, Access::Read).node, ME);
+    }
+
+    #[test]
+    fn a_waiting_downgrade_refuses_write_pins_but_not_read_pins() {
+        let mut f = fixture();
+        f.make_modified(3, 1);
+        let pin = |f: &mut Fixture, access| f.node.try_pin(3, access, Instant::now(), &mut f.out);
+        assert_eq!(pin(&mut f, Access::Write), Ok(PinOutcome::Pinned));
+        f.deliver(
+            HOME,
+            DsmMessage::Fetch {
+                page: 3,
+                id: other(5),
+                access: Access::Read,
+                sharers: NodeSet::EMPTY,
+            },
+        )
+        .unwrap();
+        assert_eq!(pin(&mut f, Access::Write), Ok(PinOutcome::Revoking));
+        // A read pin survives the downgrade, so it need not wait for it.
+        assert_eq!(pin(&mut f, Access::Read), Ok(PinOutcome::Pinned));
+        f.node
+            .unpin(3, Access::Write, &f.memory, &mut f.out)
+            .unwrap();
+        assert!(!f.node.has_deferred(3));
+        assert_eq!(f.node.state(3), PageState::Shared);
+        assert_eq!(f.node.pins(3), (1, 0));
     }
 
     #[test]
