@@ -239,30 +239,52 @@ impl HomeDirectory {
             owner: entry.owner,
         };
         let others = entry.copyset.without(requester);
-        let grant = |acks: usize, data| Outgoing {
+        // The grant always comes from the home: it is the requester's only word on which nodes
+        // may answer (the data source, the sharers), so no other node can vouch for itself.
+        let grant = |sharers: NodeSet, data| Outgoing {
             to: requester,
             msg: DsmMessage::Grant {
                 page,
                 id,
                 access,
-                acks: acks as u32,
+                sharers,
                 data,
             },
         };
-        match access {
-            Access::Read if entry.owner.is_none() => out.push(grant(0, GrantData::Zero)),
-            Access::Read => {
-                let source = Self::data_source(me, entry.owner, others)
-                    .ok_or_else(|| no_valid_copy(entry))?;
+        // A source other than the home sends page data beside the home's grant; the home as its
+        // own source grants with the bytes (one message), so its fetch carries the sharers.
+        let fetch_from = |source: NodeId, sharers: NodeSet, out: &mut Vec<Outgoing>| {
+            if source == me {
+                out.push(Outgoing {
+                    to: me,
+                    msg: DsmMessage::Fetch {
+                        page,
+                        id,
+                        access,
+                        sharers,
+                    },
+                });
+            } else {
                 out.push(Outgoing {
                     to: source,
                     msg: DsmMessage::Fetch {
                         page,
                         id,
                         access,
-                        acks: 0,
+                        sharers: NodeSet::EMPTY,
                     },
                 });
+                out.push(grant(sharers, GrantData::Source(source)));
+            }
+        };
+        match access {
+            Access::Read if entry.owner.is_none() => {
+                out.push(grant(NodeSet::EMPTY, GrantData::Zero))
+            }
+            Access::Read => {
+                let source = Self::data_source(me, entry.owner, others)
+                    .ok_or_else(|| no_valid_copy(entry))?;
+                fetch_from(source, NodeSet::EMPTY, out);
             }
             Access::Write => {
                 // An upgrade keeps the requester's copy; a never-written page moves as the zero
@@ -275,26 +297,22 @@ impl HomeDirectory {
                             .ok_or_else(|| no_valid_copy(entry))?,
                     )
                 };
-                for sharer in others.iter().filter(|&n| Some(n) != source) {
+                let sharers = match source {
+                    Some(source) => others.without(source),
+                    None => others,
+                };
+                for sharer in sharers.iter() {
                     out.push(Outgoing {
                         to: sharer,
                         msg: DsmMessage::Invalidate { page, id },
                     });
                 }
                 match source {
-                    Some(source) => out.push(Outgoing {
-                        to: source,
-                        msg: DsmMessage::Fetch {
-                            page,
-                            id,
-                            access,
-                            acks: (others.len() - 1) as u32,
-                        },
-                    }),
+                    Some(source) => fetch_from(source, sharers, out),
                     None if entry.copyset.contains(requester) => {
-                        out.push(grant(others.len(), GrantData::Keep))
+                        out.push(grant(sharers, GrantData::Keep))
                     }
-                    None => out.push(grant(others.len(), GrantData::Zero)),
+                    None => out.push(grant(sharers, GrantData::Zero)),
                 }
             }
         }
@@ -322,14 +340,36 @@ mod tests {
         out.drain(..).map(|o| (o.to, o.msg)).collect()
     }
 
-    fn grant(page: u64, id: RequestId, access: Access, acks: u32, data: GrantData) -> DsmMessage {
+    fn grant(
+        page: u64,
+        id: RequestId,
+        access: Access,
+        sharers: &[NodeId],
+        data: GrantData,
+    ) -> DsmMessage {
         DsmMessage::Grant {
             page,
             id,
             access,
-            acks,
+            sharers: set(sharers),
             data,
         }
+    }
+
+    /// A fetch to a source other than the home (which the home's own grant accompanies).
+    fn fetch(page: u64, id: RequestId, access: Access) -> DsmMessage {
+        DsmMessage::Fetch {
+            page,
+            id,
+            access,
+            sharers: NodeSet::EMPTY,
+        }
+    }
+
+    fn set(nodes: &[NodeId]) -> NodeSet {
+        let mut set = NodeSet::EMPTY;
+        nodes.iter().for_each(|&n| set.insert(n));
+        set
     }
 
     #[test]
@@ -339,14 +379,14 @@ mod tests {
         d.on_request(3, id(1, 1), Access::Read, &mut out).unwrap();
         assert_eq!(
             msgs(&mut out),
-            vec![(1, grant(3, id(1, 1), Access::Read, 0, GrantData::Zero))]
+            vec![(1, grant(3, id(1, 1), Access::Read, &[], GrantData::Zero))]
         );
         d.on_confirm(3, id(1, 1), &mut out).unwrap();
         // A second reader still gets the flag: nobody has written.
         d.on_request(3, id(2, 1), Access::Read, &mut out).unwrap();
         assert_eq!(
             msgs(&mut out),
-            vec![(2, grant(3, id(2, 1), Access::Read, 0, GrantData::Zero))]
+            vec![(2, grant(3, id(2, 1), Access::Read, &[], GrantData::Zero))]
         );
         d.on_confirm(3, id(2, 1), &mut out).unwrap();
         // A writer that holds no copy: zero flag, and both readers invalidated.
@@ -368,7 +408,10 @@ mod tests {
                         id: id(3, 1)
                     }
                 ),
-                (3, grant(3, id(3, 1), Access::Write, 2, GrantData::Zero)),
+                (
+                    3,
+                    grant(3, id(3, 1), Access::Write, &[1, 2], GrantData::Zero)
+                ),
             ]
         );
         d.on_confirm(3, id(3, 1), &mut out).unwrap();
@@ -393,15 +436,13 @@ mod tests {
         d.on_confirm(0, id(1, 1), &mut out).unwrap();
         assert_eq!(
             msgs(&mut out),
-            vec![(
-                1,
-                DsmMessage::Fetch {
-                    page: 0,
-                    id: id(2, 1),
-                    access: Access::Read,
-                    acks: 0
-                }
-            )]
+            vec![
+                (1, fetch(0, id(2, 1), Access::Read)),
+                (
+                    2,
+                    grant(0, id(2, 1), Access::Read, &[], GrantData::Source(1))
+                ),
+            ]
         );
         d.on_confirm(0, id(2, 1), &mut out).unwrap();
         // Writer 3: owner 1 sends data and drops, sharer 2 drops.
@@ -415,29 +456,23 @@ mod tests {
                         id: id(3, 1)
                     }
                 ),
+                (1, fetch(0, id(3, 1), Access::Write)),
                 (
-                    1,
-                    DsmMessage::Fetch {
-                        page: 0,
-                        id: id(3, 1),
-                        access: Access::Write,
-                        acks: 1
-                    }
+                    3,
+                    grant(0, id(3, 1), Access::Write, &[2], GrantData::Source(1))
                 ),
             ]
         );
         d.on_confirm(0, id(3, 1), &mut out).unwrap();
         assert_eq!(
             msgs(&mut out),
-            vec![(
-                3,
-                DsmMessage::Fetch {
-                    page: 0,
-                    id: id(4, 1),
-                    access: Access::Read,
-                    acks: 0
-                }
-            )]
+            vec![
+                (3, fetch(0, id(4, 1), Access::Read)),
+                (
+                    4,
+                    grant(0, id(4, 1), Access::Read, &[], GrantData::Source(3))
+                ),
+            ]
         );
         d.on_confirm(0, id(4, 1), &mut out).unwrap();
         assert!(out.is_empty());
@@ -469,21 +504,19 @@ mod tests {
                         id: id(2, 2)
                     }
                 ),
-                (2, grant(5, id(2, 2), Access::Write, 1, GrantData::Keep)),
+                (2, grant(5, id(2, 2), Access::Write, &[1], GrantData::Keep)),
             ]
         );
         d.on_confirm(5, id(2, 2), &mut out).unwrap();
         assert_eq!(
             msgs(&mut out),
-            vec![(
-                2,
-                DsmMessage::Fetch {
-                    page: 5,
-                    id: id(1, 2),
-                    access: Access::Write,
-                    acks: 0
-                }
-            )]
+            vec![
+                (2, fetch(5, id(1, 2), Access::Write)),
+                (
+                    1,
+                    grant(5, id(1, 2), Access::Write, &[], GrantData::Source(2))
+                ),
+            ]
         );
     }
 
@@ -499,7 +532,43 @@ mod tests {
         out.clear();
         // Home and owner 2 both hold it: the home is the source for reader 3.
         d.on_request(1, id(3, 1), Access::Read, &mut out).unwrap();
-        assert_eq!(out[0].to, HOME);
+        // The home's grant will carry the bytes: no separate grant, nothing to name.
+        assert_eq!(
+            msgs(&mut out),
+            vec![(HOME, fetch(1, id(3, 1), Access::Read))]
+        );
+        d.on_confirm(1, id(3, 1), &mut out).unwrap();
+        // A writer: the home sends its copy with a grant naming the other holders, which its
+        // own fetch therefore carries; nobody else is told who acknowledges.
+        d.on_request(1, id(4, 1), Access::Write, &mut out).unwrap();
+        assert_eq!(
+            msgs(&mut out),
+            vec![
+                (
+                    2,
+                    DsmMessage::Invalidate {
+                        page: 1,
+                        id: id(4, 1)
+                    }
+                ),
+                (
+                    3,
+                    DsmMessage::Invalidate {
+                        page: 1,
+                        id: id(4, 1)
+                    }
+                ),
+                (
+                    HOME,
+                    DsmMessage::Fetch {
+                        page: 1,
+                        id: id(4, 1),
+                        access: Access::Write,
+                        sharers: set(&[2, 3]),
+                    }
+                ),
+            ]
+        );
     }
 
     #[test]
@@ -531,7 +600,7 @@ mod tests {
         assert_eq!(d.view(2).copyset, NodeSet::only(1));
         assert_eq!(
             msgs(&mut out),
-            vec![(1, grant(2, id(1, 2), Access::Write, 0, GrantData::Keep))]
+            vec![(1, grant(2, id(1, 2), Access::Write, &[], GrantData::Keep))]
         );
     }
 }

@@ -8,12 +8,23 @@
 //!
 //! One request per page is in flight at a time: later faults on the page join it (a write fault
 //! joining a read request makes the node ask for the write as soon as the read is installed). A
-//! request completes when its grant and all the invalidation acknowledgements the grant announces
-//! have arrived, in whatever order; then the page is installed and the home is told.
+//! request completes when the home's grant, the page data from the source it names (if any) and
+//! one invalidation acknowledgement from each sharer it names have arrived, in whatever order;
+//! then the page is installed and the home is told.
+//!
+//! Only the home knows who may answer a request, and it says so in the grant. Page data and
+//! acknowledgements travel from other nodes on other connections, so they may arrive before it:
+//! they are kept, per sender, and checked when the grant arrives (rather than fixing the order,
+//! which would cost the data source's answer a wait for the home's). Anything that contradicts
+//! the grant (a grant not from the home, data from a node that is not the named source, an
+//! acknowledgement from a node that is not a named sharer, a second one from the same node) is
+//! [`NodeError::Violation`]: never counted, and fatal, since the peer breaks single-writer.
 //!
 //! Pins keep a page in the state the VMM needs: a fetch or invalidation that would take that
 //! state away waits in `deferred` until the last conflicting pin ends (at most one can wait per
-//! page, since the home serves one request per page at a time).
+//! page, since the home serves one request per page at a time). While it waits, no new pin that
+//! it would also wait for is granted: otherwise pins of overlapping users, each taken before the
+//! previous one ends, could keep it waiting forever, and the remote request behind it with it.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -22,9 +33,11 @@ use std::time::Instant;
 use thiserror::Error;
 
 use crate::memory::{GuestPages, MemoryError, PageContent};
-use crate::protocol::{new_page_buf, Access, DsmMessage, GrantData, Outgoing, RequestId};
+use crate::protocol::{
+    new_page_buf, Access, DsmMessage, GrantData, Outgoing, PageBuf, RequestId, RequestIds,
+};
 use crate::stats::{NodeStats, RequestKind};
-use crate::{HomeFn, NodeId};
+use crate::{HomeFn, NodeId, NodeSet};
 
 /// The local state of a page on a node.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -65,6 +78,9 @@ pub enum PinOutcome {
     Pinned,
     /// A request is in flight; try again when it completes.
     Waiting,
+    /// The home is taking the access away (an invalidation or downgrade waits for the pins
+    /// already held); try again once it has run, which may then need a new request.
+    Revoking,
 }
 
 /// A request of this node that completed: the page is now installed in `state`.
@@ -143,6 +159,22 @@ pub enum NodeError {
         /// Pins already held.
         count: u16,
     },
+    /// A reply to a live request of this node came from a node the home's grant does not name
+    /// for it, or came twice: a peer (or an attacker on the network) is trying to break
+    /// single-writer. It is not counted, and the node stops rather than trust the peers further.
+    #[error("{what} for page {page:#x}, request {id}, from node {from} refused: {reason}; a peer breaks the DSM protocol (check that node, and the network between the nodes)")]
+    Violation {
+        /// The message.
+        what: &'static str,
+        /// The page.
+        page: u64,
+        /// The request it names.
+        id: RequestId,
+        /// The node it came from.
+        from: NodeId,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
     /// What the home asked contradicts this node's state: continuing could lose data.
     #[error("page {page:#x} is {state:?} here, but {what}: the DSM state is inconsistent")]
     Inconsistent {
@@ -163,7 +195,10 @@ impl NodeError {
     pub fn is_fatal(&self) -> bool {
         matches!(
             self,
-            NodeError::BadHome { .. } | NodeError::Inconsistent { .. } | NodeError::Memory(_)
+            NodeError::BadHome { .. }
+                | NodeError::Violation { .. }
+                | NodeError::Inconsistent { .. }
+                | NodeError::Memory(_)
         )
     }
 }
@@ -175,8 +210,9 @@ struct PageEntry {
     write_pins: u16,
 }
 
+/// What the home's grant said.
 struct ReceivedGrant {
-    acks: u32,
+    sharers: NodeSet,
     data: GrantData,
 }
 
@@ -184,7 +220,11 @@ struct Pending {
     id: RequestId,
     access: Access,
     grant: Option<ReceivedGrant>,
-    acks_received: u32,
+    /// Page data and its sender. Before the grant there is room for one sender only: two
+    /// different senders of data for one request mean one of them lies, whoever it is.
+    copy: Option<(NodeId, PageBuf)>,
+    /// Nodes whose acknowledgement arrived (before the grant: checked against it on arrival).
+    acked: NodeSet,
     started: Instant,
     /// A write fault arrived while this read request was in flight.
     then_write: bool,
@@ -197,7 +237,7 @@ enum Deferred {
     Fetch {
         id: RequestId,
         access: Access,
-        acks: u32,
+        sharers: NodeSet,
     },
     Invalidate {
         id: RequestId,
@@ -215,7 +255,9 @@ pub struct NodePages {
     entries: Vec<PageEntry>,
     pending: HashMap<u64, Pending>,
     deferred: HashMap<u64, Deferred>,
+    /// Counter of this shard's requests (`offset`, then steps of `stride`), made an id by `ids`.
     next_seq: u64,
+    ids: RequestIds,
     stats: Arc<NodeStats>,
 }
 
@@ -228,11 +270,13 @@ impl NodePages {
         home_of: HomeFn,
         stats: Arc<NodeStats>,
     ) -> NodePages {
-        Self::new_shard(me, node_count, page_count, 1, 0, home_of, stats)
+        let ids = RequestIds::new();
+        Self::new_shard(me, node_count, page_count, 1, 0, home_of, ids, stats)
     }
 
     /// The pages `p < page_count` with `p % stride == offset`, every one Invalid. Request ids of
-    /// different shards of one node never collide.
+    /// different shards of one node made with the same `ids` never collide.
+    #[allow(clippy::too_many_arguments)]
     pub fn new_shard(
         me: NodeId,
         node_count: usize,
@@ -240,6 +284,7 @@ impl NodePages {
         stride: u64,
         offset: u64,
         home_of: HomeFn,
+        ids: RequestIds,
         stats: Arc<NodeStats>,
     ) -> NodePages {
         let stride = stride.max(1);
@@ -262,6 +307,7 @@ impl NodePages {
             pending: HashMap::new(),
             deferred: HashMap::new(),
             next_seq: offset,
+            ids,
             stats,
         }
     }
@@ -289,6 +335,11 @@ impl NodePages {
         let mut pages: Vec<u64> = self.deferred.keys().copied().collect();
         pages.sort_unstable();
         pages
+    }
+
+    /// Whether a fetch or invalidation of `page` waits for pins to end.
+    pub fn has_deferred(&self, page: u64) -> bool {
+        self.deferred.contains_key(&page)
     }
 
     /// Pins held on `page`: `(read, write)`.
@@ -319,8 +370,9 @@ impl NodePages {
         Ok(outcome)
     }
 
-    /// The VMM wants `page` kept in a state allowing `access`: pins it if it already is, else
-    /// makes sure a request is in flight (try again after it completes).
+    /// The VMM wants `page` kept in a state allowing `access`: pins it if it already is and
+    /// nothing waits to take that state away, else makes sure a request is in flight (try again
+    /// after it completes) or says that a revocation goes first (try again after it ran).
     pub fn try_pin(
         &mut self,
         page: u64,
@@ -333,6 +385,11 @@ impl NodePages {
         if !entry.state.allows(access) {
             self.request(page, access, now, out)?;
             return Ok(PinOutcome::Waiting);
+        }
+        if let Some(deferred) = self.deferred.get(&page) {
+            if Self::pin_holds_up(access, deferred) {
+                return Ok(PinOutcome::Revoking);
+            }
         }
         let count = match access {
             Access::Read => &mut entry.read_pins,
@@ -372,9 +429,11 @@ impl NodePages {
         if runnable {
             if let Some(deferred) = self.deferred.remove(&page) {
                 match deferred {
-                    Deferred::Fetch { id, access, acks } => {
-                        self.send_copy(page, index, id, access, acks, memory, out)?
-                    }
+                    Deferred::Fetch {
+                        id,
+                        access,
+                        sharers,
+                    } => self.send_copy(page, index, id, access, sharers, memory, out)?,
                     Deferred::Invalidate { id } => self.drop_copy(page, index, id, memory, out)?,
                 }
             }
@@ -396,14 +455,18 @@ impl NodePages {
                 page,
                 id,
                 access,
-                acks,
+                sharers,
             } => {
                 let index = self.index_checked(page)?;
-                let deferred = Deferred::Fetch { id, access, acks };
+                let deferred = Deferred::Fetch {
+                    id,
+                    access,
+                    sharers,
+                };
                 if self.defer_if_pinned(page, index, deferred)? {
                     return Ok(None);
                 }
-                self.send_copy(page, index, id, access, acks, memory, out)?;
+                self.send_copy(page, index, id, access, sharers, memory, out)?;
                 Ok(None)
             }
             DsmMessage::Invalidate { page, id } => {
@@ -415,21 +478,70 @@ impl NodePages {
                 Ok(None)
             }
             DsmMessage::InvalidateAck { page, id } => {
-                let me = self.me;
+                let (me, node_count) = (self.me, self.node_count);
                 let pending = self.pending_for(page, id, "invalidation acknowledgement")?;
-                pending.acks_received += 1;
-                pending.remote |= from != me;
+                let violation = |reason| NodeError::Violation {
+                    what: "invalidation acknowledgement",
+                    page,
+                    id,
+                    from,
+                    reason,
+                };
+                if from >= node_count || from == me {
+                    return Err(violation("no node of the cluster but this one sent it"));
+                }
+                if pending.acked.contains(from) {
+                    return Err(violation("that node acknowledged already"));
+                }
+                if let Some(grant) = &pending.grant {
+                    if !grant.sharers.contains(from) {
+                        return Err(violation("the home's grant does not name it as a sharer"));
+                    }
+                }
+                pending.acked.insert(from);
+                pending.remote = true;
+                self.try_complete(page, now, memory, out)
+            }
+            DsmMessage::PageData { page, id, data } => {
+                let pending = self.pending_for(page, id, "page data")?;
+                let violation = |reason| NodeError::Violation {
+                    what: "page data",
+                    page,
+                    id,
+                    from,
+                    reason,
+                };
+                if let Some(grant) = &pending.grant {
+                    if grant.data != GrantData::Source(from) {
+                        return Err(violation("the home's grant does not name it as the source"));
+                    }
+                }
+                if pending.copy.is_some() {
+                    return Err(violation("page data for the request arrived already"));
+                }
+                pending.copy = Some((from, data));
+                pending.remote = true;
                 self.try_complete(page, now, memory, out)
             }
             DsmMessage::Grant {
                 page,
                 id,
                 access,
-                acks,
+                sharers,
                 data,
             } => {
-                let me = self.me;
+                let (me, home) = (self.me, self.home(page)?);
                 let pending = self.pending_for(page, id, "grant")?;
+                let violation = |reason| NodeError::Violation {
+                    what: "grant",
+                    page,
+                    id,
+                    from,
+                    reason,
+                };
+                if from != home {
+                    return Err(violation("only the page's home grants"));
+                }
                 if pending.grant.is_some() {
                     return Err(NodeError::BadGrant {
                         page,
@@ -444,7 +556,20 @@ impl NodePages {
                         reason: "it grants another access than requested",
                     });
                 }
-                pending.grant = Some(ReceivedGrant { acks, data });
+                // What came before the grant is checked against it now, as if it came after.
+                if !pending.acked.is_subset(sharers) {
+                    return Err(violation(
+                        "a node it does not name as a sharer acknowledged before it",
+                    ));
+                }
+                if let Some((sender, _)) = &pending.copy {
+                    if data != GrantData::Source(*sender) {
+                        return Err(violation(
+                            "a node it does not name as the source sent page data before it",
+                        ));
+                    }
+                }
+                pending.grant = Some(ReceivedGrant { sharers, data });
                 pending.remote |= from != me;
                 self.try_complete(page, now, memory, out)
             }
@@ -497,10 +622,7 @@ impl NodePages {
             return Ok(LocalOutcome::Joined);
         }
         let home = self.home(page)?;
-        let id = RequestId {
-            node: self.me,
-            seq: self.next_seq,
-        };
+        let id = self.ids.id(self.me, self.next_seq);
         self.next_seq += self.stride;
         self.pending.insert(
             page,
@@ -508,7 +630,8 @@ impl NodePages {
                 id,
                 access,
                 grant: None,
-                acks_received: 0,
+                copy: None,
+                acked: NodeSet::EMPTY,
                 started: now,
                 then_write: false,
                 remote: home != self.me,
@@ -533,15 +656,21 @@ impl NodePages {
         }
     }
 
-    fn blocked_by_pins(entry: PageEntry, deferred: &Deferred) -> bool {
+    /// Whether a pin for `access` must wait for the fetch or invalidation `deferred`.
+    fn pin_holds_up(access: Access, deferred: &Deferred) -> bool {
         match deferred {
             // A downgrade keeps the page readable: only a write pin stops it.
             Deferred::Fetch {
                 access: Access::Read,
                 ..
-            } => entry.write_pins > 0,
-            _ => entry.read_pins > 0 || entry.write_pins > 0,
+            } => access == Access::Write,
+            _ => true,
         }
+    }
+
+    fn blocked_by_pins(entry: PageEntry, deferred: &Deferred) -> bool {
+        (entry.read_pins > 0 && Self::pin_holds_up(Access::Read, deferred))
+            || (entry.write_pins > 0 && Self::pin_holds_up(Access::Write, deferred))
     }
 
     fn defer_if_pinned(
@@ -574,10 +703,11 @@ impl NodePages {
         index: usize,
         id: RequestId,
         access: Access,
-        acks: u32,
+        sharers: NodeSet,
         memory: &dyn GuestPages,
         out: &mut Vec<Outgoing>,
     ) -> Result<(), NodeError> {
+        let home = self.home(page)?;
         let entry = &mut self.entries[index];
         if entry.state == PageState::Invalid {
             return Err(NodeError::Inconsistent {
@@ -598,16 +728,24 @@ impl NodePages {
             self.stats.record_invalidation();
         }
         self.stats.record_served_as_source();
-        out.push(Outgoing {
-            to: id.node,
-            msg: DsmMessage::Grant {
+        // The home grants with its bytes; any other source only sends them, as the home's
+        // grant tells the requester to expect.
+        let msg = if home == self.me {
+            DsmMessage::Grant {
                 page,
                 id,
                 access,
-                acks,
+                sharers,
                 data: GrantData::Bytes(bytes),
-            },
-        });
+            }
+        } else {
+            DsmMessage::PageData {
+                page,
+                id,
+                data: bytes,
+            }
+        };
+        out.push(Outgoing { to: id.node, msg });
         Ok(())
     }
 
@@ -638,7 +776,8 @@ impl NodePages {
         Ok(())
     }
 
-    /// Installs the page once the grant and every announced acknowledgement are in.
+    /// Installs the page once the grant, its data and an acknowledgement of every sharer it
+    /// names are in.
     fn try_complete(
         &mut self,
         page: u64,
@@ -652,18 +791,14 @@ impl NodePages {
         let Some(grant) = &pending.grant else {
             return Ok(None);
         };
-        if pending.acks_received < grant.acks {
+        // Every early acknowledgement and copy was checked against the grant, so equal sets
+        // mean each sharer acknowledged exactly once.
+        let data_in = !matches!(grant.data, GrantData::Source(_)) || pending.copy.is_some();
+        if pending.acked != grant.sharers || !data_in {
             return Ok(None);
         }
         let index = self.index_checked(page)?;
         let state = self.entries[index].state;
-        if pending.acks_received > grant.acks {
-            return Err(NodeError::Inconsistent {
-                page,
-                state,
-                what: "more invalidation acknowledgements arrived than the grant announced",
-            });
-        }
         let expected = match (&grant.data, pending.access) {
             (GrantData::Keep, _) => PageState::Shared,
             _ => PageState::Invalid,
@@ -691,6 +826,7 @@ impl NodePages {
         let Some(grant) = done.grant else {
             return Ok(None);
         };
+        let copy = done.copy.map(|(_, bytes)| bytes);
         let (kind, new_state) = match (&grant.data, done.access) {
             (GrantData::Keep, _) => (RequestKind::Upgrade, PageState::Modified),
             (_, Access::Write) => (RequestKind::Write, PageState::Modified),
@@ -703,16 +839,22 @@ impl NodePages {
             done.remote,
             now.saturating_duration_since(done.started),
         );
-        match &grant.data {
-            GrantData::Keep => memory.make_writable(page)?,
-            GrantData::Bytes(bytes) => memory.install(
-                page,
-                PageContent::Bytes(bytes),
-                new_state == PageState::Modified,
-            )?,
-            GrantData::Zero => {
+        let writable = new_state == PageState::Modified;
+        match (&grant.data, &copy) {
+            (GrantData::Keep, _) => memory.make_writable(page)?,
+            (GrantData::Bytes(bytes), _) | (GrantData::Source(_), Some(bytes)) => {
+                memory.install(page, PageContent::Bytes(bytes), writable)?
+            }
+            (GrantData::Source(_), None) => {
+                return Err(NodeError::Inconsistent {
+                    page,
+                    state,
+                    what: "a grant completed without the page data it names",
+                })
+            }
+            (GrantData::Zero, _) => {
                 self.stats.record_zero_page();
-                memory.install(page, PageContent::Zero, new_state == PageState::Modified)?
+                memory.install(page, PageContent::Zero, writable)?
             }
         }
         self.entries[index].state = new_state;
@@ -745,9 +887,13 @@ mod tests {
     }
 
     fn fixture() -> Fixture {
+        fixture_of(3)
+    }
+
+    fn fixture_of(nodes: usize) -> Fixture {
         let stats = Arc::new(NodeStats::new(8, 0));
         Fixture {
-            node: NodePages::new(ME, 3, 8, Arc::new(|_| HOME), stats),
+            node: NodePages::new(ME, nodes, 8, Arc::new(|_| HOME), stats),
             memory: HeapPages::new(8),
             out: Vec::new(),
         }
@@ -793,19 +939,35 @@ mod tests {
             self.fault(page, Access::Write);
             let id = self.requested(page, Access::Write);
             let data = GrantData::Bytes(Box::new([fill; crate::PAGE_SIZE]));
-            self.deliver(HOME, grant(page, id, Access::Write, 0, data))
+            self.deliver(HOME, grant(page, id, Access::Write, &[], data))
                 .unwrap();
             self.sent();
         }
     }
 
-    fn grant(page: u64, id: RequestId, access: Access, acks: u32, data: GrantData) -> DsmMessage {
+    fn grant(
+        page: u64,
+        id: RequestId,
+        access: Access,
+        sharers: &[NodeId],
+        data: GrantData,
+    ) -> DsmMessage {
+        let mut set = NodeSet::EMPTY;
+        sharers.iter().for_each(|&n| set.insert(n));
         DsmMessage::Grant {
             page,
             id,
             access,
-            acks,
+            sharers: set,
             data,
+        }
+    }
+
+    fn page_data(page: u64, id: RequestId, fill: u8) -> DsmMessage {
+        DsmMessage::PageData {
+            page,
+            id,
+            data: Box::new([fill; crate::PAGE_SIZE]),
         }
     }
 
@@ -819,7 +981,7 @@ mod tests {
         assert_eq!(f.fault(3, Access::Read), LocalOutcome::Requested);
         let id = f.requested(3, Access::Read);
         let done = f
-            .deliver(HOME, grant(3, id, Access::Read, 0, GrantData::Zero))
+            .deliver(HOME, grant(3, id, Access::Read, &[], GrantData::Zero))
             .unwrap();
         assert_eq!(
             done,
@@ -850,7 +1012,7 @@ mod tests {
         let read = f.requested(4, Access::Read);
         assert_eq!(f.fault(4, Access::Write), LocalOutcome::Joined);
         assert!(f.sent().is_empty(), "one request per page in flight");
-        f.deliver(HOME, grant(4, read, Access::Read, 0, GrantData::Zero))
+        f.deliver(HOME, grant(4, read, Access::Read, &[], GrantData::Zero))
             .unwrap();
         let sent = f.sent();
         assert_eq!(sent.len(), 2);
@@ -864,7 +1026,7 @@ mod tests {
             panic!("expected the write request after the confirm, got {sent:?}");
         };
         // The upgrade keeps the copy.
-        f.deliver(HOME, grant(4, write, Access::Write, 0, GrantData::Keep))
+        f.deliver(HOME, grant(4, write, Access::Write, &[], GrantData::Keep))
             .unwrap();
         assert_eq!(f.node.state(4), PageState::Modified);
         assert_eq!(f.memory.mapping(4), Mapping::Writable);
@@ -885,7 +1047,7 @@ mod tests {
         );
         assert_eq!(f.node.state(1), PageState::Invalid);
         let done = f
-            .deliver(HOME, grant(1, id, Access::Write, 2, GrantData::Zero))
+            .deliver(HOME, grant(1, id, Access::Write, &[0, 2], GrantData::Zero))
             .unwrap();
         assert_eq!(done.map(|c| c.state), Some(PageState::Modified));
     }
@@ -896,7 +1058,7 @@ mod tests {
         f.fault(1, Access::Write);
         let id = f.requested(1, Access::Write);
         assert_eq!(
-            f.deliver(HOME, grant(1, id, Access::Write, 1, GrantData::Zero)),
+            f.deliver(HOME, grant(1, id, Access::Write, &[2], GrantData::Zero)),
             Ok(None)
         );
         assert_eq!(f.memory.mapping(1), Mapping::NotPresent);
@@ -912,9 +1074,12 @@ mod tests {
         let mut f = fixture();
         f.fault(5, Access::Read);
         let read = f.requested(5, Access::Read);
-        let bytes = GrantData::Bytes(Box::new([1; crate::PAGE_SIZE]));
-        f.deliver(2, grant(5, read, Access::Read, 0, bytes))
-            .unwrap();
+        f.deliver(
+            HOME,
+            grant(5, read, Access::Read, &[], GrantData::Source(2)),
+        )
+        .unwrap();
+        f.deliver(2, page_data(5, read, 1)).unwrap();
         f.sent();
         // Upgrade asked; meanwhile the home serves node 2's write first and invalidates us.
         f.fault(5, Access::Write);
@@ -940,7 +1105,7 @@ mod tests {
         assert_eq!(f.memory.mapping(5), Mapping::NotPresent);
         // The home now knows we hold nothing and sends the data with the grant.
         let newer = GrantData::Bytes(Box::new([2; crate::PAGE_SIZE]));
-        f.deliver(2, grant(5, write, Access::Write, 0, newer))
+        f.deliver(HOME, grant(5, write, Access::Write, &[], newer))
             .unwrap();
         assert_eq!(f.memory.mapping(5), Mapping::Writable);
         assert_eq!(f.memory.load(5, 0), Some(u64::from_le_bytes([2; 8])));
@@ -952,7 +1117,7 @@ mod tests {
         f.fault(5, Access::Write);
         let id = f.requested(5, Access::Write);
         let err = f
-            .deliver(HOME, grant(5, id, Access::Write, 0, GrantData::Keep))
+            .deliver(HOME, grant(5, id, Access::Write, &[], GrantData::Keep))
             .unwrap_err();
         assert!(err.is_fatal(), "{err}");
     }
@@ -968,21 +1133,14 @@ mod tests {
                 page: 6,
                 id: other(1),
                 access: Access::Write,
-                acks: 1,
+                sharers: NodeSet::EMPTY,
             },
         )
         .unwrap();
         let sent = f.sent();
-        let [(
-            2,
-            DsmMessage::Grant {
-                data: GrantData::Bytes(bytes),
-                acks: 1,
-                ..
-            },
-        )] = sent.as_slice()
-        else {
-            panic!("expected the data grant to the requester, got {sent:?}");
+        // Not the home: it sends the bytes only; the home's grant names it as their source.
+        let [(2, DsmMessage::PageData { data: bytes, .. })] = sent.as_slice() else {
+            panic!("expected the page data to the requester, got {sent:?}");
         };
         assert_eq!(bytes[8], 99);
         assert_eq!(bytes[0], 7);
@@ -1004,7 +1162,7 @@ mod tests {
                 page: 2,
                 id: other(1),
                 access: Access::Read,
-                acks: 0,
+                sharers: NodeSet::EMPTY,
             },
         )
         .unwrap();
@@ -1016,7 +1174,7 @@ mod tests {
             .unwrap();
         let sent = f.sent();
         assert!(
-            matches!(sent.as_slice(), [(2, DsmMessage::Grant { .. })]),
+            matches!(sent.as_slice(), [(2, DsmMessage::PageData { .. })]),
             "{sent:?}"
         );
         assert_eq!(f.node.state(2), PageState::Shared);
@@ -1030,7 +1188,7 @@ mod tests {
                 page: 2,
                 id: other(2),
                 access: Access::Read,
-                acks: 0,
+                sharers: NodeSet::EMPTY,
             },
         )
         .unwrap();
@@ -1066,6 +1224,87 @@ mod tests {
     }
 
     #[test]
+    fn overlapping_read_pins_do_not_starve_an_invalidation() {
+        // Two users of a Shared page pin it in turn, each before the other unpins: without the
+        // rule some pin is always held and the invalidation never runs.
+        let mut f = fixture();
+        f.fault(2, Access::Read);
+        let id = f.requested(2, Access::Read);
+        f.deliver(HOME, grant(2, id, Access::Read, &[], GrantData::Zero))
+            .unwrap();
+        f.sent();
+        let pin = |f: &mut Fixture| f.node.try_pin(2, Access::Read, Instant::now(), &mut f.out);
+        assert_eq!(pin(&mut f), Ok(PinOutcome::Pinned));
+        f.deliver(
+            HOME,
+            DsmMessage::Invalidate {
+                page: 2,
+                id: other(4),
+            },
+        )
+        .unwrap();
+        assert!(f.node.has_deferred(2));
+        let mut held = 1;
+        let mut cycles = 0;
+        while f.node.has_deferred(2) {
+            cycles += 1;
+            assert!(cycles <= 1, "the invalidation starves behind new pins");
+            // The next user arrives while a pin is still held...
+            match pin(&mut f).unwrap() {
+                PinOutcome::Pinned => held += 1,
+                outcome => assert_eq!(outcome, PinOutcome::Revoking),
+            }
+            // ...and then the oldest pin ends.
+            f.node
+                .unpin(2, Access::Read, &f.memory, &mut f.out)
+                .unwrap();
+            held -= 1;
+        }
+        assert_eq!(held, 0);
+        assert_eq!(
+            f.sent(),
+            vec![(
+                2,
+                DsmMessage::InvalidateAck {
+                    page: 2,
+                    id: other(4)
+                }
+            )]
+        );
+        assert_eq!(f.node.state(2), PageState::Invalid);
+        // The user that gave way asks for the page again.
+        assert_eq!(pin(&mut f), Ok(PinOutcome::Waiting));
+        assert_eq!(f.requested(2, Access::Read).node, ME);
+    }
+
+    #[test]
+    fn a_waiting_downgrade_refuses_write_pins_but_not_read_pins() {
+        let mut f = fixture();
+        f.make_modified(3, 1);
+        let pin = |f: &mut Fixture, access| f.node.try_pin(3, access, Instant::now(), &mut f.out);
+        assert_eq!(pin(&mut f, Access::Write), Ok(PinOutcome::Pinned));
+        f.deliver(
+            HOME,
+            DsmMessage::Fetch {
+                page: 3,
+                id: other(5),
+                access: Access::Read,
+                sharers: NodeSet::EMPTY,
+            },
+        )
+        .unwrap();
+        assert_eq!(pin(&mut f, Access::Write), Ok(PinOutcome::Revoking));
+        // A read pin survives the downgrade, so it need not wait for it.
+        assert_eq!(pin(&mut f, Access::Read), Ok(PinOutcome::Pinned));
+        f.node
+            .unpin(3, Access::Write, &f.memory, &mut f.out)
+            .unwrap();
+        assert!(!f.node.has_deferred(3));
+        assert_eq!(f.node.state(3), PageState::Shared);
+        assert_eq!(f.node.pins(3), (1, 0));
+    }
+
+    #[test]
     fn pin_of_an_invalid_page_requests_it() {
         let mut f = fixture();
         assert_eq!(
@@ -1074,7 +1313,7 @@ mod tests {
         );
         let id = f.requested(7, Access::Read);
         assert!(f.node.has_pending(7));
-        f.deliver(HOME, grant(7, id, Access::Read, 0, GrantData::Zero))
+        f.deliver(HOME, grant(7, id, Access::Read, &[], GrantData::Zero))
             .unwrap();
         assert!(!f.node.has_pending(7));
         assert_eq!(
@@ -1083,12 +1322,212 @@ mod tests {
         );
     }
 
+    fn is_violation(result: Result<Option<Completion>, NodeError>) -> bool {
+        match result {
+            Err(e @ NodeError::Violation { .. }) => e.is_fatal(),
+            _ => false,
+        }
+    }
+
+    /// Nothing installed, nothing confirmed, the request still open.
+    fn assert_not_completed(f: &mut Fixture, page: u64) {
+        assert_eq!(f.node.state(page), PageState::Invalid);
+        assert_eq!(f.memory.mapping(page), Mapping::NotPresent);
+        assert!(f.node.has_pending(page));
+        assert!(f.sent().is_empty(), "nothing may be confirmed");
+    }
+
+    #[test]
+    fn a_duplicate_acknowledgement_is_refused_and_does_not_complete() {
+        // The attack: sharers {0, 2}; node 2 acknowledges twice while node 0 still holds Shared.
+        let mut f = fixture();
+        f.fault(1, Access::Write);
+        let id = f.requested(1, Access::Write);
+        f.deliver(HOME, grant(1, id, Access::Write, &[0, 2], GrantData::Zero))
+            .unwrap();
+        assert_eq!(
+            f.deliver(2, DsmMessage::InvalidateAck { page: 1, id }),
+            Ok(None)
+        );
+        assert!(is_violation(
+            f.deliver(2, DsmMessage::InvalidateAck { page: 1, id })
+        ));
+        assert_not_completed(&mut f, 1);
+        // The same before the grant: the second one is refused at once.
+        let mut f = fixture();
+        f.fault(1, Access::Write);
+        let id = f.requested(1, Access::Write);
+        f.deliver(2, DsmMessage::InvalidateAck { page: 1, id })
+            .unwrap();
+        assert!(is_violation(
+            f.deliver(2, DsmMessage::InvalidateAck { page: 1, id })
+        ));
+        assert_eq!(
+            f.deliver(HOME, grant(1, id, Access::Write, &[0, 2], GrantData::Zero)),
+            Ok(None),
+            "one acknowledgement counted, one missing"
+        );
+        assert_not_completed(&mut f, 1);
+    }
+
+    #[test]
+    fn an_acknowledgement_from_a_node_that_is_not_a_sharer_is_refused() {
+        let mut f = fixture_of(4);
+        f.fault(2, Access::Write);
+        let id = f.requested(2, Access::Write);
+        f.deliver(HOME, grant(2, id, Access::Write, &[2], GrantData::Zero))
+            .unwrap();
+        assert!(is_violation(
+            f.deliver(3, DsmMessage::InvalidateAck { page: 2, id })
+        ));
+        assert!(
+            is_violation(f.deliver(ME, DsmMessage::InvalidateAck { page: 2, id })),
+            "the requester never acknowledges itself"
+        );
+        assert!(
+            is_violation(f.deliver(64, DsmMessage::InvalidateAck { page: 2, id })),
+            "a node outside the cluster"
+        );
+        assert_not_completed(&mut f, 2);
+        // Before the grant it is kept, and refused when the grant does not name its sender.
+        let mut f = fixture_of(4);
+        f.fault(2, Access::Write);
+        let id = f.requested(2, Access::Write);
+        assert_eq!(
+            f.deliver(3, DsmMessage::InvalidateAck { page: 2, id }),
+            Ok(None)
+        );
+        assert_eq!(
+            f.deliver(2, DsmMessage::InvalidateAck { page: 2, id }),
+            Ok(None)
+        );
+        assert!(is_violation(f.deliver(
+            HOME,
+            grant(2, id, Access::Write, &[2], GrantData::Zero)
+        )));
+        assert_not_completed(&mut f, 2);
+    }
+
+    #[test]
+    fn a_grant_or_page_data_from_a_node_the_home_did_not_name_is_refused() {
+        let mut f = fixture_of(4);
+        f.fault(3, Access::Read);
+        let id = f.requested(3, Access::Read);
+        // Only the home grants.
+        assert!(is_violation(
+            f.deliver(2, grant(3, id, Access::Read, &[], GrantData::Zero))
+        ));
+        assert!(is_violation(f.deliver(
+            2,
+            grant(
+                3,
+                id,
+                Access::Read,
+                &[],
+                GrantData::Bytes(Box::new([9; crate::PAGE_SIZE]))
+            )
+        )));
+        assert_not_completed(&mut f, 3);
+        // The home names node 2 as the source: data from node 3 (or the home) is refused.
+        f.deliver(HOME, grant(3, id, Access::Read, &[], GrantData::Source(2)))
+            .unwrap();
+        assert!(is_violation(f.deliver(3, page_data(3, id, 9))));
+        assert!(is_violation(f.deliver(HOME, page_data(3, id, 9))));
+        assert_not_completed(&mut f, 3);
+        // The named source completes it, once; a second copy is refused.
+        let done = f.deliver(2, page_data(3, id, 5)).unwrap();
+        assert_eq!(done.map(|c| c.state), Some(PageState::Shared));
+        assert_eq!(f.memory.load(3, 0), Some(u64::from_le_bytes([5; 8])));
+        assert!(matches!(
+            f.deliver(2, page_data(3, id, 5)),
+            Err(NodeError::UnknownRequest { .. })
+        ));
+        // Data before the grant from a node the grant then does not name: refused with it.
+        let mut f = fixture_of(4);
+        f.fault(4, Access::Write);
+        let id = f.requested(4, Access::Write);
+        assert_eq!(f.deliver(3, page_data(4, id, 9)), Ok(None));
+        assert!(
+            is_violation(f.deliver(2, page_data(4, id, 5))),
+            "two senders"
+        );
+        assert!(is_violation(f.deliver(
+            HOME,
+            grant(4, id, Access::Write, &[], GrantData::Source(2))
+        )));
+        assert_not_completed(&mut f, 4);
+        // Data for a grant that names no source at all.
+        let mut f = fixture_of(4);
+        f.fault(4, Access::Write);
+        let id = f.requested(4, Access::Write);
+        f.deliver(HOME, grant(4, id, Access::Write, &[3], GrantData::Zero))
+            .unwrap();
+        assert!(is_violation(f.deliver(3, page_data(4, id, 9))));
+        assert_not_completed(&mut f, 4);
+    }
+
+    #[test]
+    fn multi_sharer_invalidation_completes_in_any_order() {
+        // 6 nodes: home 0, requester 1, source 3, sharers 0, 2, 4 and 5.
+        let orders: [&[usize]; 4] = [
+            &[0, 1, 2, 3, 4, 5], // grant first
+            &[1, 2, 3, 4, 5, 0], // grant last: everything else was kept for it
+            &[2, 1, 0, 5, 3, 4],
+            &[5, 4, 3, 0, 2, 1],
+        ];
+        for order in orders {
+            let mut f = fixture_of(6);
+            f.fault(6, Access::Write);
+            let id = f.requested(6, Access::Write);
+            let ack = DsmMessage::InvalidateAck { page: 6, id };
+            let parts = [
+                (
+                    HOME,
+                    grant(6, id, Access::Write, &[0, 2, 4, 5], GrantData::Source(3)),
+                ),
+                (3, page_data(6, id, 7)),
+                (2, ack.clone()),
+                (HOME, ack.clone()),
+                (4, ack.clone()),
+                (5, ack.clone()),
+            ];
+            let mut done = None;
+            for (n, &i) in order.iter().enumerate() {
+                let (from, msg) = parts[i].clone();
+                let result = f.deliver(from, msg).unwrap();
+                if n + 1 < order.len() {
+                    assert_eq!(result, None, "{order:?}: completed at step {n}");
+                }
+                done = result;
+            }
+            assert_eq!(
+                done.map(|c| c.state),
+                Some(PageState::Modified),
+                "{order:?}"
+            );
+            assert_eq!(f.memory.mapping(6), Mapping::Writable);
+            assert_eq!(f.memory.load(6, 0), Some(u64::from_le_bytes([7; 8])));
+            assert_eq!(f.sent(), vec![(HOME, DsmMessage::Confirm { page: 6, id })]);
+        }
+    }
+
+    #[test]
+    fn request_ids_do_not_follow_a_counter() {
+        let mut f = fixture();
+        let mut seqs = Vec::new();
+        for page in 0..4 {
+            f.fault(page, Access::Read);
+            seqs.push(f.requested(page, Access::Read).seq);
+        }
+        assert!(seqs.windows(2).all(|w| w[0].abs_diff(w[1]) > 1), "{seqs:?}");
+    }
+
     #[test]
     fn stray_replies_are_refused_without_harm() {
         let mut f = fixture();
         let stray = RequestId { node: ME, seq: 77 };
         let err = f
-            .deliver(2, grant(0, stray, Access::Read, 0, GrantData::Zero))
+            .deliver(2, grant(0, stray, Access::Read, &[], GrantData::Zero))
             .unwrap_err();
         assert!(!err.is_fatal());
         assert!(!f
@@ -1098,7 +1537,7 @@ mod tests {
         f.fault(0, Access::Read);
         let id = f.requested(0, Access::Read);
         assert!(!f
-            .deliver(2, grant(0, id, Access::Write, 0, GrantData::Zero))
+            .deliver(HOME, grant(0, id, Access::Write, &[], GrantData::Zero))
             .unwrap_err()
             .is_fatal());
         // Asked to drop or send a copy it does not have: the state is not to be trusted.

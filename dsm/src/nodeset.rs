@@ -19,6 +19,22 @@ impl NodeSet {
         set
     }
 
+    /// The set whose members are the set bits of `bits` (the wire form; callers check the ids
+    /// against the cluster).
+    pub fn from_bits(bits: u64) -> NodeSet {
+        NodeSet(bits)
+    }
+
+    /// The wire form: bit `n` set for each member `n`.
+    pub fn bits(self) -> u64 {
+        self.0
+    }
+
+    /// Whether every member of `self` is in `other`.
+    pub fn is_subset(self, other: NodeSet) -> bool {
+        self.0 & !other.0 == 0
+    }
+
     /// Adds `node`. Ids are validated against the layout before they reach a set.
     pub fn insert(&mut self, node: NodeId) {
         debug_assert!(node < MAX_NODES, "node id {node} beyond the copyset");
@@ -93,5 +109,8 @@ mod tests {
         assert_eq!(set.iter().collect::<Vec<_>>(), vec![0, 3, 63]);
         assert_eq!(set.without(0).first(), Some(3));
         assert_eq!(NodeSet::only(5).iter().collect::<Vec<_>>(), vec![5]);
+        assert_eq!(NodeSet::from_bits(set.bits()), set);
+        assert!(NodeSet::only(3).is_subset(set) && !NodeSet::only(4).is_subset(set));
+        assert!(NodeSet::EMPTY.is_subset(NodeSet::EMPTY));
     }
 }

@@ -1,21 +1,26 @@
 //! The DSM messages and their wire frames.
 //!
-//! A frame is `(kind: u16, flags: u16, id: u64, arg: u64, payload)`; the payload is either empty
-//! or exactly one page. `arg` is the guest-physical address of the page (page-aligned), `id` the
-//! request the message belongs to: the requester's node id in the top 8 bits and its sequence
-//! number in the low 56. Decoding checks every field against the layout ([`WireLimits`]) and
-//! rejects anything else with a [`ProtocolError`]; nothing a peer sends can make it panic.
+//! A frame is `(kind: u16, flags: u16, id: u64, arg: u64, payload)`. `arg` is the guest-physical
+//! address of the page (page-aligned), `id` the request the message belongs to: the requester's
+//! node id in the top 8 bits and its sequence number in the low 56. The payload is the page's
+//! bytes (a data grant, page data), then, when the flags say so, an 8-byte set of the sharers
+//! that will acknowledge an invalidation (a write's fetch or grant); nothing else. Decoding checks
+//! every field against the layout ([`WireLimits`]) and rejects anything else with a
+//! [`ProtocolError`]; nothing a peer sends can make it panic.
 //!
-//! Which connection a message should travel on is [`DsmMessage::is_bulk`]: only a grant that
-//! carries page bytes is bulk; everything else is small and latency-critical. The protocol's
+//! Which connection a message should travel on is [`DsmMessage::is_bulk`]: only messages that
+//! carry page bytes are bulk; everything else is small and latency-critical. The protocol's
 //! correctness does not depend on ordering between the two classes (the requester collects the
 //! parts of a reply in any order; see `README.md`).
 
+use std::borrow::Cow;
+use std::collections::hash_map::RandomState;
 use std::fmt;
+use std::hash::{BuildHasher, Hasher};
 
 use thiserror::Error;
 
-use crate::{NodeId, PAGE_SHIFT, PAGE_SIZE};
+use crate::{NodeId, NodeSet, PAGE_SHIFT, PAGE_SIZE};
 
 /// The frame kind of [`DsmMessage::Request`].
 pub const KIND_REQUEST: u16 = 1;
@@ -29,6 +34,8 @@ pub const KIND_INVALIDATE_ACK: u16 = 4;
 pub const KIND_GRANT: u16 = 5;
 /// The frame kind of [`DsmMessage::Confirm`].
 pub const KIND_CONFIRM: u16 = 6;
+/// The frame kind of [`DsmMessage::PageData`].
+pub const KIND_PAGE_DATA: u16 = 7;
 
 const FLAG_WRITE: u16 = 1 << 0;
 const DATA_SHIFT: u16 = 1;
@@ -36,8 +43,13 @@ const DATA_MASK: u16 = 0b11 << DATA_SHIFT;
 const DATA_ZERO: u16 = 0;
 const DATA_KEEP: u16 = 1;
 const DATA_BYTES: u16 = 2;
-const ACKS_SHIFT: u16 = 8;
-const ACKS_MASK: u16 = 0xff << ACKS_SHIFT;
+const DATA_SOURCE: u16 = 3;
+/// The payload ends with the sharer set (little-endian `u64`, bit `n` for node `n`). Absent
+/// means the set is empty, so that every message has exactly one frame.
+const FLAG_SHARERS: u16 = 1 << 3;
+const SOURCE_SHIFT: u16 = 8;
+const SOURCE_MASK: u16 = 0xff << SOURCE_SHIFT;
+const SHARERS_LEN: usize = 8;
 
 /// The access a request asks for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -92,6 +104,64 @@ impl fmt::Display for RequestId {
     }
 }
 
+/// Makes a node's request ids: a keyed permutation of a counter, so that ids never repeat within
+/// a run yet a peer cannot predict them from the ids it has seen.
+///
+/// Replies are matched to a request by its id, so a peer that could guess the id of a request it
+/// takes no part in could answer it in the requester's place before the real answer arrives. The
+/// permutation is a four-round Feistel network over the 56 sequence bits whose round function is
+/// the standard library's keyed hasher (SipHash with keys drawn from the operating system's
+/// randomness, fresh in every process): without the keys, seeing ids does not tell the next one.
+#[derive(Clone)]
+pub struct RequestIds {
+    keys: RandomState,
+}
+
+impl RequestIds {
+    const HALF_BITS: u32 = RequestId::SEQ_BITS / 2;
+    const HALF_MASK: u64 = (1 << Self::HALF_BITS) - 1;
+    const ROUNDS: u64 = 4;
+
+    /// Ids under fresh random keys.
+    pub fn new() -> RequestIds {
+        RequestIds {
+            keys: RandomState::new(),
+        }
+    }
+
+    /// The id of request number `counter` (below 2^56) of `node`; distinct counters give
+    /// distinct ids.
+    pub fn id(&self, node: NodeId, counter: u64) -> RequestId {
+        let counter = counter & RequestId::SEQ_MASK;
+        let mut left = counter >> Self::HALF_BITS;
+        let mut right = counter & Self::HALF_MASK;
+        for round in 0..Self::ROUNDS {
+            let mut hasher = self.keys.build_hasher();
+            hasher.write_u64((round << Self::HALF_BITS) | right);
+            let mixed = left ^ (hasher.finish() & Self::HALF_MASK);
+            left = right;
+            right = mixed;
+        }
+        RequestId {
+            node,
+            seq: (left << Self::HALF_BITS) | right,
+        }
+    }
+}
+
+impl Default for RequestIds {
+    fn default() -> RequestIds {
+        RequestIds::new()
+    }
+}
+
+impl fmt::Debug for RequestIds {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The keys are the secret: never in a log.
+        f.write_str("RequestIds(..)")
+    }
+}
+
 /// One page of guest memory, boxed so that it moves without copying.
 pub type PageBuf = Box<[u8; PAGE_SIZE]>;
 
@@ -107,8 +177,11 @@ pub enum GrantData {
     Zero,
     /// The requester's own copy is valid (an upgrade Shared -> Modified): keep it.
     Keep,
-    /// The page's current content.
+    /// The page's current content (the home holds a copy and sends it with the grant).
     Bytes(PageBuf),
+    /// The page's content comes from this node (never the home nor the requester) in a
+    /// [`DsmMessage::PageData`]; page data from any other node is refused.
+    Source(NodeId),
 }
 
 impl fmt::Debug for GrantData {
@@ -117,6 +190,7 @@ impl fmt::Debug for GrantData {
             GrantData::Zero => f.write_str("Zero"),
             GrantData::Keep => f.write_str("Keep"),
             GrantData::Bytes(_) => f.write_str("Bytes(4096)"),
+            GrantData::Source(node) => write!(f, "Source({node})"),
         }
     }
 }
@@ -134,8 +208,9 @@ pub enum DsmMessage {
         access: Access,
     },
     /// Home -> the node whose copy will be the data source: "send your copy to `id.node`".
-    /// For a read, downgrade Modified to Shared first; for a write, also drop the copy and tell
-    /// the requester to expect `acks` invalidation acknowledgements besides this grant.
+    /// For a read, downgrade Modified to Shared first; for a write, also drop the copy. A source
+    /// other than the home sends [`DsmMessage::PageData`] (the home grants separately); the home
+    /// as its own source sends the grant with the bytes, naming `sharers`.
     Fetch {
         /// The page number.
         page: u64,
@@ -143,8 +218,8 @@ pub enum DsmMessage {
         id: RequestId,
         /// The access being granted.
         access: Access,
-        /// Acknowledgements the requester must collect besides the grant.
-        acks: u32,
+        /// For the home's own fetch: the sharers its grant names. Empty for any other source.
+        sharers: NodeSet,
     },
     /// Home -> a sharer: "drop your copy and acknowledge to `id.node`".
     Invalidate {
@@ -160,8 +235,9 @@ pub enum DsmMessage {
         /// The request being served.
         id: RequestId,
     },
-    /// Home or data source -> requester: the access is granted once `acks` acknowledgements
-    /// have also arrived.
+    /// Home -> requester, and only the home: the access is granted once every node of `sharers`
+    /// has acknowledged and, for [`GrantData::Source`], the page data has arrived from that node.
+    /// It is the requester's only word on who may answer the request.
     Grant {
         /// The page number.
         page: u64,
@@ -169,10 +245,20 @@ pub enum DsmMessage {
         id: RequestId,
         /// The access granted (always the one requested).
         access: Access,
-        /// Invalidation acknowledgements to collect before installing.
-        acks: u32,
-        /// What to install.
+        /// The nodes that will acknowledge an invalidation, each exactly once (never the
+        /// requester, never the data source; empty for a read).
+        sharers: NodeSet,
+        /// What to install, or who sends it.
         data: GrantData,
+    },
+    /// Data source (not the home) -> requester: the page's content, as the home's grant names.
+    PageData {
+        /// The page number.
+        page: u64,
+        /// The request being served.
+        id: RequestId,
+        /// The page's content.
+        data: PageBuf,
     },
     /// Requester -> home: "installed"; the home may serve the next request for the page.
     Confirm {
@@ -245,7 +331,7 @@ pub enum ProtocolError {
         /// The flags received.
         flags: u16,
     },
-    /// The payload is neither empty nor one page as the kind requires.
+    /// The payload is not what the kind and flags require (page bytes, sharer set, nothing).
     #[error("DSM frame of kind {kind} has a {len}-byte payload, expected {expected}")]
     BadPayloadLength {
         /// The kind received.
@@ -279,13 +365,18 @@ pub enum ProtocolError {
         /// Nodes in the layout.
         node_count: usize,
     },
-    /// The acknowledgement count exceeds what the cluster can produce.
-    #[error("DSM frame asks for {acks} acknowledgements, but the cluster has {node_count} nodes")]
-    AckCountOutOfRange {
-        /// The count received.
-        acks: u32,
-        /// Nodes in the layout.
-        node_count: usize,
+    /// A node is named in a role the protocol never gives it (the requester as a sharer or as
+    /// its own data source, the data source also as a sharer, the home as a remote source).
+    #[error("DSM frame for page {page:#x}, request {id}, names node {node} as {role}, which it can never be: the sender is broken or hostile")]
+    ImpossibleRole {
+        /// The page.
+        page: u64,
+        /// The request.
+        id: RequestId,
+        /// The node named.
+        node: NodeId,
+        /// The role it was named in.
+        role: &'static str,
     },
     /// A byte frame is shorter than its header.
     #[error(
@@ -335,13 +426,13 @@ pub enum ProtocolError {
 pub struct Frame {
     /// Message kind (`KIND_*`).
     pub kind: u16,
-    /// Kind-specific flags: access, grant data, acknowledgement count.
+    /// Kind-specific flags: access, grant data, data source, whether a sharer set follows.
     pub flags: u16,
     /// The request id in wire form ([`RequestId::to_wire`]).
     pub id: u64,
     /// The guest-physical address of the page.
     pub arg: u64,
-    /// Empty, or one page.
+    /// Empty, one page, an 8-byte sharer set, or one page then a sharer set.
     pub payload: Vec<u8>,
 }
 
@@ -355,7 +446,7 @@ impl Frame {
         out.reserve(Self::HEADER_LEN + self.payload.len());
         out.extend_from_slice(&self.kind.to_le_bytes());
         out.extend_from_slice(&self.flags.to_le_bytes());
-        // Payloads are at most one page, so the length fits.
+        // Payloads are at most a page and a sharer set, so the length fits.
         out.extend_from_slice(&(self.payload.len() as u32).to_le_bytes());
         out.extend_from_slice(&self.id.to_le_bytes());
         out.extend_from_slice(&self.arg.to_le_bytes());
@@ -404,6 +495,7 @@ impl DsmMessage {
             | DsmMessage::Invalidate { page, .. }
             | DsmMessage::InvalidateAck { page, .. }
             | DsmMessage::Grant { page, .. }
+            | DsmMessage::PageData { page, .. }
             | DsmMessage::Confirm { page, .. } => *page,
         }
     }
@@ -416,6 +508,7 @@ impl DsmMessage {
             | DsmMessage::Invalidate { id, .. }
             | DsmMessage::InvalidateAck { id, .. }
             | DsmMessage::Grant { id, .. }
+            | DsmMessage::PageData { id, .. }
             | DsmMessage::Confirm { id, .. } => *id,
         }
     }
@@ -428,6 +521,7 @@ impl DsmMessage {
             DsmMessage::Invalidate { .. } => "invalidate",
             DsmMessage::InvalidateAck { .. } => "invalidate-ack",
             DsmMessage::Grant { .. } => "grant",
+            DsmMessage::PageData { .. } => "page data",
             DsmMessage::Confirm { .. } => "confirm",
         }
     }
@@ -435,13 +529,7 @@ impl DsmMessage {
     /// Whether the message carries page bytes and belongs on the bulk connection; all others are
     /// small and latency-critical (the request connection).
     pub fn is_bulk(&self) -> bool {
-        matches!(
-            self,
-            DsmMessage::Grant {
-                data: GrantData::Bytes(_),
-                ..
-            }
-        )
+        self.page_bytes().is_some()
     }
 
     /// Whether the home's directory handles the message (the others go to the node's pages).
@@ -452,15 +540,41 @@ impl DsmMessage {
         )
     }
 
-    /// The page bytes the message carries (empty for all but a data grant).
-    pub fn payload(&self) -> &[u8] {
+    fn page_bytes(&self) -> Option<&PageBuf> {
         match self {
             DsmMessage::Grant {
                 data: GrantData::Bytes(bytes),
                 ..
-            } => &bytes[..],
-            _ => &[],
+            }
+            | DsmMessage::PageData { data: bytes, .. } => Some(bytes),
+            _ => None,
         }
+    }
+
+    fn sharers(&self) -> NodeSet {
+        match self {
+            DsmMessage::Fetch { sharers, .. } | DsmMessage::Grant { sharers, .. } => *sharers,
+            _ => NodeSet::EMPTY,
+        }
+    }
+
+    /// The frame payload: page bytes, then the sharer set if there is one. Borrowed (no copy of
+    /// the page) unless a set follows the page.
+    pub fn payload(&self) -> Cow<'_, [u8]> {
+        let bytes = self.page_bytes().map_or(&[][..], |b| &b[..]);
+        let sharers = self.sharers();
+        if sharers.is_empty() {
+            return Cow::Borrowed(bytes);
+        }
+        let mut payload = Vec::with_capacity(bytes.len() + SHARERS_LEN);
+        payload.extend_from_slice(bytes);
+        payload.extend_from_slice(&sharers.bits().to_le_bytes());
+        Cow::Owned(payload)
+    }
+
+    /// Page bytes the message carries: a page or nothing (what the statistics count).
+    pub fn page_len(&self) -> usize {
+        self.page_bytes().map_or(0, |_| PAGE_SIZE)
     }
 
     /// The frame kind.
@@ -471,6 +585,7 @@ impl DsmMessage {
             DsmMessage::Invalidate { .. } => KIND_INVALIDATE,
             DsmMessage::InvalidateAck { .. } => KIND_INVALIDATE_ACK,
             DsmMessage::Grant { .. } => KIND_GRANT,
+            DsmMessage::PageData { .. } => KIND_PAGE_DATA,
             DsmMessage::Confirm { .. } => KIND_CONFIRM,
         }
     }
@@ -481,23 +596,39 @@ impl DsmMessage {
             Access::Read => 0,
             Access::Write => FLAG_WRITE,
         };
-        // Ack counts are below MAX_NODES, so they fit the 8-bit field.
-        let acks_bits = |acks: &u32| ((*acks as u16) << ACKS_SHIFT) & ACKS_MASK;
+        let sharers_bit = |sharers: &NodeSet| {
+            if sharers.is_empty() {
+                0
+            } else {
+                FLAG_SHARERS
+            }
+        };
         match self {
             DsmMessage::Request { access, .. } => access_bit(access),
-            DsmMessage::Fetch { access, acks, .. } => access_bit(access) | acks_bits(acks),
+            DsmMessage::Fetch {
+                access, sharers, ..
+            } => access_bit(access) | sharers_bit(sharers),
             DsmMessage::Grant {
-                access, acks, data, ..
+                access,
+                sharers,
+                data,
+                ..
             } => {
-                let data_bits = match data {
-                    GrantData::Zero => DATA_ZERO,
-                    GrantData::Keep => DATA_KEEP,
-                    GrantData::Bytes(_) => DATA_BYTES,
+                let (data_bits, source) = match data {
+                    GrantData::Zero => (DATA_ZERO, 0),
+                    GrantData::Keep => (DATA_KEEP, 0),
+                    GrantData::Bytes(_) => (DATA_BYTES, 0),
+                    // Node ids are below MAX_NODES, so they fit the 8-bit field.
+                    GrantData::Source(node) => (DATA_SOURCE, *node as u16),
                 };
-                access_bit(access) | acks_bits(acks) | (data_bits << DATA_SHIFT)
+                access_bit(access)
+                    | sharers_bit(sharers)
+                    | (data_bits << DATA_SHIFT)
+                    | ((source << SOURCE_SHIFT) & SOURCE_MASK)
             }
             DsmMessage::Invalidate { .. }
             | DsmMessage::InvalidateAck { .. }
+            | DsmMessage::PageData { .. }
             | DsmMessage::Confirm { .. } => 0,
         }
     }
@@ -514,7 +645,7 @@ impl DsmMessage {
             flags: self.flags(),
             id: self.id().to_wire(),
             arg: self.arg(),
-            payload: self.payload().to_vec(),
+            payload: self.payload().into_owned(),
         }
     }
 
@@ -525,14 +656,14 @@ impl DsmMessage {
             flags,
             id,
             arg,
-            payload,
+            mut payload,
         } = frame;
         let bad_flags = || ProtocolError::BadFlags { kind, flags };
         let allowed = match kind {
             KIND_REQUEST => FLAG_WRITE,
-            KIND_FETCH => FLAG_WRITE | ACKS_MASK,
-            KIND_GRANT => FLAG_WRITE | ACKS_MASK | DATA_MASK,
-            KIND_INVALIDATE | KIND_INVALIDATE_ACK | KIND_CONFIRM => 0,
+            KIND_FETCH => FLAG_WRITE | FLAG_SHARERS,
+            KIND_GRANT => FLAG_WRITE | FLAG_SHARERS | DATA_MASK | SOURCE_MASK,
+            KIND_INVALIDATE | KIND_INVALIDATE_ACK | KIND_PAGE_DATA | KIND_CONFIRM => 0,
             _ => return Err(ProtocolError::UnknownKind { kind }),
         };
         if flags & !allowed != 0 {
@@ -545,22 +676,22 @@ impl DsmMessage {
         } else {
             Access::Read
         };
-        let acks = u32::from((flags & ACKS_MASK) >> ACKS_SHIFT);
-        if acks as usize >= limits.node_count.max(1) {
-            return Err(ProtocolError::AckCountOutOfRange {
-                acks,
-                node_count: limits.node_count,
-            });
-        }
-        if access == Access::Read && acks != 0 {
+        let has_sharers = flags & FLAG_SHARERS != 0;
+        // A read invalidates nobody.
+        if has_sharers && access == Access::Read {
             return Err(bad_flags());
         }
         let data_code = (flags & DATA_MASK) >> DATA_SHIFT;
-        let expected_payload = if kind == KIND_GRANT && data_code == DATA_BYTES {
-            PAGE_SIZE
-        } else {
-            0
-        };
+        let source = ((flags & SOURCE_MASK) >> SOURCE_SHIFT) as NodeId;
+        if (data_code != DATA_SOURCE && source != 0)
+            || (data_code == DATA_KEEP && access == Access::Read)
+        {
+            return Err(bad_flags());
+        }
+        let carries_page =
+            kind == KIND_PAGE_DATA || (kind == KIND_GRANT && data_code == DATA_BYTES);
+        let expected_payload =
+            if carries_page { PAGE_SIZE } else { 0 } + if has_sharers { SHARERS_LEN } else { 0 };
         if payload.len() != expected_payload {
             return Err(ProtocolError::BadPayloadLength {
                 kind,
@@ -568,42 +699,87 @@ impl DsmMessage {
                 expected: expected_payload,
             });
         }
+        let impossible = |node, role| ProtocolError::ImpossibleRole {
+            page,
+            id,
+            node,
+            role,
+        };
+        let sharers = if has_sharers {
+            let mut bits = [0u8; SHARERS_LEN];
+            bits.copy_from_slice(&payload[payload.len() - SHARERS_LEN..]);
+            payload.truncate(payload.len() - SHARERS_LEN);
+            let sharers = NodeSet::from_bits(u64::from_le_bytes(bits));
+            // An empty set is sent as no set: one frame per message.
+            if sharers.is_empty() {
+                return Err(bad_flags());
+            }
+            if let Some(node) = sharers.iter().find(|&n| n >= limits.node_count) {
+                limits.check_node(node)?;
+            }
+            if sharers.contains(id.node) {
+                return Err(impossible(
+                    id.node,
+                    "a sharer acknowledging its own request",
+                ));
+            }
+            sharers
+        } else {
+            NodeSet::EMPTY
+        };
+        let page_buf = |payload: Vec<u8>| -> Result<PageBuf, ProtocolError> {
+            payload
+                .into_boxed_slice()
+                .try_into()
+                .map_err(|_| bad_flags())
+        };
         Ok(match kind {
             KIND_REQUEST => DsmMessage::Request { page, id, access },
             KIND_FETCH => DsmMessage::Fetch {
                 page,
                 id,
                 access,
-                acks,
+                sharers,
             },
             KIND_INVALIDATE => DsmMessage::Invalidate { page, id },
             KIND_INVALIDATE_ACK => DsmMessage::InvalidateAck { page, id },
             KIND_CONFIRM => DsmMessage::Confirm { page, id },
+            KIND_PAGE_DATA => DsmMessage::PageData {
+                page,
+                id,
+                data: page_buf(payload)?,
+            },
             _ => {
-                let data = match (data_code, access) {
-                    (DATA_ZERO, _) => GrantData::Zero,
-                    (DATA_KEEP, Access::Write) => GrantData::Keep,
-                    (DATA_BYTES, _) => {
-                        let bytes: PageBuf = payload
-                            .into_boxed_slice()
-                            .try_into()
-                            .map_err(|_| bad_flags())?;
-                        GrantData::Bytes(bytes)
+                let data = match data_code {
+                    DATA_ZERO => GrantData::Zero,
+                    DATA_KEEP => GrantData::Keep,
+                    DATA_BYTES => GrantData::Bytes(page_buf(payload)?),
+                    _ => {
+                        limits.check_node(source)?;
+                        if source == id.node {
+                            return Err(impossible(source, "the data source of its own request"));
+                        }
+                        if sharers.contains(source) {
+                            return Err(impossible(source, "both the data source and a sharer"));
+                        }
+                        GrantData::Source(source)
                     }
-                    _ => return Err(bad_flags()),
                 };
                 DsmMessage::Grant {
                     page,
                     id,
                     access,
-                    acks,
+                    sharers,
                     data,
                 }
             }
         })
     }
 
-    /// Checks that `from` may send this message to node `me`, given the page's `home`.
+    /// Checks that `from` may send this message to node `me`, given the page's `home`: what can
+    /// be known without the state of the request. Who may answer a request of `me` (grant, page
+    /// data, acknowledgements) depends on the home's grant and is checked by the node's pages
+    /// ([`crate::NodePages`]), where a wrong sender is fatal rather than merely dropped.
     pub fn check_route(&self, from: NodeId, me: NodeId, home: NodeId) -> Result<(), ProtocolError> {
         let page = self.page();
         let id = self.id();
@@ -628,7 +804,22 @@ impl DsmMessage {
                     return Err(wrong_sender(id.node));
                 }
             }
-            DsmMessage::Fetch { .. } | DsmMessage::Invalidate { .. } => {
+            DsmMessage::Fetch { sharers, .. } => {
+                if from != home {
+                    return Err(wrong_sender(home));
+                }
+                if id.node == me {
+                    return Err(wrong_receiver("a holder other than the requester"));
+                }
+                // Only the home's own fetch names sharers: its grant carries them.
+                if !sharers.is_empty() && me != home {
+                    return Err(wrong_receiver("the home, the only source told the sharers"));
+                }
+                if sharers.contains(me) {
+                    return Err(wrong_receiver("a source outside the sharers"));
+                }
+            }
+            DsmMessage::Invalidate { .. } => {
                 if from != home {
                     return Err(wrong_sender(home));
                 }
@@ -636,17 +827,25 @@ impl DsmMessage {
                     return Err(wrong_receiver("a holder other than the requester"));
                 }
             }
-            DsmMessage::Grant { .. } => {
+            DsmMessage::Grant { data, .. } => {
                 if id.node != me {
                     return Err(wrong_receiver("the requester"));
                 }
+                if *data == GrantData::Source(home) {
+                    return Err(ProtocolError::ImpossibleRole {
+                        page,
+                        id,
+                        node: home,
+                        role: "a remote data source (the home sends its copy with the grant)",
+                    });
+                }
             }
-            DsmMessage::InvalidateAck { .. } => {
+            DsmMessage::PageData { .. } | DsmMessage::InvalidateAck { .. } => {
                 if id.node != me {
                     return Err(wrong_receiver("the requester"));
                 }
                 if from == me {
-                    return Err(wrong_receiver("a node other than the acknowledging sharer"));
+                    return Err(wrong_receiver("a node other than the one answering"));
                 }
             }
         }
@@ -664,57 +863,78 @@ mod tests {
         node_count: 16,
     };
 
+    fn page_with(b: u8) -> PageBuf {
+        let mut buf = new_page_buf();
+        buf.iter_mut()
+            .enumerate()
+            .for_each(|(i, x)| *x = b ^ (i as u8));
+        buf
+    }
+
+    /// Every valid message: sharers only for writes and never naming the requester or the data
+    /// source, a data source other than the requester.
     fn message_strategy() -> impl Strategy<Value = DsmMessage> {
+        let nodes = LIMITS.node_count;
         let page = 0..LIMITS.page_count;
-        let id = (0..LIMITS.node_count, 0..(1u64 << RequestId::SEQ_BITS))
+        let id = (0..nodes, 0..(1u64 << RequestId::SEQ_BITS))
             .prop_map(|(node, seq)| RequestId { node, seq });
         let access = prop_oneof![Just(Access::Read), Just(Access::Write)];
-        let acks = 0..LIMITS.node_count as u32;
+        let sharers =
+            any::<u64>().prop_map(move |bits| NodeSet::from_bits(bits & ((1 << nodes) - 1)));
         let data = prop_oneof![
             Just(GrantData::Zero),
             Just(GrantData::Keep),
-            any::<u8>().prop_map(|b| {
-                let mut buf = new_page_buf();
-                buf.iter_mut()
-                    .enumerate()
-                    .for_each(|(i, x)| *x = b ^ (i as u8));
-                GrantData::Bytes(buf)
-            }),
+            any::<u8>().prop_map(|b| GrantData::Bytes(page_with(b))),
+            (0..nodes).prop_map(GrantData::Source),
         ];
-        (page, id, access, acks, data, 0..6u8).prop_map(|(page, id, access, acks, data, which)| {
-            let acks = if access == Access::Read { 0 } else { acks };
-            match which {
-                0 => DsmMessage::Request { page, id, access },
-                1 => DsmMessage::Fetch {
-                    page,
-                    id,
-                    access,
-                    acks,
-                },
-                2 => DsmMessage::Invalidate { page, id },
-                3 => DsmMessage::InvalidateAck { page, id },
-                4 => {
-                    let data = match (access, data) {
-                        (Access::Read, GrantData::Keep) => GrantData::Zero,
-                        (_, d) => d,
-                    };
-                    DsmMessage::Grant {
+        (page, id, access, sharers, data, any::<u8>(), 0..7u8).prop_map(
+            move |(page, id, access, sharers, data, fill, which)| {
+                let data = match (access, data) {
+                    (Access::Read, GrantData::Keep) => GrantData::Zero,
+                    (_, GrantData::Source(s)) if s == id.node => GrantData::Source((s + 1) % nodes),
+                    (_, d) => d,
+                };
+                let mut sharers = match access {
+                    Access::Read => NodeSet::EMPTY,
+                    Access::Write => sharers.without(id.node),
+                };
+                if let GrantData::Source(s) = data {
+                    sharers.remove(s);
+                }
+                match which {
+                    0 => DsmMessage::Request { page, id, access },
+                    1 => DsmMessage::Fetch {
                         page,
                         id,
                         access,
-                        acks,
+                        sharers,
+                    },
+                    2 => DsmMessage::Invalidate { page, id },
+                    3 => DsmMessage::InvalidateAck { page, id },
+                    4 => DsmMessage::Grant {
+                        page,
+                        id,
+                        access,
+                        sharers,
                         data,
-                    }
+                    },
+                    5 => DsmMessage::PageData {
+                        page,
+                        id,
+                        data: page_with(fill),
+                    },
+                    _ => DsmMessage::Confirm { page, id },
                 }
-                _ => DsmMessage::Confirm { page, id },
-            }
-        })
+            },
+        )
     }
 
     proptest! {
         #[test]
         fn valid_messages_round_trip(msg in message_strategy()) {
             let frame = msg.to_frame();
+            prop_assert_eq!(frame.payload.len() >= PAGE_SIZE, msg.is_bulk());
+            prop_assert_eq!(msg.page_len(), if msg.is_bulk() { PAGE_SIZE } else { 0 });
             let mut bytes = Vec::new();
             frame.encode_into(&mut bytes);
             let parsed = Frame::parse(&bytes).unwrap();
@@ -729,13 +949,36 @@ mod tests {
             flags in any::<u16>(),
             id in any::<u64>(),
             arg in any::<u64>(),
-            payload_len in prop_oneof![Just(0usize), Just(PAGE_SIZE), 0usize..5000],
+            payload_len in prop_oneof![
+                Just(0usize),
+                Just(PAGE_SIZE),
+                Just(SHARERS_LEN),
+                Just(PAGE_SIZE + SHARERS_LEN),
+                0usize..5000,
+            ],
+            fill in any::<u8>(),
+            tail in prop_oneof![any::<u64>(), 0u64..(1 << 16)],
         ) {
-            let frame = Frame { kind, flags, id, arg, payload: vec![7; payload_len] };
+            // The tail makes sharer sets of the cluster's nodes likely, so that they decode.
+            let mut payload = vec![fill; payload_len];
+            if let Some(last) = payload_len.checked_sub(SHARERS_LEN) {
+                payload[last..].copy_from_slice(&tail.to_le_bytes());
+            }
+            let frame = Frame { kind, flags, id, arg, payload };
             if let Ok(msg) = DsmMessage::from_frame(frame.clone(), &LIMITS) {
-                // Whatever decodes is in range and encodes back to the same frame.
+                // Whatever decodes is in range, names nodes only in roles they can have, and
+                // encodes back to the same frame.
                 prop_assert!(msg.page() < LIMITS.page_count);
-                prop_assert!(msg.id().node < LIMITS.node_count);
+                let requester = msg.id().node;
+                prop_assert!(requester < LIMITS.node_count);
+                if let DsmMessage::Fetch { sharers, .. } | DsmMessage::Grant { sharers, .. } = &msg {
+                    prop_assert!(sharers.iter().all(|n| n < LIMITS.node_count));
+                    prop_assert!(!sharers.contains(requester));
+                }
+                if let DsmMessage::Grant { sharers, data: GrantData::Source(source), .. } = &msg {
+                    prop_assert!(*source < LIMITS.node_count && *source != requester);
+                    prop_assert!(!sharers.contains(*source));
+                }
                 prop_assert_eq!(msg.to_frame(), frame);
             }
         }
@@ -791,13 +1034,14 @@ mod tests {
             decode(frame(KIND_GRANT, 0, 1, 0, PAGE_SIZE)),
             Err(ProtocolError::BadPayloadLength { .. })
         ));
-        // Keep is only meaningful for a write grant; acks only for writes; unknown bits refused.
+        // Keep is only meaningful for a write grant; sharers only for writes; unknown bits
+        // refused.
         assert!(matches!(
             decode(frame(KIND_GRANT, DATA_KEEP << DATA_SHIFT, 1, 0, 0)),
             Err(ProtocolError::BadFlags { .. })
         ));
         assert!(matches!(
-            decode(frame(KIND_FETCH, 2 << ACKS_SHIFT, 1, 0, 0)),
+            decode(frame(KIND_FETCH, FLAG_SHARERS, 1, 0, SHARERS_LEN)),
             Err(ProtocolError::BadFlags { .. })
         ));
         assert!(matches!(
@@ -805,8 +1049,12 @@ mod tests {
             Err(ProtocolError::BadFlags { .. })
         ));
         assert!(matches!(
-            decode(frame(KIND_FETCH, FLAG_WRITE | (16 << ACKS_SHIFT), 1, 0, 0)),
-            Err(ProtocolError::AckCountOutOfRange { .. })
+            decode(frame(KIND_GRANT, 1 << SOURCE_SHIFT, 1, 0, 0)),
+            Err(ProtocolError::BadFlags { .. })
+        ));
+        assert!(matches!(
+            decode(frame(KIND_PAGE_DATA, 0, 1, 0, 0)),
+            Err(ProtocolError::BadPayloadLength { .. })
         ));
         assert!(matches!(
             Frame::parse(&[1, 0, 0]),
@@ -842,32 +1090,153 @@ mod tests {
             page: 9,
             id,
             access: Access::Read,
-            acks: 0,
+            sharers: NodeSet::EMPTY,
             data: GrantData::Zero,
         };
         assert!(!grant.is_for_home());
         assert!(request.is_for_home() && DsmMessage::Confirm { page: 9, id }.is_for_home());
-        assert!(
-            grant.check_route(5, 2, 0).is_ok(),
-            "a data source may grant"
-        );
+        // Who may grant is the pending request's business (NodePages), not the route's.
+        assert!(grant.check_route(0, 2, 0).is_ok());
         assert!(
             grant.check_route(0, 3, 0).is_err(),
             "grant to a non-requester"
         );
+        let from_home_as_source = DsmMessage::Grant {
+            page: 9,
+            id,
+            access: Access::Read,
+            sharers: NodeSet::EMPTY,
+            data: GrantData::Source(0),
+        };
+        assert!(matches!(
+            from_home_as_source.check_route(0, 2, 0),
+            Err(ProtocolError::ImpossibleRole { node: 0, .. })
+        ));
+        let data = DsmMessage::PageData {
+            page: 9,
+            id,
+            data: new_page_buf(),
+        };
+        assert!(data.check_route(5, 2, 0).is_ok());
+        assert!(
+            data.check_route(5, 3, 0).is_err(),
+            "data to a non-requester"
+        );
+        assert!(data.check_route(2, 2, 0).is_err(), "data from oneself");
+        let fetch = |sharers| DsmMessage::Fetch {
+            page: 9,
+            id,
+            access: Access::Write,
+            sharers,
+        };
+        assert!(fetch(NodeSet::EMPTY).check_route(0, 4, 0).is_ok());
+        assert!(fetch(NodeSet::only(3)).check_route(0, 0, 0).is_ok());
+        assert!(
+            fetch(NodeSet::only(3)).check_route(0, 4, 0).is_err(),
+            "sharers told to a remote source"
+        );
+        assert!(
+            fetch(NodeSet::only(0)).check_route(0, 0, 0).is_err(),
+            "the source among the sharers"
+        );
     }
 
     #[test]
-    fn only_data_grants_are_bulk() {
+    fn request_ids_are_distinct_and_unpredictable_from_the_counter() {
+        let ids = RequestIds::new();
+        let seqs: std::collections::HashSet<u64> =
+            (0..10_000u64).map(|c| ids.id(3, c * 64 + 5).seq).collect();
+        assert_eq!(seqs.len(), 10_000, "a permutation never repeats an id");
+        assert!(seqs.iter().all(|&s| s < 1 << RequestId::SEQ_BITS));
+        assert_eq!(ids.id(3, 5).node, 3);
+        assert_eq!(ids.id(3, 5), ids.clone().id(3, 5), "shards share the key");
+        // Neither the counter nor a fixed offset from it shows through.
+        let steps = (0..100u64)
+            .filter(|&c| ids.id(0, c + 1).seq.wrapping_sub(ids.id(0, c).seq) == 1)
+            .count();
+        assert!(steps < 3, "{steps} consecutive ids");
+        let other_run = RequestIds::new();
+        assert!((0..8).any(|c| other_run.id(0, c) != ids.id(0, c)));
+        assert_eq!(format!("{ids:?}"), "RequestIds(..)");
+    }
+
+    #[test]
+    fn impossible_roles_are_rejected() {
+        let id = RequestId { node: 2, seq: 1 };
+        let decode = |msg: &DsmMessage| DsmMessage::from_frame(msg.to_frame(), &LIMITS);
+        let grant = |sharers, data| DsmMessage::Grant {
+            page: 1,
+            id,
+            access: Access::Write,
+            sharers,
+            data,
+        };
+        let role = |r: Result<DsmMessage, ProtocolError>| match r {
+            Err(ProtocolError::ImpossibleRole { node, .. }) => Some(node),
+            _ => None,
+        };
+        assert_eq!(
+            role(decode(&grant(NodeSet::only(2), GrantData::Zero))),
+            Some(2)
+        );
+        assert_eq!(
+            role(decode(&grant(NodeSet::EMPTY, GrantData::Source(2)))),
+            Some(2)
+        );
+        assert_eq!(
+            role(decode(&grant(NodeSet::only(4), GrantData::Source(4)))),
+            Some(4)
+        );
+        let mut beyond = grant(NodeSet::only(3), GrantData::Keep).to_frame();
+        beyond.payload = (1u64 << 20).to_le_bytes().to_vec();
+        assert_eq!(
+            DsmMessage::from_frame(beyond, &LIMITS),
+            Err(ProtocolError::NodeOutOfRange {
+                node: 20,
+                node_count: 16
+            })
+        );
+        let mut empty = grant(NodeSet::only(3), GrantData::Keep).to_frame();
+        empty.payload = 0u64.to_le_bytes().to_vec();
+        assert!(matches!(
+            DsmMessage::from_frame(empty, &LIMITS),
+            Err(ProtocolError::BadFlags { .. })
+        ));
+        let mut source_beyond = grant(NodeSet::EMPTY, GrantData::Source(3)).to_frame();
+        source_beyond.flags |= 16 << SOURCE_SHIFT;
+        assert!(matches!(
+            DsmMessage::from_frame(source_beyond, &LIMITS),
+            Err(ProtocolError::NodeOutOfRange { node: 19, .. })
+        ));
+        // A data grant naming sharers carries both, and decodes to both.
+        let both = grant(NodeSet::only(5), GrantData::Bytes(new_page_buf()));
+        assert_eq!(both.to_frame().payload.len(), PAGE_SIZE + SHARERS_LEN);
+        assert_eq!(decode(&both), Ok(both));
+    }
+
+    #[test]
+    fn only_messages_with_page_bytes_are_bulk() {
         let id = RequestId { node: 0, seq: 0 };
         let grant = |data| DsmMessage::Grant {
             page: 0,
             id,
             access: Access::Write,
-            acks: 0,
+            sharers: NodeSet::EMPTY,
             data,
         };
         assert!(grant(GrantData::Bytes(new_page_buf())).is_bulk());
+        assert!(!grant(GrantData::Source(1)).is_bulk());
+        assert!(DsmMessage::PageData {
+            page: 0,
+            id,
+            data: new_page_buf()
+        }
+        .is_bulk());
+        // The common data grant is sent without copying the page.
+        assert!(matches!(
+            grant(GrantData::Bytes(new_page_buf())).payload(),
+            Cow::Borrowed(_)
+        ));
         assert!(!grant(GrantData::Zero).is_bulk());
         assert!(!grant(GrantData::Keep).is_bulk());
         assert!(!DsmMessage::Request {

@@ -13,6 +13,7 @@
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
+use std::marker::PhantomData;
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
@@ -24,7 +25,7 @@ use thiserror::Error;
 use crate::directory::{DirectoryView, HomeDirectory};
 use crate::memory::GuestPages;
 use crate::node::{LocalOutcome, NodeError, NodePages, PageState, PinOutcome};
-use crate::protocol::{Access, DsmMessage, Frame, Outgoing, WireLimits};
+use crate::protocol::{Access, DsmMessage, Frame, Outgoing, RequestIds, WireLimits};
 use crate::stats::{NodeStats, StatsSnapshot};
 use crate::uffd::{FaultSource, PageFault};
 use crate::{HomeFn, NodeId, MAX_NODES, PAGE_SHIFT};
@@ -93,6 +94,14 @@ pub enum DsmError {
     /// A pin was refused.
     #[error("cannot pin: {0}")]
     Pin(NodeError),
+    /// A pin would break the pin order (see [`Dsm::pin`]) and could deadlock with another node.
+    #[error("cannot pin page {page:#x}: this thread already holds a pin of page {held:#x}, and pins must be taken in increasing page order; drop that guard first, or pin both in one range")]
+    PinOrder {
+        /// The first page of the refused pin.
+        page: u64,
+        /// The highest page this thread holds pinned.
+        held: u64,
+    },
     /// The fault thread could not be started.
     #[error("cannot start the DSM fault thread: {0}")]
     Spawn(std::io::Error),
@@ -100,7 +109,8 @@ pub enum DsmError {
 
 struct Shard {
     pages: Mutex<NodePages>,
-    /// Signalled (with `pages` held) whenever a request of this shard completes.
+    /// Signalled (with `pages` held) whenever a request of this shard completes or a
+    /// revocation that waited for pins has run.
     completed: Condvar,
     directory: Mutex<HomeDirectory>,
 }
@@ -144,6 +154,8 @@ struct Scratch {
 
 thread_local! {
     static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+    /// The page ranges of the [`PinGuard`]s this thread holds, for the pin order.
+    static HELD_PINS: RefCell<Vec<Range<u64>>> = const { RefCell::new(Vec::new()) };
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -193,6 +205,8 @@ impl Dsm {
             )));
         }
         let stats = Arc::new(NodeStats::new(page_count, top_pages));
+        // One key for all shards: their counters differ, so their ids do too.
+        let ids = RequestIds::new();
         let shards = (0..SHARDS)
             .map(|offset| Shard {
                 pages: Mutex::new(NodePages::new_shard(
@@ -202,6 +216,7 @@ impl Dsm {
                     SHARDS,
                     offset,
                     home_of.clone(),
+                    ids.clone(),
                     stats.clone(),
                 )),
                 completed: Condvar::new(),
@@ -279,9 +294,15 @@ impl Dsm {
     /// and keeps them so until the guard is dropped: downgrades and invalidations that would
     /// take the access away wait. Blocks while requests are in flight.
     ///
-    /// Pages are pinned in increasing order, so two pins of single ranges cannot deadlock. A
-    /// thread must not hold a guard while taking another that another node may take in the
-    /// opposite order, nor hold a read pin while waiting for a write pin of the same page.
+    /// The pin order: a thread takes pins in increasing page order only. A guard's pages are
+    /// pinned in increasing order, and a thread that already holds guards may only pin pages
+    /// above all of theirs ([`DsmError::PinOrder`] otherwise, in every build). A pin waits for
+    /// remote requests while the lower pins stay held, and a held pin makes other nodes'
+    /// requests for its page wait; with one order on every node, whoever waits for a page
+    /// holds only lower ones, so no cycle of waits can form between nodes. For the same reason
+    /// a thread holding pins touches only guest memory it has pinned: a fault on any other page
+    /// is a wait outside the order. The guard stays on the thread that took it (it is not
+    /// `Send`), where the order is kept.
     pub fn pin(&self, gpa: u64, len: u64, access: Access) -> Result<PinGuard, DsmError> {
         let inner = &self.inner;
         let out_of_memory = || DsmError::RangeOutOfMemory {
@@ -299,14 +320,24 @@ impl Dsm {
             }
             last + 1
         };
+        if first < end {
+            let held = HELD_PINS.with(|held| held.borrow().iter().map(|r| r.end - 1).max());
+            if let Some(held) = held.filter(|&held| held >= first) {
+                return Err(DsmError::PinOrder { page: first, held });
+            }
+        }
         let mut guard = PinGuard {
             inner: inner.clone(),
             pages: first..first,
             access,
+            _on_this_thread: PhantomData,
         };
         for page in first..end {
             inner.pin_page(page, access)?;
             guard.pages.end = page + 1;
+        }
+        if first < end {
+            HELD_PINS.with(|held| held.borrow_mut().push(first..end));
         }
         Ok(guard)
     }
@@ -370,11 +401,13 @@ impl Drop for Dsm {
     }
 }
 
-/// Pages pinned by [`Dsm::pin`]; dropping it unpins them.
+/// Pages pinned by [`Dsm::pin`]; dropping it unpins them. It stays on the thread that pinned
+/// them, whose pin order it is part of.
 pub struct PinGuard {
     inner: Arc<Inner>,
     pages: Range<u64>,
     access: Access,
+    _on_this_thread: PhantomData<*const ()>,
 }
 
 impl PinGuard {
@@ -394,6 +427,13 @@ impl Drop for PinGuard {
         for page in self.pages.clone() {
             self.inner.unpin_page(page, self.access);
         }
+        // A guard whose pin failed part way was never recorded: nothing to remove then.
+        HELD_PINS.with(|held| {
+            let mut held = held.borrow_mut();
+            if let Some(i) = held.iter().position(|r| *r == self.pages) {
+                held.swap_remove(i);
+            }
+        });
     }
 }
 
@@ -508,7 +548,7 @@ impl Inner {
             return;
         }
         if from != self.me {
-            self.stats.record_received(msg.payload().len());
+            self.stats.record_received(msg.page_len());
         }
         SCRATCH.with(|cell| match cell.try_borrow_mut() {
             Ok(mut scratch) => {
@@ -591,7 +631,7 @@ impl Inner {
                 scratch.queue.extend(scratch.out.drain(..));
                 continue;
             }
-            self.stats.record_sent(msg.payload().len());
+            self.stats.record_sent(msg.page_len());
             if let Err(e) = self.link.send(to, &msg) {
                 self.fail_as(&format!("lost node {to}: {e}"), true, Some(to));
             }
@@ -622,6 +662,14 @@ impl Inner {
                         .wait_while(pages, |p| p.has_pending(page) && !self.is_failed())
                         .unwrap_or_else(|e| e.into_inner());
                 }
+                Ok(PinOutcome::Revoking) => {
+                    self.dispatch(&mut scratch);
+                    let pages = lock(&shard.pages);
+                    let _pages = shard
+                        .completed
+                        .wait_while(pages, |p| p.has_deferred(page) && !self.is_failed())
+                        .unwrap_or_else(|e| e.into_inner());
+                }
                 Err(e) => {
                     let fatal = e.is_fatal();
                     let message = e.to_string();
@@ -639,9 +687,16 @@ impl Inner {
             return;
         }
         let mut scratch = Scratch::default();
+        let shard = self.shard(page);
         let result = {
-            let mut pages = lock(&self.shard(page).pages);
-            pages.unpin(page, access, &*self.memory, &mut scratch.out)
+            let mut pages = lock(&shard.pages);
+            let revoking = pages.has_deferred(page);
+            let result = pages.unpin(page, access, &*self.memory, &mut scratch.out);
+            if revoking && !pages.has_deferred(page) {
+                // Pins that gave way to the revocation may try again.
+                shard.completed.notify_all();
+            }
+            result
         };
         if let Err(e) = result {
             self.report(self.me, e);

@@ -50,7 +50,8 @@ enum ThreadState {
     Ready,
     /// Faulted on the page; waits for a wake of that page (like a thread blocked in uffd).
     Blocked(u64),
-    /// A pin attempt waits for the node's request for the page to complete.
+    /// A pin attempt waits for the node's request for the page to complete, or for a
+    /// revocation of the page that waits for earlier pins to run.
     PinWaiting(u64),
     /// Holds a pin and accesses the page through it for `left` more steps.
     Pinned {
@@ -94,10 +95,14 @@ struct Workload {
 struct Totals {
     steps: u64,
     messages: u64,
+    /// Copies sent by a data source other than the home, beside the home's grant.
+    page_data_messages: u64,
     page_bytes_between_nodes: u64,
     reads_checked: u64,
     writes: u64,
     pinned_accesses: u64,
+    /// Pins that gave way to a revocation waiting for earlier pins.
+    pins_revoking: u64,
 }
 
 struct Sim {
@@ -130,7 +135,7 @@ impl Sim {
                 let stats = Arc::new(NodeStats::new(page_count, 4));
                 let threads = (0..work.threads_per_node)
                     .map(|t| SimThread {
-                        ops: Self::ops(&work, &mut rng, page_count, t == 0),
+                        ops: Self::ops(&work, &mut rng, page_count, t < 2),
                         state: ThreadState::Ready,
                     })
                     .collect();
@@ -163,7 +168,8 @@ impl Sim {
         }
     }
 
-    /// Random operations; only a node's first thread pins (it plays the VMM).
+    /// Random operations; a node's first two threads pin (they play the VMM's device threads,
+    /// whose pins of one page may overlap).
     fn ops(work: &Workload, rng: &mut StdRng, page_count: u64, may_pin: bool) -> VecDeque<Op> {
         let mut ops = VecDeque::new();
         while ops.len() < work.ops_per_thread {
@@ -208,7 +214,8 @@ impl Sim {
                 page,
                 data: GrantData::Bytes(_),
                 ..
-            } = &msg
+            }
+            | DsmMessage::PageData { page, .. } = &msg
             {
                 assert!(
                     self.write_granted.contains(page),
@@ -246,7 +253,9 @@ impl Sim {
             for (t, thread) in node.threads.iter().enumerate() {
                 let runnable = match thread.state {
                     ThreadState::Ready | ThreadState::Pinned { .. } => true,
-                    ThreadState::PinWaiting(page) => !node.pages.has_pending(page),
+                    ThreadState::PinWaiting(page) => {
+                        !node.pages.has_pending(page) && !node.pages.has_deferred(page)
+                    }
                     ThreadState::Blocked(_) | ThreadState::Done => false,
                 };
                 if runnable {
@@ -312,6 +321,9 @@ impl Sim {
             self.channels.remove(&(from, to, class));
         }
         self.totals.messages += 1;
+        if let DsmMessage::PageData { .. } = msg {
+            self.totals.page_data_messages += 1;
+        }
         let page = msg.page();
         msg.check_route(from, to, self.home_of(page))
             .unwrap_or_else(|e| panic!("protocol produced a badly routed message {msg:?}: {e}"));
@@ -426,6 +438,10 @@ impl Sim {
                                 };
                             }
                             PinOutcome::Waiting => thread.state = ThreadState::PinWaiting(page),
+                            PinOutcome::Revoking => {
+                                thread.state = ThreadState::PinWaiting(page);
+                                self.totals.pins_revoking += 1;
+                            }
                         }
                     }
                 }
@@ -619,6 +635,8 @@ fn random_workloads_stay_coherent_on_2_to_16_nodes() {
     let mut upgrades = 0;
     let mut merged = 0;
     let mut deferred = 0;
+    let mut page_data = 0;
+    let mut revoking = 0;
     for nodes in [2, 3, 4, 5, 8, 16] {
         for seed in 0..seeds(4) {
             let work = workload(nodes, seed * 1000 + nodes as u64, true);
@@ -630,11 +648,18 @@ fn random_workloads_stay_coherent_on_2_to_16_nodes() {
             upgrades += sum(&snapshots, |s| s.upgrades[0] + s.upgrades[1]);
             merged += sum(&snapshots, |s| s.faults_merged);
             deferred += sum(&snapshots, |s| s.deferred_by_pin);
+            page_data += totals.page_data_messages;
+            revoking += totals.pins_revoking;
         }
     }
     // The runs exercised the paths they are meant to check.
     assert!(upgrades > 0, "no Shared -> Modified upgrade happened");
+    assert!(
+        page_data > 0,
+        "no data source other than the home ever sent a copy"
+    );
     assert!(merged > 0, "no concurrent faults were merged");
+    assert!(revoking > 0, "no pin ever gave way to a waiting revocation");
     assert!(
         deferred > 0,
         "no downgrade or invalidation ever waited for a pin"

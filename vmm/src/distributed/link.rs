@@ -61,12 +61,14 @@ impl DsmLink for MeshLink {
         } else {
             Channel::DsmRequest
         };
+        // Borrowed for the common frames; built only when a sharer set follows page bytes.
+        let payload = msg.payload();
         let frame = FrameRef {
             kind: msg.kind(),
             flags: msg.flags(),
             id: msg.id().to_wire(),
             arg: msg.arg(),
-            payload: msg.payload(),
+            payload: &payload,
         };
         mesh.send_ref(to as u32, channel, frame)
             .map_err(|e| LinkError {
