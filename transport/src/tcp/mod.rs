@@ -1,6 +1,7 @@
 //! The TCP backend: a full mesh of TCP connections, one per (peer, channel).
 
 mod connection;
+mod dial;
 mod inner;
 mod liveness;
 mod receiver;

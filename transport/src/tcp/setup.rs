@@ -20,6 +20,7 @@ use crate::handshake::{self, Admission, Credentials, HANDSHAKE_DEADLINE};
 use crate::handshake_wire::{Refusal, RefusalCode};
 
 use super::connection::{prepare_socket, SocketSource};
+use super::dial;
 use super::inner::MeshInner;
 
 /// Longest single connect attempt, so that an abandoned setup is noticed soon.
@@ -114,7 +115,7 @@ fn dial_one(
                 detail: last_problem,
             });
         }
-        match TcpStream::connect_timeout(&addr, remaining.min(CONNECT_ATTEMPT)) {
+        match dial::connect_from(cfg.listen.ip(), addr, remaining.min(CONNECT_ATTEMPT)) {
             Ok(mut stream) => {
                 let shaken = prepare_socket(&stream)
                     .map_err(|source| TransportError::HandshakeIo {
