@@ -5,6 +5,7 @@
 
 mod common;
 
+use common::coherence::Coherence;
 use common::{cluster_text, run_cluster, run_cluster_with_env, ProbeRun};
 
 const CI_OPS: u64 = 100_000;
@@ -33,12 +34,9 @@ fn run_with_env(
 }
 
 fn counter(nodes: usize, per_vcpu: u64) {
-    let run = run(nodes, "counter", per_vcpu, 64);
-    let expected = per_vcpu * nodes as u64;
-    for v in 0..nodes {
-        assert_eq!(run.get(v, "CEXP"), expected);
-        assert_eq!(run.get(v, "CNTR"), expected, "vCPU {v} saw a wrong total");
-    }
+    let probe = Coherence::Counter;
+    let run = run(nodes, probe.name(), per_vcpu, probe.memory_mib(nodes));
+    probe.check(&run, nodes, per_vcpu);
 }
 
 #[test]
@@ -59,17 +57,9 @@ fn shared_counter_is_exact_on_2_and_4_nodes_at_1e6() {
 }
 
 fn store_buffer(nodes: usize, iterations: u64) {
-    // Pairs (0,1), (2,3) run the litmus test across nodes; 8 MiB of results per vCPU from 16 MiB.
-    let run = run(nodes, "sb-litmus", iterations, 16 + 8 * nodes as u64 + 16);
-    for v in 0..nodes {
-        assert_eq!(run.get(v, "SBNN"), iterations);
-        assert_eq!(
-            run.get(v, "SBVI"),
-            0,
-            "vCPU {v}: both sides missed each other's store despite mfence"
-        );
-        assert_eq!(run.get(v, "SBMO"), 0, "vCPU {v}: a read went back in time");
-    }
+    let probe = Coherence::StoreBuffer;
+    let run = run(nodes, probe.name(), iterations, probe.memory_mib(nodes));
+    probe.check(&run, nodes, iterations);
 }
 
 #[test]
@@ -89,16 +79,9 @@ fn store_buffer_litmus_at_1e6() {
 }
 
 fn message_ring(nodes: usize, messages: u64) {
-    let run = run(nodes, "msgring", messages, 64);
-    for pair in 0..nodes / 2 {
-        assert_eq!(run.get(2 * pair, "MSGS"), messages);
-        assert_eq!(run.get(2 * pair + 1, "MSGN"), messages);
-        assert_eq!(
-            run.get(2 * pair + 1, "MBAD"),
-            0,
-            "pair {pair}: corrupted messages"
-        );
-    }
+    let probe = Coherence::MessageRing;
+    let run = run(nodes, probe.name(), messages, probe.memory_mib(nodes));
+    probe.check(&run, nodes, messages);
 }
 
 #[test]
@@ -199,15 +182,9 @@ fn never_written_memory_reads_zero_without_moving_pages_on_4_nodes() {
 }
 
 fn false_sharing(nodes: usize, per_vcpu: u64) {
-    let run = run(nodes, "falseshare", per_vcpu, 64);
-    for v in 0..nodes {
-        assert_eq!(
-            run.get(v, "FSVL"),
-            per_vcpu,
-            "vCPU {v} lost updates to its slot"
-        );
-    }
-    assert_eq!(run.get(0, "FSBD"), 0, "slots of other vCPUs were wrong");
+    let probe = Coherence::FalseSharing;
+    let run = run(nodes, probe.name(), per_vcpu, probe.memory_mib(nodes));
+    probe.check(&run, nodes, per_vcpu);
 }
 
 #[test]

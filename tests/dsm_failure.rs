@@ -4,114 +4,13 @@
 
 mod common;
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{cluster_text, spanvm};
-
-struct Node {
-    child: Child,
-    stdout: PathBuf,
-    stderr: PathBuf,
-}
-
-impl Node {
-    fn stderr(&self) -> String {
-        std::fs::read_to_string(&self.stderr).unwrap_or_default()
-    }
-    fn stdout(&self) -> String {
-        std::fs::read_to_string(&self.stdout).unwrap_or_default()
-    }
-    /// Waits for the exit at most `limit`; returns the exit code and when it came.
-    fn wait(&mut self, limit: Duration) -> (Option<i32>, Instant) {
-        let start = Instant::now();
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return (status.code(), Instant::now());
-            }
-            if start.elapsed() > limit {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                panic!(
-                    "node did not exit within {limit:?}\nstderr:\n{}",
-                    self.stderr()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-}
-
-impl Drop for Node {
-    /// A test that fails half-way still leaves no node behind.
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-fn write_secret(dir: &Path, name: &str, byte: u8) -> PathBuf {
-    let p = dir.join(name);
-    std::fs::write(&p, [byte; 32]).unwrap();
-    p
-}
-
-fn node_file(dir: &Path, id: usize, secret: &Path, cluster: &str) -> PathBuf {
-    let p = dir.join(format!("node-{id}.toml"));
-    std::fs::write(
-        &p,
-        format!("node = {id}\nsecret = \"{}\"\n{cluster}", secret.display()),
-    )
-    .unwrap();
-    p
-}
-
-fn start(dir: &Path, id: usize, config: &Path, env: &[(&str, &str)]) -> Node {
-    let stdout = dir.join(format!("node-{id}.out"));
-    let stderr = dir.join(format!("node-{id}.err"));
-    let mut cmd = Command::new(spanvm());
-    cmd.args(["node", "--config", config.to_str().unwrap()])
-        .stdin(Stdio::null())
-        .stdout(File::create(&stdout).unwrap())
-        .stderr(File::create(&stderr).unwrap());
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    Node {
-        child: cmd.spawn().unwrap(),
-        stdout,
-        stderr,
-    }
-}
-
-/// Starts every node of the probe cluster `cluster` (from `cluster_text`) with one secret, each
-/// with the environment `env(node)`.
-fn start_probe_cluster(
-    dir: &Path,
-    cluster: &str,
-    env: impl Fn(usize) -> &'static [(&'static str, &'static str)],
-) -> Vec<Node> {
-    let secret = write_secret(dir, "cluster.secret", 7);
-    let nodes = cluster.matches("[[nodes]]").count();
-    (0..nodes)
-        .map(|i| start(dir, i, &node_file(dir, i, &secret, cluster), env(i)))
-        .collect()
-}
-
-fn wait_until_running(nodes: &[Node]) {
-    let start = Instant::now();
-    while !nodes.iter().all(|n| n.stderr().contains("running")) {
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "nodes did not start"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
+use common::cluster_text;
+use common::nodes::{
+    node_file, signal, start, start_probe_cluster, wait_until_running, write_secret, Node,
+};
 
 /// The failure tests run one at a time: each starts several nodes whose vCPUs spin, and the
 /// 2-second bound is about spanvm, not about a machine overloaded by the other tests.
@@ -333,12 +232,6 @@ fn killing_a_node_that_waits_for_start_stops_the_master_within_2_seconds() {
 #[test]
 fn killing_the_master_while_a_node_waits_for_start_stops_it_within_2_seconds() {
     kill_before_start(0);
-}
-
-fn signal(node: &Node, sig: libc::c_int) {
-    // SAFETY: kill(2) on the pid of a child this test started and has not reaped.
-    let rc = unsafe { libc::kill(node.child.id() as libc::pid_t, sig) };
-    assert_eq!(rc, 0, "kill({sig})");
 }
 
 fn refused_pair(secret1_byte: u8, memory1_mib: u64) -> [(Option<i32>, String); 2] {

@@ -2,6 +2,9 @@
 //! a child process, and parse what probes report.
 #![allow(dead_code)]
 
+pub mod coherence;
+pub mod nodes;
+
 use std::collections::HashMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
