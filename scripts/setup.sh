@@ -9,7 +9,8 @@ packages=(
   gcc             # the linker driver Rust uses
   libc6-dev
   pkg-config
-  iproute2        # network namespaces for multi-node tests
+  iproute2        # network namespaces for the network-fault tests (ip netns, tc)
+  nftables        # partitions and segment loss injected inside those namespaces
   acpica-tools    # iasl -d: the ACPI table tests disassemble what the VMM generates
 )
 

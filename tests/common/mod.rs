@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod coherence;
+pub mod netns;
 pub mod nodes;
 
 use std::collections::HashMap;
@@ -85,7 +86,24 @@ pub fn wait_with_limit(mut child: Child, limit: Duration) -> Output {
 
 /// Runs `spanvm` with `args` (and extra environment), waiting at most `limit`.
 pub fn run_spanvm(args: &[&str], env: &[(&str, &str)], limit: Duration) -> Output {
-    let mut cmd = Command::new(spanvm());
+    run_spanvm_wrapped(&[], args, env, limit)
+}
+
+/// Like [`run_spanvm`], through `wrapper` (a command that execs the rest of its arguments).
+pub fn run_spanvm_wrapped(
+    wrapper: &[&str],
+    args: &[&str],
+    env: &[(&str, &str)],
+    limit: Duration,
+) -> Output {
+    let mut cmd = match wrapper.split_first() {
+        Some((program, wrapper_args)) => {
+            let mut cmd = Command::new(program);
+            cmd.args(wrapper_args).arg(spanvm());
+            cmd
+        }
+        None => Command::new(spanvm()),
+    };
     cmd.args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -213,7 +231,18 @@ pub fn cluster_text(
     arg: u64,
     memory_mib: u64,
 ) -> String {
-    let addrs = free_addrs(nodes);
+    cluster_text_on(&free_addrs(nodes), per_node, probe, arg, memory_mib)
+}
+
+/// Like [`cluster_text`], with node `i` listening on `addrs[i]`.
+pub fn cluster_text_on(
+    addrs: &[std::net::SocketAddr],
+    per_node: usize,
+    probe: &str,
+    arg: u64,
+    memory_mib: u64,
+) -> String {
+    let nodes = addrs.len();
     let mut text = format!(
         "[guest]\nvcpus = {}\nmemory_mib = {memory_mib}\nprobe = \"{probe}\"\nprobe_arg = {arg}\n",
         nodes * per_node
@@ -237,10 +266,17 @@ pub fn run_cluster(text: &str) -> ProbeRun {
 
 /// Like [`run_cluster`], with extra environment for every node (the test hooks).
 pub fn run_cluster_with_env(text: &str, env: &[(&str, &str)]) -> ProbeRun {
+    run_cluster_wrapped(&[], text, env)
+}
+
+/// Like [`run_cluster_with_env`], with `spanvm` run through `wrapper` (e.g. `ip netns exec
+/// NAME`).
+pub fn run_cluster_wrapped(wrapper: &[&str], text: &str, env: &[(&str, &str)]) -> ProbeRun {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("cluster.toml");
     std::fs::write(&config, text).unwrap();
-    let output = run_spanvm(
+    let output = run_spanvm_wrapped(
+        wrapper,
         &[
             "cluster",
             "--config",
