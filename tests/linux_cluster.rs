@@ -43,6 +43,26 @@ struct Boot {
 fn boot(nodes: usize, per_node: usize, extra: &str, run: &str, typed: Option<&str>) -> Boot {
     let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let dir = tempfile::tempdir().unwrap();
+    let config = describe(dir.path(), nodes, per_node, extra, run);
+    let mut cluster = Command::new(common::spanvm());
+    cluster.args([
+        "cluster",
+        "--config",
+        config.to_str().unwrap(),
+        "--dir",
+        dir.path().to_str().unwrap(),
+    ]);
+    run_cluster(cluster, typed)
+}
+
+/// Writes the cluster description of a boot into `dir`.
+fn describe(
+    dir: &std::path::Path,
+    nodes: usize,
+    per_node: usize,
+    extra: &str,
+    run: &str,
+) -> std::path::PathBuf {
     let vcpus = nodes * per_node;
     let addrs = common::free_addrs(nodes);
     let mut text = format!(
@@ -60,16 +80,14 @@ fn boot(nodes: usize, per_node: usize, extra: &str, run: &str, typed: Option<&st
             list.join(", ")
         ));
     }
-    let config = dir.path().join("cluster.toml");
+    let config = dir.join("cluster.toml");
     std::fs::write(&config, text).unwrap();
-    let mut child = Command::new(common::spanvm())
-        .args([
-            "cluster",
-            "--config",
-            config.to_str().unwrap(),
-            "--dir",
-            dir.path().to_str().unwrap(),
-        ])
+    config
+}
+
+/// Runs `cluster` (a `spanvm cluster` command), typing `typed` once the guest's shell is up.
+fn run_cluster(mut cluster: Command, typed: Option<&str>) -> Boot {
+    let mut child = cluster
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -239,6 +257,29 @@ fn linux_on_2_nodes_typed_input_with_com1_irq_on_node_1_powers_off_from_the_mast
         println!("{line}");
     }
     println!("SPANVM-UPTIME at /init: {:?}", b.markers("SPANVM-UPTIME"));
+}
+
+/// The README's main command, `spanvm cluster` with no arguments, run from the source tree as
+/// `cargo run` does: the built-in default is Linux on 2 nodes x 1 vCPU running sysbench cpu
+/// and threads, powering off by itself.
+#[test]
+fn spanvm_cluster_without_arguments_runs_sysbench_on_linux_across_2_nodes() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let mut cluster = Command::new(common::spanvm());
+    cluster
+        .arg("cluster")
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+        .env("SPANVM_IMAGES_DIR", common::images_dir());
+    let b = run_cluster(cluster, None);
+    b.assert_healthy(2, 1);
+    for test in ["sysbench cpu --threads=2", "sysbench threads --threads=2"] {
+        if !b.console().any(|l| l.contains(test)) {
+            b.fail(&format!("the default workload did not run `{test}`"));
+        }
+    }
+    if !b.stderr.contains("the guest powered off (ACPI S5)") {
+        b.fail("the default guest did not power off by itself");
+    }
 }
 
 #[test]

@@ -263,6 +263,20 @@ pub enum TransportError {
 }
 
 impl TransportError {
+    /// The peer whose loss this error reports, when it is one: a peer that was connected and
+    /// went away during setup, or a send to a peer found lost. (A peer that never came is not
+    /// a loss: that is a start-up problem, reported as such.)
+    pub fn lost_peer(&self) -> Option<NodeId> {
+        match self {
+            TransportError::LostDuringSetup { peer, .. }
+            | TransportError::MeshIncomplete { peer, .. }
+            | TransportError::PeerLost { peer }
+            | TransportError::SendFailed { peer, .. }
+            | TransportError::NotReading { peer, .. } => Some(*peer),
+            _ => None,
+        }
+    }
+
     /// Whether retrying the same connection cannot help (the peer refused us for a reason that
     /// will not go away by itself).
     pub(crate) fn is_definitive(&self) -> bool {

@@ -63,8 +63,13 @@ enum BenchWhat {
     /// nodes on loopback, against a local fault and a raw TCP round trip.
     Dsm,
     /// Time to each Linux boot milestone for the minimal and the Debian kernel (QEMU as the
-    /// anchor where it can use hardware KVM).
-    Boot,
+    /// anchor where it can use hardware KVM), then on 1 x 2, 2 x 1, 1 x 4 and 4 x 1 nodes with
+    /// sysbench cpu's events/s.
+    Boot {
+        /// Only the node-topology table (the one-node kernel comparison takes the longest).
+        #[arg(long)]
+        topology_only: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -87,8 +92,8 @@ fn main() -> ExitCode {
             what: BenchWhat::Dsm,
         } => vmm::bench::dsm::run().map(|()| StopReason::PowerOff),
         Command::Bench {
-            what: BenchWhat::Boot,
-        } => vmm::bench::boot::run().map(|()| StopReason::PowerOff),
+            what: BenchWhat::Boot { topology_only },
+        } => vmm::bench::boot::run(topology_only).map(|()| StopReason::PowerOff),
     };
     match result {
         Ok(StopReason::PowerOff) => ExitCode::SUCCESS,

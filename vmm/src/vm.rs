@@ -98,7 +98,18 @@ impl NodeVm {
         let memory = Arc::new(GuestMemory::new(layout)?);
         // Several nodes: the memory goes under the DSM before anything touches it.
         let distributed = if layout.node_count() > 1 {
-            Some(Distributed::join(config, &memory)?)
+            match Distributed::join(config, &memory) {
+                Ok(distributed) => Some(distributed),
+                // A peer that was there and went away is a lost peer in every phase of a
+                // node's life, setup included: the same exit code as mid-run.
+                Err(DistributedError::Transport(e)) if e.lost_peer().is_some() => {
+                    let peer = e.lost_peer().unwrap_or_default();
+                    return Err(VmError::Stopped(StopReason::PeerLost(format!(
+                        "node {peer} while the mesh was being set up: {e}"
+                    ))));
+                }
+                Err(e) => return Err(e.into()),
+            }
         } else {
             None
         };

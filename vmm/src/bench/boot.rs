@@ -220,8 +220,9 @@ fn row(label: &str, t: &[Option<Duration>]) {
     );
 }
 
-/// Runs the benchmark and prints the table (seconds from start).
-pub fn run() -> Result<(), CommandError> {
+/// Runs the benchmark and prints the tables (seconds from start); `topology_only` skips the
+/// one-node kernel comparison.
+pub fn run(topology_only: bool) -> Result<(), CommandError> {
     let dir = images_dir();
     let initrd = dir.join("initramfs.cpio");
     let kernels = [
@@ -254,7 +255,7 @@ pub fn run() -> Result<(), CommandError> {
             .collect::<String>()
     );
     let qemu = qemu_can_run();
-    for (label, kernel) in &kernels {
+    for (label, kernel) in kernels.iter().filter(|_| !topology_only) {
         let t = spanvm_boot(kernel, &initrd, &work)?;
         row(&format!("spanvm: {label}"), &t);
         match qemu {
