@@ -225,7 +225,7 @@ impl Distributed {
         }
         if let Ok(v) = std::env::var("SPANVM_TEST_ZERO_PAGE_AFTER") {
             match v.parse() {
-                Ok(n) => pages = pages.zero_received_page_after(n),
+                Ok(n) => pages = pages.zero_received_pages_after(n),
                 Err(_) => eprintln!(
                     "spanvm: ignoring SPANVM_TEST_ZERO_PAGE_AFTER={v:?}: not a count of pages"
                 ),

@@ -194,7 +194,7 @@ pub struct ShadowZap<P> {
     counters: Counters,
     /// Fault injection for tests: installs left before one fails as a refused `UFFDIO_COPY`.
     installs_before_failure: Option<AtomicU64>,
-    /// Fault injection for tests: installs of received data left before one installs zeros.
+    /// Fault injection for tests: installs of received data left before they install zeros.
     received_before_zero: Option<AtomicU64>,
 }
 
@@ -273,9 +273,11 @@ impl<P: ShadowTarget> ShadowZap<P> {
         self
     }
 
-    /// Makes the install of received data after the next `installs` ones install zeros instead:
-    /// the page a broken DSM would hand out, for tests that must catch it.
-    pub fn zero_received_page_after(mut self, installs: u64) -> ShadowZap<P> {
+    /// Makes every install of received data after the next `installs` ones install zeros
+    /// instead: the pages a DSM that lost its data would hand out, for tests that must catch it.
+    /// Every one, not just the first: a zero page the owner takes back before the guest reads
+    /// it proves nothing, and the next fetch of that page must not heal it.
+    pub fn zero_received_pages_after(mut self, installs: u64) -> ShadowZap<P> {
         self.received_before_zero = Some(AtomicU64::new(installs));
         self
     }
@@ -489,11 +491,9 @@ impl<P: ShadowTarget> GuestPages for ShadowZap<P> {
         }
         let mut content = content;
         if let (Some(left), PageContent::Bytes(_)) = (&self.received_before_zero, content) {
-            // Counts down through 0 to u64::MAX, where it stops: the hook fires exactly once.
-            let before = left.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
-                (n != u64::MAX).then(|| n.wrapping_sub(1))
-            });
-            if before == Ok(0) {
+            let before =
+                left.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+            if before == Err(0) {
                 eprintln!(
                     "spanvm: TEST HOOK SPANVM_TEST_ZERO_PAGE_AFTER FIRED: page {page:#x} \
                      (guest RAM offset {:#x}) installed as zeros instead of the data received",
@@ -772,8 +772,8 @@ mod tests {
     }
 
     #[test]
-    fn the_zero_page_hook_replaces_one_received_page_only() {
-        let z = zap_over(8).zero_received_page_after(1);
+    fn the_zero_page_hook_replaces_the_received_pages_after_the_first_n() {
+        let z = zap_over(8).zero_received_pages_after(1);
         let data = table(&[(0, 0x5a5a)]);
         z.install(0, PageContent::Bytes(&data), false).unwrap();
         // Zero pages are not received data: they do not count.
@@ -783,6 +783,6 @@ mod tests {
         let first_word = |page| z.inner().pages.load(page, 0);
         assert_eq!(first_word(0), Some(0x5a5a));
         assert_eq!(first_word(2), Some(0), "the second received page is zeros");
-        assert_eq!(first_word(3), Some(0x5a5a), "the hook fires once");
+        assert_eq!(first_word(3), Some(0), "and so is every later one");
     }
 }
