@@ -343,3 +343,178 @@ fn killing_the_master_while_a_vcpu_waits_on_a_forwarded_in_stops_its_node_within
     );
     assert!(!stderr.contains("panicked"), "node 1 panicked:\n{stderr}");
 }
+
+/// Records between two progress reports of the `stream` probe (its REPORT_EVERY).
+const STREAM_REPORT_EVERY: u64 = 1024;
+/// Records in the `stream` probe's ring (its RECORDS): one lap.
+const STREAM_LAP: u64 = 16384;
+
+/// Every value `vcpu` reported under `key` in `stdout`, in order.
+fn reports_of(stdout: &str, vcpu: usize, key: &str) -> Vec<u64> {
+    let prefix = format!("PROBE vcpu={vcpu} {key}=");
+    stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix(&prefix)?.trim().parse().ok())
+        .collect()
+}
+
+/// Reads `node`'s stdout as it grows until `vcpu` has reported `key` at `at_least` or more;
+/// returns that value. Fails at once if a `stream` check failed or the node exited, so that a
+/// broken run is not mistaken for a slow one.
+fn wait_for_progress(node: &mut Node, vcpu: usize, key: &str, at_least: u64) -> u64 {
+    let started = Instant::now();
+    let prefix = format!("PROBE vcpu={vcpu} {key}=");
+    let mut seen = 0; // bytes of stdout already looked at, up to the last whole line
+    loop {
+        let stdout = node.stdout();
+        let whole = stdout.rfind('\n').map_or(0, |end| end + 1);
+        for line in stdout[seen.min(whole)..whole].lines() {
+            assert!(
+                !line.contains(" BAD"),
+                "the stream check failed before the kill: {line}\n{stdout}\n{}",
+                node.stderr()
+            );
+            let value = line
+                .strip_prefix(&prefix)
+                .and_then(|v| v.trim().parse().ok());
+            if let Some(value) = value.filter(|v: &u64| *v >= at_least) {
+                return value;
+            }
+        }
+        seen = whole;
+        if let Some(status) = node.child.try_wait().unwrap() {
+            panic!(
+                "the node exited ({status}) before vCPU {vcpu} reported {key} >= {at_least}\n\
+                 {stdout}\n{}",
+                node.stderr()
+            );
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "vCPU {vcpu} did not report {key} >= {at_least} within 60 s\n{stdout}\n{}",
+            node.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn killing_the_writer_mid_stream_leaves_the_reader_with_only_records_it_checked() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    // vCPU 0 (node 0) reads and checks the endless stream vCPU 1 (node 1) writes.
+    let mut procs = start_probe_cluster(dir.path(), &cluster_text(2, 1, "stream", 0, 64), |_| &[]);
+    // Every node still running is killed when `procs` is dropped, however the test ends.
+    // "Mid-run" is when the reader has checked many laps of the ring, each moving every ring
+    // page to node 0 and back, so that stale copies of the pages have existed; not a guessed
+    // delay.
+    let before_kill = wait_for_progress(&mut procs[0], 0, "RDOK", 16 * STREAM_LAP);
+    procs[1].child.kill().unwrap(); // SIGKILL
+    let killed_at = Instant::now();
+    let _ = procs[1].child.wait();
+    let (code, at) = procs[0].wait(Duration::from_secs(20));
+    let took = at.duration_since(killed_at);
+    let (stdout0, stderr0) = (procs[0].stdout(), procs[0].stderr());
+    let stdout1 = procs[1].stdout();
+    assert_eq!(
+        code,
+        Some(5),
+        "node 0 should exit with the lost-peer code\n{stderr0}"
+    );
+    assert!(
+        took < Duration::from_secs(2),
+        "node 0 took {took:?} to stop after node 1 died\n{stderr0}"
+    );
+    assert!(
+        stderr0
+            .lines()
+            .any(|l| l.contains("lost") && l.contains("node 1")),
+        "node 0 does not say it lost node 1:\n{stderr0}"
+    );
+    assert!(!stderr0.contains("panicked"), "node 0 panicked:\n{stderr0}");
+    // Placement: the reader on the survivor, the writer on the node killed.
+    assert!(stdout0.contains("PROBE vcpu=0 NODE=0"), "{stdout0}");
+    assert!(stdout1.contains("PROBE vcpu=1 NODE=1"), "{stdout1}");
+    // No record the reader was handed, before or after the kill, was zero, stale or garbled;
+    // and the reader neither finished nor failed: the survivor stopped it.
+    assert!(
+        !stdout0.contains(" BAD"),
+        "the reader was handed a bad record or head:\n{stdout0}"
+    );
+    assert!(!stdout0.contains("vcpu=0 EXIT="), "{stdout0}");
+    // The reader's counts step by exactly one report's worth: every record up to the last
+    // count was checked, none skipped, and the counts only grow.
+    let checked = reports_of(&stdout0, 0, "RDOK");
+    let expected: Vec<u64> = (1..=checked.len() as u64)
+        .map(|k| k * STREAM_REPORT_EVERY)
+        .collect();
+    assert_eq!(checked, expected, "the reader's progress reports have gaps");
+    let last_checked = *checked.last().unwrap();
+    assert!(last_checked >= before_kill);
+    // The reader cannot have checked records that were never written. The writer reports just
+    // after it publishes, so a kill between the two may leave its last report one short.
+    let last_written = reports_of(&stdout1, 1, "WROT").last().copied().unwrap_or(0);
+    assert!(
+        last_checked <= last_written + STREAM_REPORT_EVERY,
+        "the reader checked {last_checked} records, the writer reported only {last_written}"
+    );
+    eprintln!(
+        "stream: node 0 stopped {took:?} after node 1 was killed; the reader had checked \
+         {before_kill} records when the kill was decided, {last_checked} at its last report; \
+         the writer last reported {last_written} written"
+    );
+}
+
+#[test]
+fn a_zero_page_handed_to_the_stream_reader_fails_its_check() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    // Node 0 installs the pages it receives from node 1 as zeros, from well into the stream on:
+    // what a DSM that handed out a lost node's pages as zeros would do. Every one, because a
+    // single zero page may be taken back by the writer before the reader gets to it. The stream
+    // is finite so that a check that missed would end the run instead of hanging it.
+    let mut procs = start_probe_cluster(
+        dir.path(),
+        &cluster_text(2, 1, "stream", 1_000_000, 64),
+        |i| {
+            if i == 0 {
+                &[("SPANVM_TEST_ZERO_PAGE_AFTER", "500")]
+            } else {
+                &[]
+            }
+        },
+    );
+    let (code, _) = procs[0].wait(Duration::from_secs(120));
+    let (stdout0, stderr0) = (procs[0].stdout(), procs[0].stderr());
+    assert!(
+        stderr0.contains("TEST HOOK SPANVM_TEST_ZERO_PAGE_AFTER FIRED"),
+        "the hook did not fire:\n{stderr0}"
+    );
+    assert!(stdout0.contains("PROBE vcpu=0 NODE=0"), "{stdout0}");
+    let reported = |key: &str| reports_of(&stdout0, 0, key).first().copied();
+    assert_eq!(
+        reported("BADK"),
+        Some(1),
+        "the reader did not report reading zeros (BADK=1)\n{stdout0}\n{stderr0}"
+    );
+    assert_eq!(reported("BADW"), Some(0), "{stdout0}");
+    assert_eq!(
+        code,
+        Some(4),
+        "node 0 should exit with the probe-failure code\n{stderr0}"
+    );
+    let (code1, _) = procs[1].wait(Duration::from_secs(20));
+    assert_eq!(code1, Some(4), "node 1\n{}", procs[1].stderr());
+    let fired = stderr0
+        .lines()
+        .find(|l| l.contains("FIRED"))
+        .unwrap_or_default();
+    eprintln!(
+        "zero page: {fired}\nthe reader reported: {}",
+        stdout0
+            .lines()
+            .filter(|l| l.contains(" BAD") || l.contains("vcpu=0 EXIT"))
+            .collect::<Vec<_>>()
+            .join("; ")
+    );
+}

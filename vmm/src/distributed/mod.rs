@@ -223,6 +223,14 @@ impl Distributed {
         {
             pages = pages.fail_install_after(n);
         }
+        if let Ok(v) = std::env::var("SPANVM_TEST_ZERO_PAGE_AFTER") {
+            match v.parse() {
+                Ok(n) => pages = pages.zero_received_pages_after(n),
+                Err(_) => eprintln!(
+                    "spanvm: ignoring SPANVM_TEST_ZERO_PAGE_AFTER={v:?}: not a count of pages"
+                ),
+            }
+        }
         let pages = Arc::new(pages);
         let link = Arc::new(MeshLink::default());
         let home_layout = layout.clone();

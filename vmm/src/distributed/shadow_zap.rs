@@ -194,6 +194,8 @@ pub struct ShadowZap<P> {
     counters: Counters,
     /// Fault injection for tests: installs left before one fails as a refused `UFFDIO_COPY`.
     installs_before_failure: Option<AtomicU64>,
+    /// Fault injection for tests: installs of received data left before they install zeros.
+    received_before_zero: Option<AtomicU64>,
 }
 
 /// Holds one page's lock bit; stores the (possibly updated) state on drop.
@@ -260,6 +262,7 @@ impl<P: ShadowTarget> ShadowZap<P> {
             frame_limit: 1u64 << (physical_address_bits() - 12),
             counters: Counters::default(),
             installs_before_failure: None,
+            received_before_zero: None,
         }
     }
 
@@ -267,6 +270,15 @@ impl<P: ShadowTarget> ShadowZap<P> {
     /// (out of memory) would: the path of a real memory failure, for tests of what follows.
     pub fn fail_install_after(mut self, installs: u64) -> ShadowZap<P> {
         self.installs_before_failure = Some(AtomicU64::new(installs));
+        self
+    }
+
+    /// Makes every install of received data after the next `installs` ones install zeros
+    /// instead: the pages a DSM that lost its data would hand out, for tests that must catch it.
+    /// Every one, not just the first: a zero page the owner takes back before the guest reads
+    /// it proves nothing, and the next fetch of that page must not heal it.
+    pub fn zero_received_pages_after(mut self, installs: u64) -> ShadowZap<P> {
+        self.received_before_zero = Some(AtomicU64::new(installs));
         self
     }
 
@@ -475,6 +487,19 @@ impl<P: ShadowTarget> GuestPages for ShadowZap<P> {
                     errno: "injected failure (SPANVM_TEST_FAIL_INSTALL_AFTER): out of memory"
                         .into(),
                 });
+            }
+        }
+        let mut content = content;
+        if let (Some(left), PageContent::Bytes(_)) = (&self.received_before_zero, content) {
+            let before =
+                left.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+            if before == Err(0) {
+                eprintln!(
+                    "spanvm: TEST HOOK SPANVM_TEST_ZERO_PAGE_AFTER FIRED: page {page:#x} \
+                     (guest RAM offset {:#x}) installed as zeros instead of the data received",
+                    page << 12
+                );
+                content = PageContent::Zero;
             }
         }
         let after = if writable {
@@ -744,5 +769,20 @@ mod tests {
         flipper.join().unwrap();
         // The Recorder asserted that every re-protected page was in the re-applied state.
         assert!(z.stats().calls >= 200);
+    }
+
+    #[test]
+    fn the_zero_page_hook_replaces_the_received_pages_after_the_first_n() {
+        let z = zap_over(8).zero_received_pages_after(1);
+        let data = table(&[(0, 0x5a5a)]);
+        z.install(0, PageContent::Bytes(&data), false).unwrap();
+        // Zero pages are not received data: they do not count.
+        z.install(1, PageContent::Zero, false).unwrap();
+        z.install(2, PageContent::Bytes(&data), false).unwrap();
+        z.install(3, PageContent::Bytes(&data), false).unwrap();
+        let first_word = |page| z.inner().pages.load(page, 0);
+        assert_eq!(first_word(0), Some(0x5a5a));
+        assert_eq!(first_word(2), Some(0), "the second received page is zeros");
+        assert_eq!(first_word(3), Some(0), "and so is every later one");
     }
 }
