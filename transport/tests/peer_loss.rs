@@ -288,3 +288,37 @@ fn a_panicking_handler_makes_the_peer_lost_instead_of_leaving_a_channel_unread()
     drop(seen);
     assert!(node0.is_lost(1));
 }
+
+/// A peer that connected and then died while the mesh was still forming (a third node has not
+/// come yet) ends setup at once as a lost peer, instead of the node waiting out its connect
+/// timeout for a mesh that can no longer complete.
+#[test]
+fn a_peer_killed_while_the_mesh_forms_ends_setup_at_once_as_lost() {
+    let addrs: Vec<SocketAddr> = (0..3)
+        .map(|_| SocketAddr::from(([127, 0, 0, 1], free_port())))
+        .collect();
+    let cfg0 = config(0, &addrs);
+    let setup_timeout = cfg0.connect_timeout;
+    let node0 = thread::spawn(move || {
+        let result = TcpMesh::establish(cfg0, Arc::new(Recorder::default()));
+        (result.err(), Instant::now())
+    });
+    let mut args = peer_args(1, addrs[1], (0, addrs[0]), &common::layout(3));
+    args.extend(["--peer".to_string(), format!("2={}", addrs[2])]);
+    let node1 = PeerProcess::start(&args);
+    // Node 1 dials node 0 as soon as it runs; node 2 never comes, so setup cannot finish.
+    thread::sleep(Duration::from_millis(1500));
+    node1.signal(libc::SIGKILL);
+    let killed_at = Instant::now();
+    let (error, ended_at) = node0.join().unwrap();
+    let took = ended_at.saturating_duration_since(killed_at);
+    println!("node 0 gave up setup {took:?} after node 1 was killed");
+    assert!(
+        matches!(error, Some(TransportError::LostDuringSetup { peer: 1, .. })),
+        "expected node 1 lost during setup, got {error:?}"
+    );
+    assert!(
+        took < Duration::from_secs(2),
+        "setup took {took:?} to notice (its timeout is {setup_timeout:?})"
+    );
+}

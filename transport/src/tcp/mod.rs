@@ -6,6 +6,7 @@ mod inner;
 mod liveness;
 mod receiver;
 mod setup;
+mod setup_watch;
 mod writer;
 
 use std::net::TcpListener;

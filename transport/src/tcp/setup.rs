@@ -22,6 +22,7 @@ use crate::handshake_wire::{Refusal, RefusalCode};
 use super::connection::{prepare_socket, SocketSource};
 use super::dial;
 use super::inner::MeshInner;
+use super::setup_watch::SetupWatch;
 
 /// Longest single connect attempt, so that an abandoned setup is noticed soon.
 const CONNECT_ATTEMPT: Duration = Duration::from_secs(1);
@@ -44,24 +45,40 @@ pub(crate) fn connect_all(
     deadline: Instant,
 ) -> Result<Streams, TransportError> {
     let abandon = AtomicBool::new(false);
+    let watch = SetupWatch::default();
     thread::scope(|scope| {
+        let watcher = thread::Builder::new()
+            .name("xport-setupwatch".to_string())
+            .spawn_scoped(scope, || watch.watch(&abandon))
+            .map_err(|source| TransportError::Thread { source })?;
         let acceptor = thread::Builder::new()
             .name("xport-accept".to_string())
             .spawn_scoped(scope, || {
-                let accepted = accept_all(listener, cfg, creds, deadline, &abandon);
+                let accepted = accept_all(listener, cfg, creds, deadline, &abandon, &watch);
                 if accepted.is_err() {
                     abandon.store(true, Ordering::Release);
                 }
                 accepted
             })
             .map_err(|source| TransportError::Thread { source })?;
-        let dialed = dial_all(cfg, creds, deadline, &abandon);
+        let dialed = dial_all(cfg, creds, deadline, &abandon, &watch);
         if dialed.is_err() {
             abandon.store(true, Ordering::Release);
         }
         let accepted = acceptor
             .join()
             .unwrap_or(Err(TransportError::SetupAbandoned));
+        watch.finish();
+        // The watcher only sleeps and polls; it ends within its period.
+        let _ = watcher.join();
+        if let Some(peer) = watch.lost() {
+            return Err(TransportError::LostDuringSetup {
+                peer,
+                why: "it closed its connection to this node while the mesh was being set up \
+                      (it crashed, was killed, or gave up)"
+                    .to_string(),
+            });
+        }
         match (dialed, accepted) {
             (Ok(mut streams), Ok(accepted)) => {
                 streams.extend(accepted);
@@ -79,11 +96,13 @@ fn dial_all(
     creds: &Credentials,
     deadline: Instant,
     abandon: &AtomicBool,
+    watch: &SetupWatch,
 ) -> Result<Streams, TransportError> {
     let mut streams = Streams::new();
     for (peer, addr) in cfg.dialed_peers() {
         for channel in Channel::ALL {
             let stream = dial_one(cfg, creds, peer, addr, channel, deadline, abandon)?;
+            watch.add(peer, &stream);
             streams.insert((peer, channel), stream);
         }
     }
@@ -149,6 +168,7 @@ fn accept_all(
     creds: &Credentials,
     deadline: Instant,
     abandon: &AtomicBool,
+    watch: &SetupWatch,
 ) -> Result<Streams, TransportError> {
     let expected: BTreeSet<NodeId> = cfg.accepted_peers().into_iter().collect();
     if expected.is_empty() {
@@ -163,6 +183,7 @@ fn accept_all(
         cfg,
         expected,
         state: Mutex::default(),
+        watch,
     };
     thread::scope(|scope| {
         let ended = accept_until_setup_ends(scope, listener, &acceptor, creds, deadline, abandon);
@@ -238,6 +259,8 @@ struct Acceptor<'a> {
     /// The higher-id peers, which dial this node.
     expected: BTreeSet<NodeId>,
     state: Mutex<AcceptState>,
+    /// Where accepted connections are watched for their peer going away.
+    watch: &'a SetupWatch,
 }
 
 #[derive(Default)]
@@ -401,6 +424,7 @@ impl Pending<'_> {
         if self.claimed.take() == Some(key) {
             state.claimed.remove(&key);
             if !state.over {
+                self.acceptor.watch.add(key.0, &stream);
                 state.accepted.insert(key, stream);
             }
         }
