@@ -79,8 +79,11 @@ pub enum ClusterError {
     /// Something on the local file system failed.
     #[error("{what} {path}: {source}")]
     Io {
+        /// What was being done, e.g. "cannot write the cluster secret".
         what: &'static str,
+        /// The file or directory.
         path: PathBuf,
+        /// The OS error.
         source: std::io::Error,
     },
     /// No free loopback port for the default cluster.
@@ -89,8 +92,11 @@ pub enum ClusterError {
     /// A node process could not be started.
     #[error("cannot start node {node} ({exe}): {source}")]
     Spawn {
+        /// The node whose process failed to start.
         node: usize,
+        /// The spanvm executable that was run.
         exe: PathBuf,
+        /// The OS error.
         source: std::io::Error,
     },
     /// Signal handling could not be set up.
@@ -98,7 +104,10 @@ pub enum ClusterError {
     Signals(std::io::Error),
     /// The default Linux guest's images are not built.
     #[error("the default guest needs {missing}: run `bash images/build.sh` first (or set SPANVM_IMAGES_DIR), or run a probe guest with `spanvm cluster --probe counter`")]
-    NoImages { missing: PathBuf },
+    NoImages {
+        /// The first image file that is not there.
+        missing: PathBuf,
+    },
 }
 
 fn io_err(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> ClusterError {

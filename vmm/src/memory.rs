@@ -25,10 +25,20 @@ use crate::hypervisor::{HypervisorError, KvmVm};
 pub enum MemoryError {
     /// The host would not give us the address space.
     #[error("cannot reserve {size} bytes of address space for guest memory: {source}")]
-    Map { size: u64, source: std::io::Error },
+    Map {
+        /// Bytes of guest memory asked for.
+        size: u64,
+        /// The OS error.
+        source: std::io::Error,
+    },
     /// A VMM access outside guest RAM (a bug or a bad guest-supplied address).
     #[error("guest-physical range {gpa:#x}..{end:#x} is not guest RAM")]
-    OutOfRange { gpa: u64, end: u64 },
+    OutOfRange {
+        /// First guest-physical address of the access.
+        gpa: u64,
+        /// First guest-physical address past it.
+        end: u64,
+    },
     /// KVM refused the memory slot.
     #[error(transparent)]
     Register(#[from] HypervisorError),

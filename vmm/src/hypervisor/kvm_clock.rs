@@ -12,13 +12,9 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{Cap, VmFd};
 use vmm_sys_util::ioctl::{ioctl_with_mut_ref, ioctl_with_ref};
-use vmm_sys_util::ioctl_iow_nr;
 
-use super::{Hypervisor, KVMIO};
-
-ioctl_iow_nr!(KVM_SET_DEVICE_ATTR, KVMIO, 0xe1, kvm_device_attr);
-ioctl_iow_nr!(KVM_GET_DEVICE_ATTR, KVMIO, 0xe2, kvm_device_attr);
-ioctl_iow_nr!(KVM_HAS_DEVICE_ATTR, KVMIO, 0xe3, kvm_device_attr);
+use super::ioctl_numbers::{KVM_GET_DEVICE_ATTR, KVM_HAS_DEVICE_ATTR, KVM_SET_DEVICE_ATTR};
+use super::Hypervisor;
 
 /// Why the guest TSC cannot be moved on kvm_pvm (HOST.md).
 pub const PVM_TSC_REASON: &str =

@@ -22,17 +22,27 @@ const TSS_LIMIT: u64 = 104 + TSS_IO_PORTS / 8;
 pub enum LoaderError {
     /// The image is not a probe image.
     #[error("probe image `{name}` is invalid: {problem}")]
-    BadImage { name: String, problem: String },
+    BadImage {
+        /// The probe's name.
+        name: String,
+        /// What is wrong with its image.
+        problem: String,
+    },
     /// The guest is too small or too large for the probe layout.
     #[error("probe guests need {problem}")]
-    Layout { problem: String },
+    Layout {
+        /// What the probe layout needs that the guest does not give.
+        problem: String,
+    },
     /// Writing guest memory failed.
     #[error("loading the probe: {0}")]
     Memory(#[from] MemoryError),
     /// Setting a vCPU's registers failed.
     #[error("setting up vCPU {vcpu} registers: {source}")]
     Registers {
+        /// The vCPU being set up.
         vcpu: usize,
+        /// KVM's error.
         source: kvm_ioctls::Error,
     },
 }
