@@ -337,7 +337,7 @@ fn killing_the_master_while_a_node_waits_for_start_stops_it_within_2_seconds() {
 
 fn signal(node: &Node, sig: libc::c_int) {
     // SAFETY: kill(2) on the pid of a child this test started and has not reaped.
-    let rc = unsafe { libc::kill(node.child.id() as libc::pid_t, sig) };
+    let rc = unsafe { libc::kill(libc::pid_t::try_from(node.child.id()).unwrap(), sig) };
     assert_eq!(rc, 0, "kill({sig})");
 }
 

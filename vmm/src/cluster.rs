@@ -216,7 +216,10 @@ pub fn run(guest: Guest, dir: Option<&Path>) -> Result<StopReason, ClusterError>
         };
         for c in signalled.lock().unwrap_or_else(|p| p.into_inner()).iter() {
             // SAFETY: kill(2) on a child we started and have not reaped yet.
-            unsafe { libc::kill(c.id() as i32, to_children) };
+            if let Ok(pid) = libc::pid_t::try_from(c.id()) {
+                // SAFETY: kill(2) on a child we started and have not reaped yet.
+                unsafe { libc::kill(pid, to_children) };
+            }
         }
     })
     .map_err(ClusterError::Signals)?;

@@ -33,7 +33,7 @@ pub enum StopReason {
 
 impl StopReason {
     /// The process exit code for this reason (documented in the README).
-    pub fn exit_code(&self) -> i32 {
+    pub fn exit_code(&self) -> u8 {
         match self {
             StopReason::PowerOff => 0,
             StopReason::Error(_) => 1,

@@ -318,7 +318,7 @@ impl Control {
             self.send(
                 0,
                 KIND_DONE,
-                reason.exit_code() as u64,
+                u64::from(reason.exit_code()),
                 &reason_text(&reason),
             );
         }
@@ -356,7 +356,7 @@ impl Control {
         self.stopping_cleanly.store(true, Ordering::SeqCst);
         let text = reason_text(reason);
         for peer in (0..self.nodes as NodeId).filter(|&p| p != self.me) {
-            self.send(peer, KIND_STOP, reason.exit_code() as u64, &text);
+            self.send(peer, KIND_STOP, u64::from(reason.exit_code()), &text);
         }
     }
 
@@ -471,7 +471,7 @@ impl Control {
                 self.send(
                     0,
                     KIND_DONE,
-                    reason.exit_code() as u64,
+                    u64::from(reason.exit_code()),
                     &reason_text(&reason),
                 );
             }

@@ -63,7 +63,7 @@ impl KvmClock {
         if unsafe { ioctl_with_mut_ref(fd, KVM_GET_DEVICE_ATTR(), &mut attr) } != 0 {
             return None;
         }
-        Some(value as i64)
+        Some(crate::convert::i64_of_bits(value))
     }
 }
 
@@ -104,7 +104,7 @@ impl VmClock for KvmClock {
 
     fn can_set_at_realtime(&self) -> bool {
         let flags = self.vm.check_extension_int(Cap::AdjustClock);
-        flags > 0 && (flags as u32) & KVM_CLOCK_REALTIME != 0
+        u32::try_from(flags).is_ok_and(|flags| flags & KVM_CLOCK_REALTIME != 0)
     }
 }
 
@@ -135,7 +135,7 @@ impl GuestTsc for KvmClock {
         // The same offset on every vCPU of the VM, so that KVM still sees matched TSCs and
         // keeps its stable master clock (KVM_CLOCK_TSC_STABLE).
         for (i, fd) in self.vcpus().iter().enumerate() {
-            let mut value = offset as u64;
+            let mut value = crate::convert::bits_of_i64(offset);
             let attr = tsc_offset_attr(&mut value);
             // SAFETY: `fd` is a vCPU fd; KVM_SET_DEVICE_ATTR reads the descriptor and 8 bytes at
             // `addr`, which points at `value`, alive for the call.
