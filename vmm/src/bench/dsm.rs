@@ -89,13 +89,14 @@ fn pair(busy_poll: bool) -> Result<(BenchNode, BenchNode), CommandError> {
                     )
                     .map_err(bench_err)?,
                 );
-                let control = Arc::new(Control::new(me as u32, 2));
+                let id = u32::try_from(me).expect("the benchmark has two nodes");
+                let control = Arc::new(Control::new(id, 2));
                 let handler = Arc::new(NodeHandler::new(control.clone()));
                 let _ = handler.dsm.set(dsm.clone());
                 let cfg = MeshConfig {
-                    me: me as u32,
+                    me: id,
                     listen: addrs[me],
-                    peers: vec![((1 - me) as u32, addrs[1 - me])],
+                    peers: vec![(1 - id, addrs[1 - me])],
                     secret: b"spanvm bench dsm secret, loopback only".to_vec(),
                     layout_canonical: "spanvm bench dsm".into(),
                     connect_timeout: Duration::from_secs(20),

@@ -251,7 +251,10 @@ impl Distributed {
                 };
                 match lost {
                     // The transport reports the loss too; whichever comes first names it.
-                    Some(peer) => control.peer_lost(peer as NodeId, why),
+                    Some(peer) => control.peer_lost(
+                        NodeId::try_from(peer).expect("dsm node ids are below MAX_NODES"),
+                        why,
+                    ),
                     None => {
                         eprintln!("spanvm: node {me}: the distributed memory failed: {why}");
                         control.fail(StopReason::MemoryFailed(format!("node {me}: {why}")));
