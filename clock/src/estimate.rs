@@ -129,8 +129,8 @@ mod tests {
             reply: ClockReply {
                 seq: 0,
                 reading: reading(
-                    (at_master as i64 + master_ahead) as u64,
-                    (at_master as i64 + tsc_ahead) as u64,
+                    at_master.checked_add_signed(master_ahead).unwrap(),
+                    at_master.checked_add_signed(tsc_ahead).unwrap(),
                 ),
                 tsc: MasterTsc::Fixed,
             },

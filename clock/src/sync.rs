@@ -340,6 +340,8 @@ fn yes_no(b: bool) -> &'static str {
 }
 
 /// A duration in ns, readable.
+// Display only: at most four significant digits are shown, far fewer than f64's 53 bits.
+#[allow(clippy::cast_precision_loss)]
 fn human_ns(ns: u128) -> String {
     match ns {
         0..=9_999 => format!("{ns} ns"),

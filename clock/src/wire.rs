@@ -98,6 +98,13 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(a)
 }
 
+/// A signed field: the offset's two's complement bytes, as `i64::to_le_bytes` wrote them.
+fn i64_at(b: &[u8], at: usize) -> i64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[at..at + 8]);
+    i64::from_le_bytes(a)
+}
+
 fn u32_at(b: &[u8], at: usize) -> u32 {
     let mut a = [0u8; 4];
     a.copy_from_slice(&b[at..at + 4]);
@@ -169,7 +176,7 @@ impl MasterClock {
         if tsc_khz == 0 {
             return Err(bad("a TSC frequency of 0 kHz".into()));
         }
-        let tsc = MasterTsc::decode(mode, u64_at(b, 56) as i64).map_err(bad)?;
+        let tsc = MasterTsc::decode(mode, i64_at(b, 56)).map_err(bad)?;
         let mut boot_id = [0u8; 16];
         boot_id.copy_from_slice(&b[8..24]);
         Ok(Self {
@@ -219,7 +226,7 @@ impl ClockReply {
         if u32_at(b, 28) != 0 {
             return Err(bad("reserved field is not 0".into()));
         }
-        let tsc = MasterTsc::decode(mode, u64_at(b, 48) as i64).map_err(bad)?;
+        let tsc = MasterTsc::decode(mode, i64_at(b, 48)).map_err(bad)?;
         Ok(Self {
             seq: u64_at(b, 8),
             reading: ClockReading {

@@ -18,9 +18,13 @@ pub enum BusError {
     /// Two devices claim overlapping ranges.
     #[error("device range {base:#x}+{len:#x} overlaps the device at {other:#x}+{other_len:#x}")]
     Overlap {
+        /// First port or address of the range being added.
         base: u64,
+        /// Length of the range being added.
         len: u64,
+        /// First port or address of the device already on the bus.
         other: u64,
+        /// Length of the range of the device already on the bus.
         other_len: u64,
     },
     /// A zero-length range.
@@ -111,7 +115,7 @@ mod tests {
     struct Recorder(Mutex<Vec<(usize, u64, Vec<u8>)>>);
     impl BusDevice for Recorder {
         fn read(&self, _vcpu: usize, offset: u64, data: &mut [u8]) {
-            data.fill(offset as u8);
+            data.fill(crate::bits::low_u8(offset));
         }
         fn write(&self, vcpu: usize, offset: u64, data: &[u8]) {
             self.0.lock().unwrap().push((vcpu, offset, data.to_vec()));

@@ -5,6 +5,7 @@ use std::sync::{Arc, Mutex};
 
 use vm_superio::{I8042Device, Trigger};
 
+use crate::bits::low_u8;
 use crate::bus::BusDevice;
 
 /// First port of the controller (data at 0x60, command/status at 0x64).
@@ -40,7 +41,7 @@ impl I8042 {
 impl BusDevice for I8042 {
     fn read(&self, _vcpu: usize, offset: u64, data: &mut [u8]) {
         let mut dev = self.dev.lock().unwrap_or_else(|p| p.into_inner());
-        let v = dev.read(offset as u8);
+        let v = dev.read(low_u8(offset));
         data.fill(0);
         if let Some(b) = data.first_mut() {
             *b = v;
@@ -50,7 +51,7 @@ impl BusDevice for I8042 {
     fn write(&self, _vcpu: usize, offset: u64, data: &[u8]) {
         let mut dev = self.dev.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(&b) = data.first() {
-            let _ = dev.write(offset as u8, b);
+            let _ = dev.write(low_u8(offset), b);
         }
     }
 }

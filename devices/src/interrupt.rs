@@ -6,6 +6,7 @@
 //! [`destination_set`] can be computed wherever the message is raised, without asking the node
 //! that runs the target vCPU.
 
+use crate::bits::{low_u32, low_u8};
 use thiserror::Error;
 
 pub use crate::apic::delivery::destination::{destination_matches, destination_set};
@@ -195,7 +196,7 @@ impl InterruptMessage {
             return Err(InterruptError::ReservedDeliveryMode { packed });
         };
         Ok(Self {
-            vector: packed as u8,
+            vector: low_u8(packed),
             delivery,
             dest_mode: if packed & (1 << 11) != 0 {
                 DestinationMode::Logical
@@ -209,7 +210,7 @@ impl InterruptMessage {
                 TriggerMode::Edge
             },
             level_assert: packed & (1 << 13) != 0,
-            shorthand: Shorthand::from_bits((packed >> 14) as u32),
+            shorthand: Shorthand::from_bits(low_u32(packed >> 14)),
         })
     }
 }

@@ -25,10 +25,13 @@
 //! QEMU does; the 82093AA datasheet drops it), so a device that signals while its driver is
 //! still setting up does not lose its only interrupt.
 
+use crate::bits::{low_u32, low_u8};
 use crate::interrupt::{DeliveryMode, DestinationMode, InterruptMessage, Shorthand, TriggerMode};
 
 /// Number of input pins.
-pub const IOAPIC_PINS: usize = 24;
+pub const IOAPIC_PINS: usize = PIN_COUNT as usize;
+/// [`IOAPIC_PINS`] as the registers count it.
+const PIN_COUNT: u32 = 24;
 
 const IOREGSEL: u64 = 0x00;
 const IOWIN: u64 = 0x10;
@@ -38,10 +41,10 @@ const REG_ID: u32 = 0x00;
 const REG_VERSION: u32 = 0x01;
 const REG_ARBITRATION: u32 = 0x02;
 const REG_REDIRECTION_FIRST: u32 = 0x10;
-const REG_REDIRECTION_LAST: u32 = REG_REDIRECTION_FIRST + 2 * IOAPIC_PINS as u32 - 1;
+const REG_REDIRECTION_LAST: u32 = REG_REDIRECTION_FIRST + 2 * PIN_COUNT - 1;
 
 /// Version 0x20 (has the EOI register), maximum redirection entry 23.
-const VERSION: u32 = 0x20 | ((IOAPIC_PINS as u32 - 1) << 16);
+const VERSION: u32 = 0x20 | ((PIN_COUNT - 1) << 16);
 const ID_WRITABLE: u32 = 0x0F00_0000;
 
 const ENTRY_LOGICAL: u64 = 1 << 11;
@@ -127,7 +130,7 @@ impl IoApic {
                 bytes.copy_from_slice(data);
                 let value = u32::from_le_bytes(bytes);
                 if offset == EOI {
-                    self.end_of_interrupt(value as u8)
+                    self.end_of_interrupt(low_u8(u64::from(value)))
                 } else {
                     self.write_register(self.selected, value)
                         .into_iter()
@@ -175,7 +178,8 @@ impl IoApic {
         let mut messages = Vec::new();
         for pin in 0..IOAPIC_PINS {
             let entry = self.redirection[pin];
-            if entry as u8 == vector && entry & ENTRY_LEVEL != 0 && entry & ENTRY_REMOTE_IRR != 0 {
+            if low_u8(entry) == vector && entry & ENTRY_LEVEL != 0 && entry & ENTRY_REMOTE_IRR != 0
+            {
                 self.redirection[pin] &= !ENTRY_REMOTE_IRR;
                 messages.extend(self.deliver_level(pin));
             }
@@ -210,7 +214,7 @@ impl IoApic {
                 let offset = index - REG_REDIRECTION_FIRST;
                 let entry = self.redirection[(offset / 2) as usize];
                 if offset % 2 == 0 {
-                    entry as u32
+                    low_u32(entry)
                 } else {
                     (entry >> 32) as u32
                 }
@@ -275,14 +279,14 @@ fn message(entry: u64) -> Option<InterruptMessage> {
     };
     let level = entry & ENTRY_LEVEL != 0;
     Some(InterruptMessage {
-        vector: entry as u8,
+        vector: low_u8(entry),
         delivery,
         dest_mode: if entry & ENTRY_LOGICAL != 0 {
             DestinationMode::Logical
         } else {
             DestinationMode::Physical
         },
-        destination: ((entry >> 56) | ((entry >> 49) & 0x7F) << 8) as u32,
+        destination: low_u32((entry >> 56) | ((entry >> 49) & 0x7F) << 8),
         trigger: if level {
             TriggerMode::Level
         } else {

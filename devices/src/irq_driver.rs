@@ -37,7 +37,9 @@ impl BusDevice for IrqDriver {
         let levels = *self.levels.lock().unwrap_or_else(|p| p.into_inner());
         let bytes = levels.to_le_bytes();
         for (i, b) in data.iter_mut().enumerate() {
-            *b = bytes.get(offset as usize + i).copied().unwrap_or(0);
+            // An offset beyond usize is beyond the register too: it reads as 0 like any other.
+            let byte = usize::try_from(offset).ok().and_then(|o| o.checked_add(i));
+            *b = byte.and_then(|at| bytes.get(at)).copied().unwrap_or(0);
         }
     }
 

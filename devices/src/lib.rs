@@ -8,6 +8,7 @@
 
 pub mod acpi_pm;
 pub mod apic;
+mod bits;
 pub mod bus;
 pub mod i8042;
 pub mod interrupt;

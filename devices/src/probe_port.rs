@@ -20,12 +20,20 @@ pub const PROBE_PORT_LEN: u64 = 0x14;
 pub enum ProbeEvent {
     /// A value under a key.
     Report {
+        /// The vCPU the probe ran on.
         vcpu: usize,
+        /// Four ASCII bytes naming what is reported.
         key: [u8; 4],
+        /// The reported value.
         value: u64,
     },
     /// The probe finished on `vcpu` with `status` (0 = success).
-    Exit { vcpu: usize, status: u32 },
+    Exit {
+        /// The vCPU the probe ran on.
+        vcpu: usize,
+        /// The probe's exit status, 0 for success.
+        status: u32,
+    },
 }
 
 impl ProbeEvent {

@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use vm_superio::serial::NoEvents;
 use vm_superio::{Serial, Trigger};
 
+use crate::bits::low_u8;
 use crate::bus::BusDevice;
 use crate::irq_line::IrqLine;
 
@@ -49,7 +50,7 @@ impl BusDevice for SerialPort {
     fn read(&self, _vcpu: usize, offset: u64, data: &mut [u8]) {
         let mut uart = self.uart.lock().unwrap_or_else(|p| p.into_inner());
         for b in data.iter_mut() {
-            *b = uart.read(offset as u8);
+            *b = uart.read(low_u8(offset));
         }
     }
 
@@ -58,7 +59,7 @@ impl BusDevice for SerialPort {
         if let Some(&b) = data.first() {
             // A write error means the console went away (closed terminal or pipe); the guest
             // must not stop because of it.
-            let _ = uart.write(offset as u8, b);
+            let _ = uart.write(low_u8(offset), b);
         }
     }
 }

@@ -296,14 +296,13 @@ impl NodePages {
             stride,
             offset,
             home_of,
-            entries: vec![
-                PageEntry {
+            entries: (0..len)
+                .map(|_| PageEntry {
                     state: PageState::Invalid,
                     read_pins: 0,
                     write_pins: 0,
-                };
-                len as usize
-            ],
+                })
+                .collect(),
             pending: HashMap::new(),
             deferred: HashMap::new(),
             next_seq: offset,
@@ -584,7 +583,8 @@ impl NodePages {
 
     fn index(&self, page: u64) -> Option<usize> {
         (page < self.page_count && page % self.stride == self.offset)
-            .then_some((page / self.stride) as usize)
+            .then(|| usize::try_from(page / self.stride).ok())
+            .flatten()
     }
 
     fn index_checked(&self, page: u64) -> Result<usize, NodeError> {

@@ -447,7 +447,9 @@ impl Frame {
         out.extend_from_slice(&self.kind.to_le_bytes());
         out.extend_from_slice(&self.flags.to_le_bytes());
         // Payloads are at most a page and a sharer set, so the length fits.
-        out.extend_from_slice(&(self.payload.len() as u32).to_le_bytes());
+        let len = u32::try_from(self.payload.len())
+            .expect("payloads are at most a page and a sharer set");
+        out.extend_from_slice(&len.to_le_bytes());
         out.extend_from_slice(&self.id.to_le_bytes());
         out.extend_from_slice(&self.arg.to_le_bytes());
         out.extend_from_slice(&self.payload);
@@ -468,7 +470,7 @@ impl Frame {
             b.copy_from_slice(&header[i..i + 8]);
             u64::from_le_bytes(b)
         };
-        let declared = u32_at(4) as u64;
+        let declared = u64::from(u32_at(4));
         let payload = &bytes[Self::HEADER_LEN..];
         if declared != payload.len() as u64 {
             return Err(ProtocolError::LengthMismatch {
@@ -619,7 +621,10 @@ impl DsmMessage {
                     GrantData::Keep => (DATA_KEEP, 0),
                     GrantData::Bytes(_) => (DATA_BYTES, 0),
                     // Node ids are below MAX_NODES, so they fit the 8-bit field.
-                    GrantData::Source(node) => (DATA_SOURCE, *node as u16),
+                    GrantData::Source(node) => (
+                        DATA_SOURCE,
+                        u16::try_from(*node).expect("node ids are below MAX_NODES"),
+                    ),
                 };
                 access_bit(access)
                     | sharers_bit(sharers)
@@ -867,7 +872,7 @@ mod tests {
         let mut buf = new_page_buf();
         buf.iter_mut()
             .enumerate()
-            .for_each(|(i, x)| *x = b ^ (i as u8));
+            .for_each(|(i, x)| *x = b ^ i.to_le_bytes()[0]);
         buf
     }
 

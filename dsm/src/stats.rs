@@ -88,7 +88,10 @@ impl NodeStats {
             &self.faults_read
         }
         .fetch_add(1, Relaxed);
-        if let Some(count) = self.faults_per_page.get(page as usize) {
+        let count = usize::try_from(page)
+            .ok()
+            .and_then(|page| self.faults_per_page.get(page));
+        if let Some(count) = count {
             count.fetch_add(1, Relaxed);
         }
     }
@@ -111,8 +114,8 @@ impl NodeStats {
     /// A request of this node completed after `latency`; `remote` if any message of it left the
     /// node.
     pub fn record_completed(&self, kind: RequestKind, remote: bool, latency: Duration) {
-        self.completed[kind as usize][remote as usize].fetch_add(1, Relaxed);
-        let micros = latency.as_micros().min(u64::MAX as u128) as u64;
+        self.completed[kind as usize][usize::from(remote)].fetch_add(1, Relaxed);
+        let micros = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
         let bucket = (63 - (micros | 1).leading_zeros()) as usize;
         self.latency[bucket.min(LATENCY_BUCKETS - 1)].fetch_add(1, Relaxed);
     }
@@ -332,7 +335,9 @@ impl fmt::Display for StatsSnapshot {
                     continue;
                 }
                 let low = if i == 0 { 0 } else { 1u64 << i };
-                let bar = "#".repeat(((count * 40).div_ceil(total)) as usize);
+                // count <= total, so the bar is at most 40 characters.
+                let width = (count * 40).div_ceil(total);
+                let bar = "#".repeat(usize::try_from(width).unwrap_or(40));
                 writeln!(f, "    [{low:>9}, {:>9}) {count:>9} {bar}", 1u64 << (i + 1))?;
             }
         }

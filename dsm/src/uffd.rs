@@ -12,7 +12,7 @@
 
 use std::fs::OpenOptions;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -119,9 +119,10 @@ fn create_uffd() -> Result<OwnedFd, UffdError> {
     let flags = libc::O_CLOEXEC | libc::O_NONBLOCK;
     // SAFETY: userfaultfd(2) takes one int argument and returns a new descriptor or -1.
     let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, flags) };
-    if fd >= 0 {
+    // A descriptor is an int; -1 (or anything else negative) is a failure.
+    if let Ok(fd @ 0..) = RawFd::try_from(fd) {
         // SAFETY: the syscall returned a fresh descriptor that nothing else owns.
-        return Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) });
+        return Ok(unsafe { OwnedFd::from_raw_fd(fd) });
     }
     let syscall_error = last_os_error();
     // Where the syscall is restricted, /dev/userfaultfd may still hand out descriptors that also
@@ -506,20 +507,24 @@ impl FaultSource for UffdGuestPages {
                 std::mem::size_of_val(&msgs),
             )
         };
-        if ret < 0 {
+        // Negative is read(2)'s -1.
+        let Ok(read) = usize::try_from(ret) else {
             let err = last_os_error();
             return match err.raw_os_error() {
                 Some(libc::EAGAIN) | Some(libc::EINTR) => Ok(()),
                 _ => Err(UffdError::Read(err)),
             };
-        }
-        let count = ret as usize / std::mem::size_of::<sys::UffdMsg>();
+        };
+        let count = read / std::mem::size_of::<sys::UffdMsg>();
         for msg in &msgs[..count] {
             if msg.event != sys::UFFD_EVENT_PAGEFAULT {
                 continue;
             }
             let (flags, address) = (msg.arg[0], msg.arg[1]);
-            let Some(offset) = (address as usize).checked_sub(self.base) else {
+            let Some(offset) = usize::try_from(address)
+                .ok()
+                .and_then(|address| address.checked_sub(self.base))
+            else {
                 continue;
             };
             if offset >= self.size {

@@ -128,7 +128,8 @@ impl Sim {
     fn new(work: Workload) -> Sim {
         let page_count = work.hot_pages + work.cold_pages;
         let nodes_count = work.nodes;
-        let home_of: dsm::HomeFn = Arc::new(move |page| (page % nodes_count as u64) as NodeId);
+        let home_of: dsm::HomeFn =
+            Arc::new(move |page| NodeId::try_from(page % nodes_count as u64).unwrap());
         let mut rng = StdRng::seed_from_u64(work.seed);
         let nodes = (0..work.nodes)
             .map(|me| {
@@ -205,7 +206,7 @@ impl Sim {
     }
 
     fn home_of(&self, page: u64) -> NodeId {
-        (page % self.work.nodes as u64) as NodeId
+        NodeId::try_from(page % self.work.nodes as u64).unwrap()
     }
 
     fn send(&mut self, from: NodeId, out: &mut Vec<Outgoing>) {
@@ -679,7 +680,7 @@ fn coherent_even_when_channels_reorder_arbitrarily() {
 #[test]
 fn many_seeds_on_one_hot_page() {
     for seed in 0..seeds(40) {
-        let nodes = 2 + (seed as usize % 7);
+        let nodes = 2 + (seed % 7) as usize;
         let work = Workload {
             nodes,
             threads_per_node: 3,

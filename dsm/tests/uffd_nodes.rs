@@ -92,7 +92,7 @@ impl Cluster {
         let mut links = Vec::new();
         for me in 0..nodes {
             let memory = Arc::new(
-                UffdGuestPages::map_anonymous(PAGES as usize * PAGE_SIZE)
+                UffdGuestPages::map_anonymous(usize::try_from(PAGES).unwrap() * PAGE_SIZE)
                     .unwrap_or_else(|e| panic!("userfaultfd is required for this test: {e}")),
             );
             let link = Arc::new(ChannelLink {
@@ -105,7 +105,7 @@ impl Cluster {
                 node: me,
                 node_count: nodes,
                 page_count: PAGES,
-                home_of: Arc::new(move |page| (page % nodes as u64) as NodeId),
+                home_of: Arc::new(move |page| NodeId::try_from(page % nodes as u64).unwrap()),
                 top_pages: 4,
             };
             let dsm = Dsm::start(config, memory.clone(), link.clone()).expect("start DSM node");
@@ -139,8 +139,9 @@ impl Cluster {
     /// The `index`-th 64-bit word of `page` in node `node`'s mapping.
     fn word(&self, node: NodeId, page: u64, index: usize) -> &AtomicU64 {
         assert!(page < PAGES && index < PAGE_SIZE / 8);
-        let addr =
-            self.memories[node].host_address() as usize + page as usize * PAGE_SIZE + index * 8;
+        let addr = self.memories[node].host_address() as usize
+            + usize::try_from(page).unwrap() * PAGE_SIZE
+            + index * 8;
         // SAFETY: the address is an aligned word inside node `node`'s mapping, which lives as long
         // as `self`; the DSM only changes what the word's page maps to, and all test accesses to
         // guest memory are atomic.
@@ -271,7 +272,7 @@ fn every_node_reads_every_other_nodes_writes() {
                     let (cluster, barrier) = (cluster.clone(), barrier.clone());
                     std::thread::spawn(move || {
                         // Each round a node writes whole pages of another node's previous set.
-                        let writer_set = (node + round as usize) % nodes;
+                        let writer_set = (node + usize::try_from(round).unwrap()) % nodes;
                         for page in pages_of(writer_set) {
                             for word in 0..PAGE_SIZE / 8 {
                                 let value = pattern(round, node, page, word);
@@ -283,7 +284,7 @@ fn every_node_reads_every_other_nodes_writes() {
                         barrier.wait();
                         for other in 0..nodes {
                             let owner = (0..nodes)
-                                .find(|&n| (n + round as usize) % nodes == other)
+                                .find(|&n| (n + usize::try_from(round).unwrap()) % nodes == other)
                                 .unwrap();
                             for page in pages_of(other) {
                                 for word in 0..PAGE_SIZE / 8 {

@@ -58,7 +58,7 @@ impl MasterDevices for Recorder {
     fn access(&self, vcpu: usize, access: &mut IoAccess) {
         if !access.write {
             // A recognisable answer: the low byte of the address, repeated.
-            let b = access.address as u8;
+            let b = access.address.to_le_bytes()[0];
             access.bytes_mut().fill(b);
         }
         self.accesses.lock().unwrap().push((vcpu, *access));
@@ -99,13 +99,13 @@ impl Cluster {
         for (n, rx) in receivers.into_iter().enumerate() {
             let fwd = Forwarder::new(
                 ForwardConfig {
-                    me: n as NodeId,
+                    me: NodeId::try_from(n).unwrap(),
                     master: 0,
                     vcpu_owner: owners.to_vec(),
                     initial: initial.clone(),
                 },
                 Arc::new(FakeLink {
-                    me: n as NodeId,
+                    me: NodeId::try_from(n).unwrap(),
                     net: net.clone(),
                 }),
             );
@@ -179,13 +179,13 @@ impl Drop for Cluster {
 fn enabled_physical(v: usize) -> ApicAddressing {
     ApicAddressing {
         enabled: true,
-        ..ApicAddressing::power_on(v as u32)
+        ..ApicAddressing::power_on(u32::try_from(v).unwrap())
     }
 }
 
 fn x2apic_cluster(v: usize) -> ApicAddressing {
     // x2APIC logical ID: cluster = id >> 4 in bits 31:16, bit (id & 15).
-    let id = v as u32;
+    let id = u32::try_from(v).unwrap();
     ApicAddressing {
         apic_id: id,
         enabled: true,
@@ -241,7 +241,7 @@ fn xapic_cluster_and_x2apic_cluster_destinations_cross_nodes() {
     // xAPIC cluster model: cluster in the high nibble, member bit in the low nibble.
     let owners = [0, 1, 0, 1];
     let c = Cluster::new(&owners, |v| ApicAddressing {
-        ldr: ((((v as u32) / 2) << 4) | (1 << (v % 2))) << 24,
+        ldr: (((u32::try_from(v).unwrap() / 2) << 4) | (1 << (v % 2))) << 24,
         dfr: 0x0FFF_FFFF,
         ..enabled_physical(v)
     });
@@ -254,7 +254,7 @@ fn xapic_cluster_and_x2apic_cluster_destinations_cross_nodes() {
         vec![(0, 2), (1, 3)]
     );
 
-    let owners: Vec<NodeId> = (0..20).map(|v| (v % 2) as NodeId).collect();
+    let owners: Vec<NodeId> = (0..20).map(|v| v % 2).collect();
     let c = Cluster::new(&owners, x2apic_cluster);
     // Cluster 1 (vCPUs 16..20), members 16, 17 and 19.
     let m = msg(
@@ -326,7 +326,9 @@ fn an_ap_that_enables_its_apic_is_reachable_as_soon_as_the_update_returns() {
     // flat logical ID, "tells the BSP through memory" (the update has returned), and the BSP
     // at once sends a logical fixed IPI: it must arrive, every time.
     for round in 0..200 {
-        let c = Cluster::new(&[0, 1], |v| ApicAddressing::power_on(v as u32));
+        let c = Cluster::new(&[0, 1], |v| {
+            ApicAddressing::power_on(u32::try_from(v).unwrap())
+        });
         let enabled = ApicAddressing {
             enabled: true,
             ldr: 0x02 << 24,
@@ -345,17 +347,17 @@ fn an_ap_that_enables_its_apic_is_reachable_as_soon_as_the_update_returns() {
 fn forwarded_accesses_reach_the_master_in_order_and_reads_come_back() {
     let c = Cluster::new(&[0, 1, 1], enabled_physical);
     for i in 0..50u64 {
-        let mut w = IoAccess::write(Space::Port, 0x3f8, &[i as u8]).unwrap();
+        let mut w = IoAccess::write(Space::Port, 0x3f8, &[u8::try_from(i).unwrap()]).unwrap();
         c.nodes[1].forward_io(1, &mut w).unwrap();
         let mut r = IoAccess::read(Space::Mmio, 0xFEC0_0010 + i, 4).unwrap();
         c.nodes[1].forward_io(2, &mut r).unwrap();
-        assert_eq!(r.bytes(), &[(0x10 + i) as u8; 4]);
+        assert_eq!(r.bytes(), &[u8::try_from(0x10 + i).unwrap(); 4]);
     }
     let seen = c.recorders[0].accesses.lock().unwrap().clone();
     assert_eq!(seen.len(), 100);
     for (i, pair) in seen.chunks(2).enumerate() {
         assert_eq!(pair[0].0, 1);
-        assert_eq!(pair[0].1.bytes(), &[i as u8]);
+        assert_eq!(pair[0].1.bytes(), &[u8::try_from(i).unwrap()]);
         assert_eq!(pair[1].0, 2);
         assert_eq!(pair[1].1.space, Space::Mmio);
     }

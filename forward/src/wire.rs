@@ -62,27 +62,25 @@ impl IoAccess {
 
     /// A read of `len` bytes; `None` if `len` is not an access size.
     pub fn read(space: Space, address: u64, len: usize) -> Option<Self> {
-        valid_len(len).then_some(Self {
+        access_len(len).map(|len| Self {
             space,
             address,
             write: false,
-            len: len as u8,
+            len,
             data: [0; 8],
         })
     }
 
     /// A write of `bytes`; `None` if their length is not an access size.
     pub fn write(space: Space, address: u64, bytes: &[u8]) -> Option<Self> {
-        if !valid_len(bytes.len()) {
-            return None;
-        }
+        let len = access_len(bytes.len())?;
         let mut data = [0; 8];
         data[..bytes.len()].copy_from_slice(bytes);
         Some(Self {
             space,
             address,
             write: true,
-            len: bytes.len() as u8,
+            len,
             data,
         })
     }
@@ -90,6 +88,11 @@ impl IoAccess {
 
 fn valid_len(len: usize) -> bool {
     matches!(len, 1 | 2 | 4 | 8)
+}
+
+/// `len` as the access's length field, if it is an access size.
+fn access_len(len: usize) -> Option<u8> {
+    valid_len(len).then(|| u8::try_from(len).ok()).flatten()
 }
 
 /// A frame as the transport hands it over (the transport's own frame type, decoupled).
@@ -236,7 +239,13 @@ impl ForwardMessage {
                 arg: msg.pack(),
                 payload: targets
                     .iter()
-                    .flat_map(|&t| (t as u32).to_le_bytes())
+                    .flat_map(|&t| {
+                        // Targets are vCPU indices, which the configuration numbers as u32
+                        // (`resources::VcpuId`), so they fit the four-byte field.
+                        u32::try_from(t)
+                            .expect("vCPU indices come from u32 vCPU ids")
+                            .to_le_bytes()
+                    })
                     .collect(),
             },
             ForwardMessage::Addressing { vcpu, seq, state } => {

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use crate::layout::{default_homes, ram_regions};
 use crate::validate::{validate, FileKind};
-use crate::{raw, ConfigError, GuestImage, Layout, NodeId, NodeSpec, TransportKind, VcpuId, MIB};
+use crate::{raw, ConfigError, GuestImage, Layout, NodeId, NodeSpec, TransportKind, MIB};
 
 /// A cluster description: the node-file schema without `node`, with `secret` optional.
 #[derive(Debug, Clone)]
@@ -56,10 +56,11 @@ impl ClusterDescription {
             addrs.len()
         );
         let nodes: Vec<NodeSpec> = (0..2)
-            .map(|i| NodeSpec {
-                id: i as NodeId,
-                address: addrs[i],
-                vcpus: vec![i as VcpuId],
+            .zip(addrs)
+            .map(|(i, &address)| NodeSpec {
+                id: i,
+                address,
+                vcpus: vec![i],
             })
             .collect();
         let memory_size = memory_mib.saturating_mul(MIB);

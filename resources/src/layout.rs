@@ -204,7 +204,8 @@ pub(crate) fn default_homes(ram: &[RamRegion], node_count: usize) -> Vec<HomeRan
         } else {
             // u128: total * k can exceed u64 for 1 TiB and many nodes only in theory, but
             // staying exact costs nothing.
-            let even = (u128::from(total) * u128::from(k) / u128::from(nodes)) as u64;
+            let even = u64::try_from(u128::from(total) * u128::from(k) / u128::from(nodes))
+                .expect("k < nodes, so total * k / nodes < total fits u64");
             even / DEFAULT_HOME_ALIGN * DEFAULT_HOME_ALIGN
         }
     };
@@ -219,7 +220,8 @@ pub(crate) fn default_homes(ram: &[RamRegion], node_count: usize) -> Vec<HomeRan
                 homes.push(HomeRange {
                     gpa: region.gpa + (start - region_offset),
                     size: end - start,
-                    node: k as NodeId,
+                    node: NodeId::try_from(k)
+                        .expect("node ids are exactly 0..n and each is a NodeId, so k < n is one"),
                 });
             }
             region_offset += region.size;

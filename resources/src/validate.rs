@@ -187,14 +187,13 @@ fn validate_image(path: &Path, guest: &RawGuest) -> Result<GuestImage, ConfigErr
                 });
             let arg = match guest.probe_arg {
                 None => 0,
-                Some(a) if a >= 0 => a as u64,
-                Some(a) => {
-                    return Err(ConfigError::invalid(
+                Some(a) => u64::try_from(a).map_err(|_| {
+                    ConfigError::invalid(
                         path,
                         "guest.probe_arg",
                         format!("{a} is negative; give a number >= 0"),
-                    ))
-                }
+                    )
+                })?,
             };
             if valid {
                 Ok(GuestImage::Probe {

@@ -47,7 +47,7 @@ impl NetNs {
     /// `node` listens on `127.0.0.<node + 1>:7400` inside the namespace.
     pub fn node_addrs(&self, nodes: usize) -> Vec<SocketAddr> {
         (0..nodes)
-            .map(|i| SocketAddr::from(([127, 0, 0, (i + 1) as u8], 7400)))
+            .map(|i| SocketAddr::from(([127, 0, 0, u8::try_from(i + 1).unwrap()], 7400)))
             .collect()
     }
 

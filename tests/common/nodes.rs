@@ -137,6 +137,6 @@ pub fn wait_until_running(nodes: &[Node]) {
 /// Sends `sig` to `node`.
 pub fn signal(node: &Node, sig: libc::c_int) {
     // SAFETY: kill(2) on the pid of a child this test started and has not reaped.
-    let rc = unsafe { libc::kill(node.child.id() as libc::pid_t, sig) };
+    let rc = unsafe { libc::kill(libc::pid_t::try_from(node.child.id()).unwrap(), sig) };
     assert_eq!(rc, 0, "kill({sig})");
 }

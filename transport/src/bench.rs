@@ -204,8 +204,10 @@ fn establish_pair(
 
 fn summarise(params: &RoundTripBench, mut times: Vec<Duration>) -> RoundTripReport {
     times.sort_unstable();
-    let at = |fraction: f64| {
-        let index = ((times.len() as f64 * fraction) as usize).min(times.len() - 1);
+    // The sample at `per_mille` thousandths of the sorted run, in integers so that no
+    // sample count is rounded through f64.
+    let at = |per_mille: usize| {
+        let index = (times.len() * per_mille / 1000).min(times.len() - 1);
         times[index]
     };
     let sum: Duration = times.iter().sum();
@@ -214,11 +216,12 @@ fn summarise(params: &RoundTripBench, mut times: Vec<Duration>) -> RoundTripRepo
         payload_len: params.payload_len,
         samples: times.len(),
         min: times[0],
-        median: at(0.5),
-        p90: at(0.9),
-        p99: at(0.99),
+        median: at(500),
+        p90: at(900),
+        p99: at(990),
         max: times[times.len() - 1],
-        mean: sum / times.len() as u32,
+        // More than u32::MAX samples would not fit in memory as Durations.
+        mean: sum / u32::try_from(times.len()).unwrap_or(u32::MAX),
     }
 }
 

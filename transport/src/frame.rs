@@ -237,7 +237,7 @@ mod tests {
         let mut header = FrameHeader {
             kind: 1,
             flags: 0,
-            payload_len: MAX_PAYLOAD as u32,
+            payload_len: u32::try_from(MAX_PAYLOAD).unwrap(),
             id: 0,
             arg: 0,
         };

@@ -176,7 +176,9 @@ impl Record {
         };
         out.push(tag);
         // Bodies are bounded by the limits above, far below u32::MAX.
-        out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        let len =
+            u32::try_from(body.len()).expect("handshake bodies are bounded far below u32::MAX");
+        out.extend_from_slice(&len.to_le_bytes());
         out.extend_from_slice(&body);
     }
 }

@@ -64,7 +64,7 @@ proptest! {
 
     #[test]
     fn lengths_over_the_limit_are_refused(
-        len in (MAX_PAYLOAD as u32 + 1)..=u32::MAX,
+        len in (u32::try_from(MAX_PAYLOAD).unwrap() + 1)..=u32::MAX,
         kind in any::<u16>(),
         id in any::<u64>(),
     ) {

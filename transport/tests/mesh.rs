@@ -18,15 +18,15 @@ const PAYLOAD_LENS: [usize; 5] = [0, 1, 100, 4096, MAX_PAYLOAD];
 
 /// A frame whose every field and byte says where it comes from and where it goes.
 fn frame_for(from: NodeId, to: NodeId, channel: Channel, id: u64) -> Frame {
-    let len = PAYLOAD_LENS[(id % PAYLOAD_LENS.len() as u64) as usize];
+    let len = PAYLOAD_LENS[usize::try_from(id).unwrap() % PAYLOAD_LENS.len()];
     let seed = u64::from(from) * 31 + u64::from(to) * 17 + channel as u64 * 7 + id;
     Frame {
         kind: 100 + channel as u16,
-        flags: from as u16,
+        flags: u16::try_from(from).unwrap(),
         id,
         arg: u64::from(to),
         payload: (0..len)
-            .map(|i| (seed.wrapping_mul(131) + i as u64) as u8)
+            .map(|i| (seed.wrapping_mul(131) + i as u64).to_le_bytes()[0])
             .collect(),
     }
 }
@@ -34,7 +34,7 @@ fn frame_for(from: NodeId, to: NodeId, channel: Channel, id: u64) -> Frame {
 /// Every node sends to every peer on every channel, interleaved, from its own thread; every
 /// node must then hold, per (sender, channel), exactly the frames sent, in order.
 fn all_to_all(meshes: &[Arc<TcpMesh>], recorders: &[Arc<Recorder>]) {
-    let n = meshes.len() as NodeId;
+    let n = NodeId::try_from(meshes.len()).unwrap();
     thread::scope(|s| {
         for mesh in meshes {
             s.spawn(move || {
@@ -50,9 +50,10 @@ fn all_to_all(meshes: &[Arc<TcpMesh>], recorders: &[Arc<Recorder>]) {
             });
         }
     });
-    let expected_total = (n as usize - 1) * Channel::COUNT * FRAMES_PER_CHANNEL as usize;
+    let expected_total =
+        (n as usize - 1) * Channel::COUNT * usize::try_from(FRAMES_PER_CHANNEL).unwrap();
     for (me, recorder) in recorders.iter().enumerate() {
-        let me = me as NodeId;
+        let me = NodeId::try_from(me).unwrap();
         let seen = recorder.wait_until(|seen| seen.frames.len() >= expected_total);
         assert_eq!(
             seen.frames.len(),
@@ -131,27 +132,25 @@ fn concurrent_senders_on_one_connection_never_interleave_frames() {
                         flags: 0,
                         id,
                         arg: !id,
-                        payload: vec![(t * 37 + seq) as u8; 4096],
+                        payload: vec![(t * 37 + seq).to_le_bytes()[0]; 4096],
                     };
                     sender.send(0, Channel::DsmBulk, &frame).unwrap();
                 }
             });
         }
     });
-    let total = (THREADS * PER_THREAD) as usize;
+    let total = usize::try_from(THREADS * PER_THREAD).unwrap();
     let seen = recorders[0].wait_until(|seen| seen.frames.len() >= total);
     assert_eq!(seen.frames.len(), total);
-    let mut next_seq = vec![0u64; THREADS as usize];
+    let mut next_seq = vec![0u64; usize::try_from(THREADS).unwrap()];
     for (from, channel, frame) in &seen.frames {
         assert_eq!((*from, *channel), (1, Channel::DsmBulk));
         let (t, seq) = (frame.id >> 32, frame.id & 0xFFFF_FFFF);
-        assert_eq!(
-            seq, next_seq[t as usize],
-            "thread {t}'s frames out of order"
-        );
-        next_seq[t as usize] += 1;
+        let t_index = usize::try_from(t).unwrap();
+        assert_eq!(seq, next_seq[t_index], "thread {t}'s frames out of order");
+        next_seq[t_index] += 1;
         assert_eq!(frame.arg, !frame.id);
-        assert_eq!(frame.payload, vec![(t * 37 + seq) as u8; 4096]);
+        assert_eq!(frame.payload, vec![(t * 37 + seq).to_le_bytes()[0]; 4096]);
     }
 }
 

@@ -9,7 +9,7 @@ use std::thread;
 use std::time::Duration;
 
 use common::{config, free_port, Recorder};
-use transport::{FrameHandler, MeshConfig, TcpMesh, TransportError};
+use transport::{FrameHandler, MeshConfig, NodeId, TcpMesh, TransportError};
 
 const SHORT: Duration = Duration::from_millis(1500);
 
@@ -49,7 +49,7 @@ fn pair(adjust: impl Fn(&mut MeshConfig)) -> Vec<(TcpListener, MeshConfig)> {
         .into_iter()
         .enumerate()
         .map(|(me, listener)| {
-            let mut cfg = config(me as u32, &addrs);
+            let mut cfg = config(NodeId::try_from(me).unwrap(), &addrs);
             cfg.connect_timeout = SHORT;
             adjust(&mut cfg);
             (listener, cfg)

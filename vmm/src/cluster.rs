@@ -11,7 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use resources::{ClusterDescription, ConfigError, GuestImage};
+use resources::{ClusterDescription, ConfigError, GuestImage, NodeId};
 
 use crate::stop::StopReason;
 use crate::vm::handle_signals;
@@ -79,8 +79,11 @@ pub enum ClusterError {
     /// Something on the local file system failed.
     #[error("{what} {path}: {source}")]
     Io {
+        /// What was being done, e.g. "cannot write the cluster secret".
         what: &'static str,
+        /// The file or directory.
         path: PathBuf,
+        /// The OS error.
         source: std::io::Error,
     },
     /// No free loopback port for the default cluster.
@@ -89,8 +92,11 @@ pub enum ClusterError {
     /// A node process could not be started.
     #[error("cannot start node {node} ({exe}): {source}")]
     Spawn {
+        /// The node whose process failed to start.
         node: usize,
+        /// The spanvm executable that was run.
         exe: PathBuf,
+        /// The OS error.
         source: std::io::Error,
     },
     /// Signal handling could not be set up.
@@ -98,7 +104,10 @@ pub enum ClusterError {
     Signals(std::io::Error),
     /// The default Linux guest's images are not built.
     #[error("the default guest needs {missing}: run `bash images/build.sh` first (or set SPANVM_IMAGES_DIR), or run a probe guest with `spanvm cluster --probe counter`")]
-    NoImages { missing: PathBuf },
+    NoImages {
+        /// The first image file that is not there.
+        missing: PathBuf,
+    },
 }
 
 fn io_err(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> ClusterError {
@@ -186,7 +195,8 @@ pub fn run(guest: Guest, dir: Option<&Path>) -> Result<StopReason, ClusterError>
     let mut files = Vec::new();
     for id in 0..desc.node_count() {
         let path = dir.join(format!("node-{id}.toml"));
-        std::fs::write(&path, desc.render_node_file(id as u32, &secret))
+        let id = NodeId::try_from(id).expect("node ids are u32, so their count fits one");
+        std::fs::write(&path, desc.render_node_file(id, &secret))
             .map_err(io_err("cannot write the node config", &path))?;
         files.push(path);
     }
@@ -207,7 +217,10 @@ pub fn run(guest: Guest, dir: Option<&Path>) -> Result<StopReason, ClusterError>
         };
         for c in signalled.lock().unwrap_or_else(|p| p.into_inner()).iter() {
             // SAFETY: kill(2) on a child we started and have not reaped yet.
-            unsafe { libc::kill(c.id() as i32, to_children) };
+            if let Ok(pid) = libc::pid_t::try_from(c.id()) {
+                // SAFETY: kill(2) on a child we started and have not reaped yet.
+                unsafe { libc::kill(pid, to_children) };
+            }
         }
     })
     .map_err(ClusterError::Signals)?;

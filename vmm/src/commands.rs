@@ -52,7 +52,7 @@ pub fn run(config: &Path) -> Result<StopReason, CommandError> {
             None if sig == libc::SIGUSR1 => {}
             None => {
                 eprintln!("spanvm: interrupted while the node was starting");
-                std::process::exit(StopReason::Interrupted.exit_code());
+                std::process::exit(i32::from(StopReason::Interrupted.exit_code()));
             }
         }
     })

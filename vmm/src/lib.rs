@@ -7,6 +7,7 @@ pub mod boot;
 pub mod cluster;
 pub mod commands;
 pub mod console;
+mod convert;
 pub mod distributed;
 pub mod hypervisor;
 pub mod memory;

@@ -99,7 +99,7 @@ fn main() -> ExitCode {
         Ok(StopReason::PowerOff) => ExitCode::SUCCESS,
         Ok(reason) => {
             eprintln!("spanvm: {reason}");
-            ExitCode::from(reason.exit_code() as u8)
+            ExitCode::from(reason.exit_code())
         }
         Err(e) => {
             eprintln!("spanvm: error: {e}");

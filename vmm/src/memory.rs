@@ -25,10 +25,20 @@ use crate::hypervisor::{HypervisorError, KvmVm};
 pub enum MemoryError {
     /// The host would not give us the address space.
     #[error("cannot reserve {size} bytes of address space for guest memory: {source}")]
-    Map { size: u64, source: std::io::Error },
+    Map {
+        /// Bytes of guest memory asked for.
+        size: u64,
+        /// The OS error.
+        source: std::io::Error,
+    },
     /// A VMM access outside guest RAM (a bug or a bad guest-supplied address).
     #[error("guest-physical range {gpa:#x}..{end:#x} is not guest RAM")]
-    OutOfRange { gpa: u64, end: u64 },
+    OutOfRange {
+        /// First guest-physical address of the access.
+        gpa: u64,
+        /// First guest-physical address past it.
+        end: u64,
+    },
     /// KVM refused the memory slot.
     #[error(transparent)]
     Register(#[from] HypervisorError),
@@ -56,7 +66,7 @@ impl GuestMemory {
         let ptr = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
-                len as usize,
+                crate::convert::usize_from(len),
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
                 -1,
@@ -84,9 +94,10 @@ impl GuestMemory {
     pub fn register(&self, vm: &KvmVm) -> Result<(), MemoryError> {
         for (slot, region) in self.ram.iter().enumerate() {
             let host = self.base.as_ptr() as u64 + region.gpa;
+            let slot = u32::try_from(slot).expect("a layout has a handful of RAM regions");
             // SAFETY: the region lies inside our mapping, which lives as long as `self`, and the
             // VMM keeps `self` alive until the VM is gone.
-            unsafe { vm.add_memory(slot as u32, region.gpa, region.size, host)? };
+            unsafe { vm.add_memory(slot, region.gpa, region.size, host)? };
         }
         Ok(())
     }
@@ -118,7 +129,7 @@ impl GuestMemory {
             return Err(MemoryError::OutOfRange { gpa, end });
         }
         // SAFETY: `gpa + len <= self.len` because every RAM region lies inside the mapping.
-        Ok(unsafe { self.base.as_ptr().add(gpa as usize) })
+        Ok(unsafe { self.base.as_ptr().add(crate::convert::usize_from(gpa)) })
     }
 
     /// Copies `data` into guest memory at `gpa`.
@@ -154,6 +165,11 @@ impl GuestMemory {
 impl Drop for GuestMemory {
     fn drop(&mut self) {
         // SAFETY: unmapping exactly what `new` mapped; no references into it outlive `self`.
-        unsafe { libc::munmap(self.base.as_ptr().cast(), self.len as usize) };
+        unsafe {
+            libc::munmap(
+                self.base.as_ptr().cast(),
+                crate::convert::usize_from(self.len),
+            )
+        };
     }
 }

@@ -13,7 +13,12 @@ pub enum StopReason {
     /// The guest asked for a reset (i8042 0xFE, triple fault).
     Reset(String),
     /// A probe reported a non-zero exit status.
-    ProbeFailed { vcpu: usize, status: u32 },
+    ProbeFailed {
+        /// The vCPU that reported it.
+        vcpu: usize,
+        /// The probe's exit status.
+        status: u32,
+    },
     /// The user interrupted the VMM (Ctrl-C, SIGTERM).
     Interrupted,
     /// A peer node went away or misbehaved.
@@ -28,7 +33,7 @@ pub enum StopReason {
 
 impl StopReason {
     /// The process exit code for this reason (documented in the README).
-    pub fn exit_code(&self) -> i32 {
+    pub fn exit_code(&self) -> u8 {
         match self {
             StopReason::PowerOff => 0,
             StopReason::Error(_) => 1,

@@ -16,7 +16,7 @@ pub fn host_now() -> u64 {
 
 /// The guest's TSC now (what the guest reads with `rdtsc`).
 pub fn now() -> u64 {
-    host_now().wrapping_add(GUEST_OFFSET.load(Ordering::Relaxed) as u64)
+    host_now().wrapping_add_signed(GUEST_OFFSET.load(Ordering::Relaxed))
 }
 
 /// Records that every vCPU's guest TSC is the host's plus `offset`.
@@ -27,7 +27,7 @@ pub fn set_guest_offset(offset: i64) {
 /// `ticks` TSC ticks at `khz` as a duration.
 pub fn ticks_to_duration(ticks: u64, khz: u32) -> Duration {
     let ns = u128::from(ticks) * 1_000_000 / u128::from(khz.max(1));
-    Duration::from_nanos(ns.min(u128::from(u64::MAX)) as u64)
+    Duration::from_nanos(u64::try_from(ns).unwrap_or(u64::MAX))
 }
 
 #[cfg(test)]

@@ -39,7 +39,12 @@ pub enum VmError {
     Loader(#[from] LoaderError),
     /// The config names a probe that does not exist.
     #[error("there is no probe guest called `{name}`; the built-in probes are: {known}")]
-    UnknownProbe { name: String, known: String },
+    UnknownProbe {
+        /// The name the config gives.
+        name: String,
+        /// The built-in probes' names, comma-separated.
+        known: String,
+    },
     /// The Linux guest could not be loaded.
     #[error(transparent)]
     Boot(#[from] crate::boot::BootError),

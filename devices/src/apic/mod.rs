@@ -34,6 +34,7 @@ pub const MSR_IA32_APIC_BASE: u32 = 0x1B;
 /// [`LocalApic::set_tsc_deadline`].
 pub const MSR_IA32_TSC_DEADLINE: u32 = 0x6E0;
 
+use crate::bits::low_u8;
 use crate::interrupt::{ApicAddressing, InterruptMessage};
 use lvt::{Lvt, LVT_COUNT, LVT_MASKED, LVT_RESET};
 use timer::ApicTimer;
@@ -181,7 +182,7 @@ impl LocalApic {
 
     /// Sets TPR from a guest CR8 write (CR8 bits 3:0 become TPR bits 7:4).
     pub fn set_cr8(&mut self, cr8: u64) {
-        self.tpr = ((cr8 & 0xF) << 4) as u8;
+        self.tpr = low_u8((cr8 & 0xF) << 4);
     }
 
     /// INIT: the SDM's INIT reset state (10.4.7.3): every register as after power-on except

@@ -43,7 +43,11 @@ impl VectorSet {
             .enumerate()
             .rev()
             .find_map(|(index, &word)| {
-                (word != 0).then(|| (index as u32 * 32 + 31 - word.leading_zeros()) as u8)
+                if word == 0 {
+                    return None;
+                }
+                // `index` < 8 words of 32 bits, so the vector is at most 255 and always fits.
+                u8::try_from(index * 32 + 31 - word.leading_zeros() as usize).ok()
             })
     }
 

@@ -38,7 +38,7 @@ fn reset_state_and_identification_registers() {
     let mut ioapic = IoApic::new();
     assert_eq!(read_reg(&mut ioapic, 0x01), 0x0017_0020);
     assert_eq!(read_reg(&mut ioapic, 0x00), 0);
-    for pin in 0..IOAPIC_PINS as u32 {
+    for pin in 0..PIN_COUNT {
         assert_eq!(read_reg(&mut ioapic, 0x10 + 2 * pin), MASKED);
         assert_eq!(read_reg(&mut ioapic, 0x11 + 2 * pin), 0);
     }

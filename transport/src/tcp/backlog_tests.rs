@@ -102,7 +102,7 @@ fn a_ring_of_receivers_that_forward_through_small_buffers_never_stalls() {
         .into_iter()
         .enumerate()
         .map(|(i, listener)| {
-            let me = i as NodeId;
+            let me = NodeId::try_from(i).unwrap();
             let cfg = MeshConfig {
                 me,
                 listen: addrs[i],
@@ -229,7 +229,7 @@ fn two_nodes(handlers: [Arc<StuckReceiver>; 2]) -> Vec<Arc<TcpMesh>> {
         .zip(handlers)
         .enumerate()
         .map(|(i, (listener, handler))| {
-            let me = i as NodeId;
+            let me = NodeId::try_from(i).unwrap();
             let cfg = MeshConfig {
                 me,
                 listen: addrs[i],

@@ -102,7 +102,7 @@ fn await_connected(socket: &OwnedFd, timeout: Duration) -> io::Result<()> {
         ));
     }
     let mut error: libc::c_int = 0;
-    let mut len = mem::size_of::<libc::c_int>() as libc::socklen_t;
+    let mut len = socklen_of::<libc::c_int>();
     // SAFETY: `error` is a live c_int and `len` holds its exact size, as SO_ERROR expects.
     let got = unsafe {
         libc::getsockopt(
@@ -129,7 +129,7 @@ fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
     let len = match addr {
         SocketAddr::V4(v4) => {
             let sin = libc::sockaddr_in {
-                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_family: family_of(libc::AF_INET),
                 sin_port: v4.port().to_be(),
                 sin_addr: libc::in_addr {
                     s_addr: u32::from_ne_bytes(v4.ip().octets()),
@@ -142,11 +142,11 @@ fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
                     .cast::<libc::sockaddr_in>()
                     .write(sin)
             };
-            mem::size_of::<libc::sockaddr_in>()
+            socklen_of::<libc::sockaddr_in>()
         }
         SocketAddr::V6(v6) => {
             let sin6 = libc::sockaddr_in6 {
-                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_family: family_of(libc::AF_INET6),
                 sin6_port: v6.port().to_be(),
                 sin6_flowinfo: v6.flowinfo(),
                 sin6_addr: libc::in6_addr {
@@ -160,10 +160,21 @@ fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
                     .cast::<libc::sockaddr_in6>()
                     .write(sin6)
             };
-            mem::size_of::<libc::sockaddr_in6>()
+            socklen_of::<libc::sockaddr_in6>()
         }
     };
-    (storage, len as libc::socklen_t)
+    (storage, len)
+}
+
+/// The size of `T` as the kernel's length type; socket option values and addresses are a few
+/// bytes, far below its range.
+fn socklen_of<T>() -> libc::socklen_t {
+    libc::socklen_t::try_from(mem::size_of::<T>()).expect("a socket value's size fits socklen_t")
+}
+
+/// An address family constant as a sockaddr's family field (they are small numbers).
+fn family_of(family: libc::c_int) -> libc::sa_family_t {
+    libc::sa_family_t::try_from(family).expect("address families fit sa_family_t")
 }
 
 #[cfg(test)]

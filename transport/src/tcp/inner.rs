@@ -273,7 +273,8 @@ fn set_socket_buffers(stream: &TcpStream, bytes: usize) -> std::io::Result<()> {
                 libc::SOL_SOCKET,
                 option,
                 std::ptr::from_ref(&value).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                libc::socklen_t::try_from(std::mem::size_of::<libc::c_int>())
+                    .expect("an int's size fits socklen_t"),
             )
         };
         if done != 0 {

@@ -140,7 +140,7 @@ fn an_oversized_length_is_rejected_and_the_peer_dropped() {
     write_frame(
         &mut streams[Channel::DsmBulk.index()],
         1,
-        MAX_PAYLOAD as u32 + 1,
+        u32::try_from(MAX_PAYLOAD).unwrap() + 1,
     );
     let losses = recorder.wait_for_loss();
     assert_eq!(losses.len(), 1);
@@ -293,9 +293,9 @@ fn a_trickling_and_a_silent_stranger_do_not_delay_the_mesh() {
             .map(|(me, listener)| {
                 let peers = (0..3)
                     .filter(|&p| p != me)
-                    .map(|p| (p as NodeId, addrs[p]))
+                    .map(|p| (NodeId::try_from(p).unwrap(), addrs[p]))
                     .collect();
-                let cfg = config(me as NodeId, addrs[me], peers);
+                let cfg = config(NodeId::try_from(me).unwrap(), addrs[me], peers);
                 let handler: Arc<dyn FrameHandler> = Arc::new(Recorder::default());
                 s.spawn(move || TcpMesh::establish_on(listener, cfg, handler))
             })

@@ -84,8 +84,8 @@ pub fn config(me: NodeId, addrs: &[SocketAddr]) -> MeshConfig {
         peers: addrs
             .iter()
             .enumerate()
-            .filter(|&(id, _)| id as NodeId != me)
-            .map(|(id, &addr)| (id as NodeId, addr))
+            .filter(|&(id, _)| NodeId::try_from(id).unwrap() != me)
+            .map(|(id, &addr)| (NodeId::try_from(id).unwrap(), addr))
             .collect(),
         secret: SECRET.to_vec(),
         layout_canonical: layout(addrs.len()),
@@ -108,7 +108,7 @@ pub fn mesh(n: usize, adjust: impl Fn(&mut MeshConfig)) -> (Vec<Arc<TcpMesh>>, V
         .into_iter()
         .enumerate()
         .map(|(me, listener)| {
-            let mut cfg = config(me as NodeId, &addrs);
+            let mut cfg = config(NodeId::try_from(me).unwrap(), &addrs);
             adjust(&mut cfg);
             let handler: Arc<dyn FrameHandler> = recorders[me].clone();
             thread::spawn(move || TcpMesh::establish_on(listener, cfg, handler))

@@ -33,7 +33,12 @@ struct BenchNode {
 impl BenchNode {
     fn addr(&self, page: u64) -> *mut u64 {
         // SAFETY: page < PAGES, inside the mapping of `pages`.
-        unsafe { self.pages.host_address().add((page * 4096) as usize).cast() }
+        unsafe {
+            self.pages
+                .host_address()
+                .add(crate::convert::usize_from(page * 4096))
+                .cast()
+        }
     }
     fn read(&self, page: u64) -> u64 {
         // SAFETY: an aligned read inside our mapping; a fault is served by the DSM's thread.
@@ -66,7 +71,8 @@ fn pair(busy_poll: bool) -> Result<(BenchNode, BenchNode), CommandError> {
         handles.push(std::thread::spawn(
             move || -> Result<BenchNode, CommandError> {
                 let pages = Arc::new(
-                    UffdGuestPages::map_anonymous((PAGES * 4096) as usize).map_err(bench_err)?,
+                    UffdGuestPages::map_anonymous(crate::convert::usize_from(PAGES * 4096))
+                        .map_err(bench_err)?,
                 );
                 let link = Arc::new(MeshLink::default());
                 let dsm = Arc::new(
@@ -83,13 +89,14 @@ fn pair(busy_poll: bool) -> Result<(BenchNode, BenchNode), CommandError> {
                     )
                     .map_err(bench_err)?,
                 );
-                let control = Arc::new(Control::new(me as u32, 2));
+                let id = u32::try_from(me).expect("the benchmark has two nodes");
+                let control = Arc::new(Control::new(id, 2));
                 let handler = Arc::new(NodeHandler::new(control.clone()));
                 let _ = handler.dsm.set(dsm.clone());
                 let cfg = MeshConfig {
-                    me: me as u32,
+                    me: id,
                     listen: addrs[me],
-                    peers: vec![((1 - me) as u32, addrs[1 - me])],
+                    peers: vec![(1 - id, addrs[1 - me])],
                     secret: b"spanvm bench dsm secret, loopback only".to_vec(),
                     layout_canonical: "spanvm bench dsm".into(),
                     connect_timeout: Duration::from_secs(20),
@@ -120,8 +127,10 @@ fn pair(busy_poll: bool) -> Result<(BenchNode, BenchNode), CommandError> {
     Ok((n0, n1))
 }
 
-fn percentile(sorted: &[Duration], q: f64) -> Duration {
-    sorted[((sorted.len() - 1) as f64 * q).round() as usize]
+/// The sample `per_mille` thousandths of the way through `sorted`, rounded to the nearest;
+/// integers, so that no sample count is rounded through f64.
+fn percentile(sorted: &[Duration], per_mille: usize) -> Duration {
+    sorted[((sorted.len() - 1) * per_mille + 500) / 1000]
 }
 
 fn us(d: Duration) -> f64 {
@@ -137,8 +146,8 @@ fn measure(samples: usize, mut one: impl FnMut(u64) -> Duration) -> Measured {
     let mut v: Vec<Duration> = (0..samples as u64).map(&mut one).collect();
     v.sort();
     Measured {
-        p50: percentile(&v, 0.5),
-        p99: percentile(&v, 0.99),
+        p50: percentile(&v, 500),
+        p99: percentile(&v, 990),
     }
 }
 
@@ -220,6 +229,8 @@ fn run_mode(busy_poll: bool) -> Result<(), CommandError> {
             .map_err(|_| bench_err("a faulting thread panicked"))?;
     }
     let elapsed = t0.elapsed();
+    // A rate for display: f64's 53 bits are far more than the digits shown.
+    #[allow(clippy::cast_precision_loss)]
     let faults_per_s = (4 * per) as f64 / elapsed.as_secs_f64();
 
     let rtt = loopback_round_trip(&RoundTripBench {

@@ -167,6 +167,8 @@ fn raw_injection_us() -> Result<f64, CommandError> {
     Ok(samples[samples.len() / 2])
 }
 
+// For display: f64's 53 bits are far more than the digits shown.
+#[allow(clippy::cast_precision_loss)]
 fn ticks_us(ticks: u64, khz: u32) -> f64 {
     ticks as f64 * 1000.0 / f64::from(khz)
 }

@@ -76,7 +76,9 @@ impl KernelHeader {
             Some(_) => 255,
             None => resources::MAX_CMDLINE_LEN,
         };
-        declared.min((CMDLINE_AREA_END - CMDLINE_ADDR - 1) as usize)
+        declared.min(crate::convert::usize_from(
+            CMDLINE_AREA_END - CMDLINE_ADDR - 1,
+        ))
     }
 
     /// Highest address the initrd may occupy.

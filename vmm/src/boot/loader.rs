@@ -16,6 +16,7 @@ use super::memory_map::{
 use super::page_tables::write_page_tables;
 use super::vm_memory_view::VmMemoryView;
 use super::BootError;
+use crate::convert::low_u32;
 use crate::memory::GuestMemory;
 
 const PAGE: u64 = 4096;
@@ -147,7 +148,7 @@ fn load_initrd(
     let mut buf = vec![0u8; INITRD_CHUNK];
     let mut copied = 0u64;
     while copied < size {
-        let want = INITRD_CHUNK.min((size - copied) as usize);
+        let want = INITRD_CHUNK.min(crate::convert::usize_from(size - copied));
         let got = file.read(&mut buf[..want]).map_err(missing)?;
         if got == 0 {
             return Err(missing(std::io::Error::new(
@@ -175,17 +176,18 @@ fn zero_page(
         None => {
             params.hdr.header = HDRS_MAGIC;
             params.hdr.kernel_alignment = ELF_KERNEL_ALIGNMENT;
-            params.hdr.cmdline_size = (cmdline_len + 1) as u32;
+            params.hdr.cmdline_size = u32::try_from(cmdline_len + 1)
+                .expect("the command line was checked against the kernel's u32 limit");
         }
     }
     params.hdr.boot_flag = BOOT_FLAG_MAGIC;
     params.hdr.type_of_loader = LOADER_TYPE_UNDEFINED;
-    params.hdr.cmd_line_ptr = CMDLINE_ADDR as u32;
+    params.hdr.cmd_line_ptr = low_u32(CMDLINE_ADDR);
     params.ext_cmd_line_ptr = (CMDLINE_ADDR >> 32) as u32;
     if let Some((gpa, size)) = initrd {
-        params.hdr.ramdisk_image = gpa as u32;
+        params.hdr.ramdisk_image = low_u32(gpa);
         params.ext_ramdisk_image = (gpa >> 32) as u32;
-        params.hdr.ramdisk_size = size as u32;
+        params.hdr.ramdisk_size = low_u32(size);
         params.ext_ramdisk_size = (size >> 32) as u32;
     }
     params.acpi_rsdp_addr = ACPI_RSDP_ADDR;
@@ -209,6 +211,7 @@ fn zero_page(
         };
     }
     params.e820_table = table;
-    params.e820_entries = map.len() as u8;
+    params.e820_entries =
+        u8::try_from(map.len()).expect("at most the zero page's 128 entries (checked above)");
     Ok(params)
 }

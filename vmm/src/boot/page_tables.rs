@@ -35,7 +35,7 @@ pub fn write_page_tables(mem: &GuestMemory) -> Result<(), BootError> {
     let mut pdpt = vec![0u8; 4096];
     for gib in 0..IDENTITY_MAP_GIB {
         let pd = PD_ADDR + gib * 4096;
-        let at = gib as usize * 8;
+        let at = crate::convert::usize_from(gib) * 8;
         pdpt[at..at + 8].copy_from_slice(&(pd | table).to_le_bytes());
         let entries: Vec<u8> = (0..512u64)
             .flat_map(|i| {

@@ -59,7 +59,7 @@ pub(crate) fn segment_from_descriptor(selector: u16, d: u64) -> kvm_segment {
     };
     kvm_segment {
         base,
-        limit: limit as u32,
+        limit: u32::try_from(limit).expect("a 20-bit limit scaled by 4 KiB fits 32 bits"),
         selector,
         type_: ((d >> 40) & 0xf) as u8,
         present: ((d >> 47) & 1) as u8,
@@ -87,7 +87,7 @@ pub(crate) fn long_mode_sregs(sregs: &mut kvm_sregs, page_table_root: u64) {
     sregs.ss = data;
     sregs.tr = segment_from_descriptor(BOOT_TSS, gdt(BOOT_TSS));
     sregs.gdt.base = GDT_ADDR;
-    sregs.gdt.limit = (GDT_ENTRIES * 8 - 1) as u16;
+    sregs.gdt.limit = u16::try_from(GDT_ENTRIES * 8 - 1).expect("the boot GDT is a few entries");
     // No IDT: the kernel loads its own before it enables interrupts, and an exception
     // before that is a triple fault, which shows as a shutdown exit rather than a hang.
     sregs.idt.base = 0;

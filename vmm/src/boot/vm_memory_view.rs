@@ -32,8 +32,8 @@ impl<'a> VmMemoryView<'a> {
             // mapping, and `build_raw` regions never unmap what they did not map.
             let mapping = unsafe {
                 MmapRegion::build_raw(
-                    mem.host_base().add(region.gpa as usize),
-                    region.size as usize,
+                    mem.host_base().add(crate::convert::usize_from(region.gpa)),
+                    crate::convert::usize_from(region.size),
                     libc::PROT_READ | libc::PROT_WRITE,
                     libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
                 )

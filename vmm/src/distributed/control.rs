@@ -220,7 +220,10 @@ impl Control {
     /// vCPUs.
     pub fn announce_start(&self, clock: &MasterClock) {
         let payload = clock.encode();
-        for peer in (0..self.nodes as NodeId).filter(|&p| p != self.me) {
+        for peer in (0..NodeId::try_from(self.nodes)
+            .expect("node ids are u32, so their count fits one"))
+            .filter(|&p| p != self.me)
+        {
             self.send_bytes(peer, KIND_START, 0, 0, &payload);
         }
     }
@@ -318,7 +321,7 @@ impl Control {
             self.send(
                 0,
                 KIND_DONE,
-                reason.exit_code() as u64,
+                u64::from(reason.exit_code()),
                 &reason_text(&reason),
             );
         }
@@ -355,8 +358,11 @@ impl Control {
     pub fn broadcast_stop(&self, reason: &StopReason) {
         self.stopping_cleanly.store(true, Ordering::SeqCst);
         let text = reason_text(reason);
-        for peer in (0..self.nodes as NodeId).filter(|&p| p != self.me) {
-            self.send(peer, KIND_STOP, reason.exit_code() as u64, &text);
+        for peer in (0..NodeId::try_from(self.nodes)
+            .expect("node ids are u32, so their count fits one"))
+            .filter(|&p| p != self.me)
+        {
+            self.send(peer, KIND_STOP, u64::from(reason.exit_code()), &text);
         }
     }
 
@@ -451,7 +457,10 @@ impl Control {
             self.wait_until(LEAVE_WAIT, |st| {
                 (0..self.nodes).all(|i| i == me || st.acked[i] || st.lost[i])
             });
-            for peer in (0..self.nodes as NodeId).filter(|&p| p != self.me) {
+            for peer in (0..NodeId::try_from(self.nodes)
+                .expect("node ids are u32, so their count fits one"))
+                .filter(|&p| p != self.me)
+            {
                 self.send(peer, KIND_EXIT, 0, "");
             }
             self.wait_until(LEAVE_WAIT, |st| {
@@ -471,7 +480,7 @@ impl Control {
                 self.send(
                     0,
                     KIND_DONE,
-                    reason.exit_code() as u64,
+                    u64::from(reason.exit_code()),
                     &reason_text(&reason),
                 );
             }

@@ -70,10 +70,14 @@ impl DsmLink for MeshLink {
             arg: msg.arg(),
             payload: &payload,
         };
-        mesh.send_ref(to as u32, channel, frame)
-            .map_err(|e| LinkError {
-                peer: to,
-                reason: e.to_string(),
-            })
+        mesh.send_ref(
+            u32::try_from(to).expect("dsm node ids are below MAX_NODES"),
+            channel,
+            frame,
+        )
+        .map_err(|e| LinkError {
+            peer: to,
+            reason: e.to_string(),
+        })
     }
 }

@@ -214,7 +214,7 @@ impl Distributed {
         // SAFETY: the mapping belongs to `memory`, which the caller keeps alive for as long as
         // the VM (and so this DSM) exists; nothing else registers it with a userfaultfd.
         let mut pages = ShadowZap::for_this_host(unsafe {
-            UffdGuestPages::register(memory.host_base(), memory.len() as usize)?
+            UffdGuestPages::register(memory.host_base(), crate::convert::usize_from(memory.len()))?
         });
         // Fault injection for the tests of a failing DSM (tests/dsm_failure.rs).
         if let Some(n) = std::env::var("SPANVM_TEST_FAIL_INSTALL_AFTER")
@@ -259,7 +259,10 @@ impl Distributed {
                 };
                 match lost {
                     // The transport reports the loss too; whichever comes first names it.
-                    Some(peer) => control.peer_lost(peer as NodeId, why),
+                    Some(peer) => control.peer_lost(
+                        NodeId::try_from(peer).expect("dsm node ids are below MAX_NODES"),
+                        why,
+                    ),
                     None => {
                         eprintln!("spanvm: node {me}: the distributed memory failed: {why}");
                         control.fail(StopReason::MemoryFailed(format!("node {me}: {why}")));

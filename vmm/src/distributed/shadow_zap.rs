@@ -131,7 +131,10 @@ impl ShadowTarget for UffdGuestPages {
                 page_count: UffdGuestPages::page_count(self),
             });
         }
-        let base = self.host_address().wrapping_add(page as usize * PAGE_SIZE) as *const u64;
+        let base = self
+            .host_address()
+            .wrapping_add(crate::convert::usize_from(page) * PAGE_SIZE)
+            as *const u64;
         // SAFETY: `page` is inside the registered region (checked above), so the 4 KiB at `base`
         // are ours and aligned; the caller holds the page present, so the copy does not fault. As
         // for `read_page`, guest vCPUs may write the page meanwhile, which only makes a word stale.
@@ -168,7 +171,7 @@ impl std::fmt::Display for ZapStats {
             self.calls,
             self.pages,
             self.tables_read,
-            self.nanos as f64 / 1e6
+            std::time::Duration::from_nanos(self.nanos).as_secs_f64() * 1e3
         )
     }
 }
@@ -252,7 +255,7 @@ impl<P: ShadowTarget> ShadowZap<P> {
     /// `enabled` false the wrapper only forwards.
     pub fn new(inner: P, enabled: bool) -> ShadowZap<P> {
         let count = if enabled {
-            inner.page_count() as usize
+            crate::convert::usize_from(inner.page_count())
         } else {
             0
         };
@@ -300,7 +303,7 @@ impl<P: ShadowTarget> ShadowZap<P> {
     /// The mirrored mapping of `page` (`NotPresent` when off or out of range).
     pub fn local_mapping(&self, page: u64) -> LocalMapping {
         self.states
-            .get(page as usize)
+            .get(crate::convert::usize_from(page))
             .map_or(LocalMapping::NotPresent, |c| {
                 LocalMapping::from_bits(c.load(Ordering::Acquire))
             })
@@ -320,7 +323,7 @@ impl<P: ShadowTarget> ShadowZap<P> {
     }
 
     fn lock(&self, page: u64) -> Option<PageLock<'_>> {
-        let cell = self.states.get(page as usize)?;
+        let cell = self.states.get(crate::convert::usize_from(page))?;
         let state = lock_cell(cell);
         Some(PageLock { cell, state })
     }
@@ -395,9 +398,10 @@ impl<P: ShadowTarget> ShadowZap<P> {
             }
         }
         let result = self.reprotect_spans(spans);
-        self.counters
-            .nanos
-            .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        self.counters.nanos.fetch_add(
+            u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
         result
     }
 
@@ -417,7 +421,7 @@ impl<P: ShadowTarget> ShadowZap<P> {
             // The run being built: first page, length, state; its pages are locked.
             let mut run: Option<(u64, u64, u8)> = None;
             for page in start..end {
-                let Some(cell) = self.states.get(page as usize) else {
+                let Some(cell) = self.states.get(crate::convert::usize_from(page)) else {
                     break;
                 };
                 let state = lock_cell(cell);
@@ -454,7 +458,7 @@ impl<P: ShadowTarget> ShadowZap<P> {
         let writable = state == LocalMapping::Writable as u8;
         let result = self.inner.reapply_protection(first, len, writable);
         for page in first..first + len {
-            if let Some(cell) = self.states.get(page as usize) {
+            if let Some(cell) = self.states.get(crate::convert::usize_from(page)) {
                 cell.store(state, Ordering::Release);
             }
         }
@@ -662,7 +666,7 @@ mod tests {
         assert_eq!(z.local_mapping(14), LocalMapping::Writable);
         assert_eq!(z.local_mapping(15), LocalMapping::NotPresent);
         let entries: Vec<(usize, u64)> = (10..=16)
-            .map(|f| (f as usize, (f << 12) | 0x67))
+            .map(|f| (crate::convert::usize_from(f), (f << 12) | 0x67))
             .chain([
                 (300, 0x0000_7000_0000_0021),
                 (301, 5 << 12),

@@ -12,13 +12,9 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{Cap, VmFd};
 use vmm_sys_util::ioctl::{ioctl_with_mut_ref, ioctl_with_ref};
-use vmm_sys_util::ioctl_iow_nr;
 
-use super::{Hypervisor, KVMIO};
-
-ioctl_iow_nr!(KVM_SET_DEVICE_ATTR, KVMIO, 0xe1, kvm_device_attr);
-ioctl_iow_nr!(KVM_GET_DEVICE_ATTR, KVMIO, 0xe2, kvm_device_attr);
-ioctl_iow_nr!(KVM_HAS_DEVICE_ATTR, KVMIO, 0xe3, kvm_device_attr);
+use super::ioctl_numbers::{KVM_GET_DEVICE_ATTR, KVM_HAS_DEVICE_ATTR, KVM_SET_DEVICE_ATTR};
+use super::Hypervisor;
 
 /// Why the guest TSC cannot be moved on kvm_pvm (HOST.md).
 pub const PVM_TSC_REASON: &str =
@@ -67,7 +63,7 @@ impl KvmClock {
         if unsafe { ioctl_with_mut_ref(fd, KVM_GET_DEVICE_ATTR(), &mut attr) } != 0 {
             return None;
         }
-        Some(value as i64)
+        Some(crate::convert::i64_of_bits(value))
     }
 }
 
@@ -108,7 +104,7 @@ impl VmClock for KvmClock {
 
     fn can_set_at_realtime(&self) -> bool {
         let flags = self.vm.check_extension_int(Cap::AdjustClock);
-        flags > 0 && (flags as u32) & KVM_CLOCK_REALTIME != 0
+        u32::try_from(flags).is_ok_and(|flags| flags & KVM_CLOCK_REALTIME != 0)
     }
 }
 
@@ -139,7 +135,7 @@ impl GuestTsc for KvmClock {
         // The same offset on every vCPU of the VM, so that KVM still sees matched TSCs and
         // keeps its stable master clock (KVM_CLOCK_TSC_STABLE).
         for (i, fd) in self.vcpus().iter().enumerate() {
-            let mut value = offset as u64;
+            let mut value = crate::convert::bits_of_i64(offset);
             let attr = tsc_offset_attr(&mut value);
             // SAFETY: `fd` is a vCPU fd; KVM_SET_DEVICE_ATTR reads the descriptor and 8 bytes at
             // `addr`, which points at `value`, alive for the call.

@@ -19,11 +19,12 @@ use kvm_ioctls::{
     Cap, Kvm, MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags, VcpuFd, VmFd,
 };
 use vmm_sys_util::ioctl::ioctl_with_ref;
-use vmm_sys_util::ioctl_iow_nr;
 
 /// MSRs that KVM would silently swallow without an in-kernel local APIC, so they are filtered
 /// to exit to user space: IA32_APIC_BASE (x2APIC enable) and IA32_TSC_DEADLINE.
 pub const MSR_APIC_BASE: u32 = 0x1b;
+/// IA32_TSC_DEADLINE, the local APIC timer deadline, filtered for the same reason as
+/// [`MSR_APIC_BASE`].
 pub const MSR_TSC_DEADLINE: u32 = 0x6e0;
 
 /// KVM's paravirtual MSRs that spanvm refuses (denied in the MSR filter, so they exit to user
@@ -39,7 +40,21 @@ pub const MSR_TSC_DEADLINE: u32 = 0x6e0;
 pub const REFUSED_PV_MSRS: std::ops::RangeInclusive<u32> = 0x4b56_4d02..=0x4b56_4d07;
 
 const KVMIO: u32 = 0xAE;
-ioctl_iow_nr!(KVM_INTERRUPT, KVMIO, 0x86, kvm_interrupt);
+
+/// ioctl numbers kvm-ioctls has no wrapper for. The macro makes `pub fn`s; a private module
+/// keeps them out of the crate's API.
+mod ioctl_numbers {
+    use kvm_bindings::{kvm_device_attr, kvm_interrupt};
+    use vmm_sys_util::ioctl_iow_nr;
+
+    use super::KVMIO;
+
+    ioctl_iow_nr!(KVM_INTERRUPT, KVMIO, 0x86, kvm_interrupt);
+    ioctl_iow_nr!(KVM_SET_DEVICE_ATTR, KVMIO, 0xe1, kvm_device_attr);
+    ioctl_iow_nr!(KVM_GET_DEVICE_ATTR, KVMIO, 0xe2, kvm_device_attr);
+    ioctl_iow_nr!(KVM_HAS_DEVICE_ATTR, KVMIO, 0xe3, kvm_device_attr);
+}
+use ioctl_numbers::KVM_INTERRUPT;
 
 const KVM_MSR_EXIT_REASON_INVAL: u64 = 1 << 0;
 const KVM_MSR_EXIT_REASON_UNKNOWN: u64 = 1 << 1;
@@ -51,7 +66,9 @@ pub enum HypervisorError {
     /// The KVM device node could not be opened.
     #[error("cannot open the KVM device {path}: {source} (is KVM available on this host and do you have access to it? SPANVM_KVM_DEVICE overrides the path)")]
     Open {
+        /// The device node, /dev/kvm unless SPANVM_KVM_DEVICE says otherwise.
         path: PathBuf,
+        /// Why opening it failed.
         source: kvm_ioctls::Error,
     },
     /// A capability spanvm cannot work without.
@@ -60,7 +77,9 @@ pub enum HypervisorError {
     /// An ioctl failed.
     #[error("KVM {what} failed: {source}")]
     Ioctl {
+        /// The operation, e.g. "KVM_CREATE_VCPU".
         what: &'static str,
+        /// KVM's error.
         source: kvm_ioctls::Error,
     },
 }

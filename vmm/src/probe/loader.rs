@@ -22,17 +22,27 @@ const TSS_LIMIT: u64 = 104 + TSS_IO_PORTS / 8;
 pub enum LoaderError {
     /// The image is not a probe image.
     #[error("probe image `{name}` is invalid: {problem}")]
-    BadImage { name: String, problem: String },
+    BadImage {
+        /// The probe's name.
+        name: String,
+        /// What is wrong with its image.
+        problem: String,
+    },
     /// The guest is too small or too large for the probe layout.
     #[error("probe guests need {problem}")]
-    Layout { problem: String },
+    Layout {
+        /// What the probe layout needs that the guest does not give.
+        problem: String,
+    },
     /// Writing guest memory failed.
     #[error("loading the probe: {0}")]
     Memory(#[from] MemoryError),
     /// Setting a vCPU's registers failed.
     #[error("setting up vCPU {vcpu} registers: {source}")]
     Registers {
+        /// The vCPU being set up.
         vcpu: usize,
+        /// KVM's error.
         source: kvm_ioctls::Error,
     },
 }
@@ -71,7 +81,7 @@ pub fn parse_image(name: &str, img: &[u8]) -> Result<(ProbeEntry, Vec<u64>), Loa
     let table = read_u64(img, 16)
         .filter(|&a| inside(a) && a + 256 * 8 <= end)
         .ok_or_else(|| bad("interrupt stub table outside the image"))?;
-    let off = (table - PROBE_LOAD_ADDR) as usize;
+    let off = crate::convert::usize_from(table - PROBE_LOAD_ADDR);
     let stubs = (0..256)
         .map(|i| read_u64(img, off + i * 8).filter(|&a| inside(a)))
         .collect::<Option<Vec<u64>>>()
@@ -122,7 +132,7 @@ pub fn load(
         // 64-bit TSS: RSP0 at offset 4, I/O map base at 102; a zero bitmap allows CPL3 the
         // low ports, which is how probes reach the console and the probe device (IOPL 3 in
         // RFLAGS is not honoured at CPL3 on every host).
-        let mut tss = vec![0u8; TSS_LIMIT as usize + 1];
+        let mut tss = vec![0u8; crate::convert::usize_from(TSS_LIMIT) + 1];
         let rsp0 = STACKS_ADDR + i * STACK_BLOCK + KERNEL_STACK_TOP;
         tss[4..12].copy_from_slice(&rsp0.to_le_bytes());
         tss[102..104].copy_from_slice(&104u16.to_le_bytes());
@@ -177,7 +187,7 @@ fn segment(selector: u64, code: bool, dpl: u8) -> kvm_segment {
     kvm_segment {
         base: 0,
         limit: 0xffff_ffff,
-        selector: selector as u16,
+        selector: u16::try_from(selector).expect("GDT selectors are below 64 KiB"),
         type_: if code { 0xb } else { 0x3 },
         present: 1,
         dpl,
@@ -219,15 +229,18 @@ pub fn setup_vcpu(
     }
     sregs.tr = kvm_segment {
         base: TSS_ADDR + i * TSS_SLOT,
-        limit: TSS_LIMIT as u32,
-        selector: (TSS_SELECTOR_BASE + i * 16) as u16,
+        limit: u32::try_from(TSS_LIMIT).expect("a TSS is a few hundred bytes"),
+        selector: u16::try_from(TSS_SELECTOR_BASE + i * 16)
+            .expect("probe guests have at most PROBE_MAX_VCPUS vCPUs"),
         type_: 0xb,
         present: 1,
         s: 0,
         ..Default::default()
     };
     sregs.gdt.base = GDT_ADDR;
-    sregs.gdt.limit = (5 * 8 + layout.vcpu_count as u16 * 16) - 1;
+    let vcpus = u16::try_from(layout.vcpu_count)
+        .expect("probe guests have at most PROBE_MAX_VCPUS vCPUs (checked above)");
+    sregs.gdt.limit = (5 * 8 + vcpus * 16) - 1;
     sregs.idt.base = IDT_ADDR;
     sregs.idt.limit = 256 * 16 - 1;
     sregs.cr0 = CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_PG;
@@ -281,6 +294,10 @@ mod tests {
         img[8..16].copy_from_slice(&0x10u64.to_le_bytes());
         let e = parse_image("hello", &img).unwrap_err().to_string();
         assert!(e.contains("entry outside the image"), "{e}");
-        assert!(parse_image("big", &vec![0u8; PROBE_IMAGE_MAX as usize + 1]).is_err());
+        assert!(parse_image(
+            "big",
+            &vec![0u8; crate::convert::usize_from(PROBE_IMAGE_MAX) + 1]
+        )
+        .is_err());
     }
 }

@@ -2,6 +2,7 @@
 //! hardware with no OS, mostly at CPL3 so that they run natively on every host. Tests and
 //! benchmarks use them to check the platform, the DSM and forwarding.
 
+/// Guest-physical addresses, selectors and ports shared by the loader and the probe sources.
 pub mod layout;
 pub mod loader;
 

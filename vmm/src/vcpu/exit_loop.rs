@@ -23,13 +23,17 @@ pub enum VcpuError {
     /// `KVM_RUN` itself failed.
     #[error("vCPU {vcpu}: KVM_RUN failed: {source}")]
     Run {
+        /// Index of the vCPU that stopped.
         vcpu: usize,
+        /// KVM's error.
         source: kvm_ioctls::Error,
     },
     /// Injecting an interrupt failed.
     #[error("vCPU {vcpu}: {source}")]
     Inject {
+        /// Index of the vCPU that stopped.
         vcpu: usize,
+        /// Why the injection failed.
         source: HypervisorError,
     },
     /// KVM could not run the guest's instruction (or entry failed).
@@ -37,28 +41,47 @@ pub enum VcpuError {
         "vCPU {vcpu}: KVM internal error, suberror {suberror}, at RIP {rip:#x} (data {data:x?})"
     )]
     Internal {
+        /// Index of the vCPU that stopped.
         vcpu: usize,
+        /// KVM's `KVM_INTERNAL_ERROR_*` suberror.
         suberror: u32,
+        /// The guest instruction pointer at the exit.
         rip: u64,
+        /// The extra words KVM reported with the suberror.
         data: Vec<u64>,
     },
     /// An exit spanvm does not handle.
     #[error("vCPU {vcpu}: unexpected exit {what}")]
-    UnexpectedExit { vcpu: usize, what: String },
+    UnexpectedExit {
+        /// Index of the vCPU that stopped.
+        vcpu: usize,
+        /// The exit reason as KVM named it.
+        what: String,
+    },
     /// An instruction failed KVM's emulation and spanvm could not do it either.
     #[error("vCPU {vcpu}: {source}")]
-    Repair { vcpu: usize, source: RepairError },
+    Repair {
+        /// Index of the vCPU that stopped.
+        vcpu: usize,
+        /// Why the instruction could not be completed.
+        source: RepairError,
+    },
     /// Starting the vCPU at a SIPI failed.
     #[error("vCPU {vcpu}: cannot start at the SIPI vector {vector:#x}: {why}")]
     Sipi {
+        /// Index of the vCPU that stopped.
         vcpu: usize,
+        /// The SIPI vector: the start page number below 1 MiB.
         vector: u8,
+        /// Why the vCPU could not be set up there.
         why: String,
     },
     /// Injecting an NMI failed.
     #[error("vCPU {vcpu}: KVM_NMI failed: {source}")]
     Nmi {
+        /// Index of the vCPU that stopped.
         vcpu: usize,
+        /// KVM's error.
         source: kvm_ioctls::Error,
     },
     /// The kick signal handler could not be installed.
@@ -81,8 +104,11 @@ pub enum Activity {
 
 /// What the loop needs that is not KVM: the platform and this vCPU's shared state.
 pub struct VcpuLoop {
+    /// The KVM vCPU this loop runs.
     pub fd: VcpuFd,
+    /// The state other threads see and poke: kicks, pending interrupts, activity.
     pub shared: Arc<VcpuShared>,
+    /// The node's devices and interrupt routing, shared by its vCPUs.
     pub platform: Arc<Platform>,
     /// How the vCPU starts.
     pub activity: Activity,

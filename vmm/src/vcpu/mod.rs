@@ -43,7 +43,11 @@ impl VcpuShared {
     pub fn new(index: usize, tsc_khz: u32) -> Self {
         Self {
             index,
-            apic: Mutex::new(LocalApic::new(index as u32, index == 0, tsc_khz)),
+            apic: Mutex::new(LocalApic::new(
+                u32::try_from(index).expect("vCPU indices come from u32 vCPU ids"),
+                index == 0,
+                tsc_khz,
+            )),
             wakeup: Condvar::new(),
             timer_changed: Condvar::new(),
             state: AtomicU8::new(RunState::InVmm as u8),

@@ -1,5 +1,6 @@
 //! The interrupt command register: turning a guest ICR write into an IPI message.
 
+use crate::bits::low_u8;
 use crate::interrupt::{DeliveryMode, DestinationMode, InterruptMessage, Shorthand, TriggerMode};
 
 /// Bit 11: logical destination mode.
@@ -31,7 +32,7 @@ pub(crate) enum IcrCommand {
 /// Decodes an ICR low half; `destination` is already in the sender's format (xAPIC: the
 /// 8-bit field of ICR high, x2APIC: the 32-bit high half).
 pub(crate) fn decode(low: u32, destination: u32) -> IcrCommand {
-    let vector = low as u8;
+    let vector = low_u8(u64::from(low));
     let delivery = match DeliveryMode::from_bits((low >> 8) & 7) {
         None | Some(DeliveryMode::ExtInt) => return IcrCommand::Nothing,
         Some(mode) => mode,

@@ -4,6 +4,7 @@
 
 use super::super::lvt::{Lvt, LVT_MASKED};
 use super::super::{EoiEffect, LocalApic};
+use crate::bits::low_u8;
 use crate::interrupt::{DeliveryMode, InterruptMessage, TriggerMode};
 
 /// ESR bit 5: this APIC tried to send a message with an illegal vector.
@@ -196,7 +197,7 @@ impl LocalApic {
         self.esr_pending |= bits;
         let entry = self.lvt[Lvt::Error.index()];
         if entry & LVT_MASKED == 0 {
-            let vector = entry as u8;
+            let vector = low_u8(u64::from(entry));
             if vector < 16 {
                 // Not re-raised: an illegal error vector would loop forever.
                 self.esr_pending |= ESR_RECEIVE_ILLEGAL_VECTOR;
@@ -214,7 +215,7 @@ impl LocalApic {
         if value & LVT_MASKED != 0 {
             return false;
         }
-        let vector = value as u8;
+        let vector = low_u8(u64::from(value));
         if vector < 16 {
             self.raise_error(ESR_RECEIVE_ILLEGAL_VECTOR);
             return false;

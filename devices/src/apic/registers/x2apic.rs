@@ -9,6 +9,7 @@ use super::{ApicRegister, SVR_WRITABLE, TPR_WRITABLE};
 use crate::apic::delivery::icr::ICR_LOW_WRITABLE;
 use crate::apic::delivery::receive::ESR_SEND_ILLEGAL_VECTOR;
 use crate::apic::timer::DIVIDE_CONFIG_WRITABLE;
+use crate::bits::{low_u32, low_u8};
 use crate::interrupt::{InterruptMessage, Shorthand};
 
 /// The first x2APIC MSR; register index = MSR - this.
@@ -55,7 +56,7 @@ impl LocalApic {
                 })
             }
         };
-        let value32 = |writable: u32| check(u64::from(writable)).map(|v| v as u32);
+        let value32 = |writable: u32| check(u64::from(writable)).map(low_u32);
         let mut effects = ApicEffects::default();
         match register {
             ApicRegister::Id
@@ -69,10 +70,10 @@ impl LocalApic {
             ApicRegister::IcrLow => {
                 let value = check(ICR_WRITABLE)?;
                 self.icr_high = (value >> 32) as u32;
-                effects.ipi = self.send_icr(value as u32, self.icr_high);
+                effects.ipi = self.send_icr(low_u32(value), self.icr_high);
             }
             ApicRegister::SelfIpi => {
-                let vector = value32(SELF_IPI_WRITABLE)? as u8;
+                let vector = low_u8(u64::from(value32(SELF_IPI_WRITABLE)?));
                 if vector < 16 {
                     self.raise_error(ESR_SEND_ILLEGAL_VECTOR);
                 } else {

@@ -16,6 +16,7 @@ use super::super::delivery::icr::ICR_HIGH_XAPIC_WRITABLE;
 use super::super::delivery::receive::ESR_ILLEGAL_REGISTER_ADDRESS;
 use super::super::{ApicEffects, LocalApic};
 use super::ApicRegister;
+use crate::bits::low_u32;
 
 /// The xAPIC registers occupy 0x000..=0x3FF; the rest of the page reads zero.
 const REGISTER_AREA_END: u64 = 0x400;
@@ -40,7 +41,7 @@ impl LocalApic {
         {
             return;
         }
-        let register = match ApicRegister::from_index((offset >> 4) as u32) {
+        let register = match ApicRegister::from_index(low_u32(offset >> 4)) {
             Some(ApicRegister::SelfIpi) | None => {
                 self.raise_error(ESR_ILLEGAL_REGISTER_ADDRESS);
                 return;
@@ -65,7 +66,7 @@ impl LocalApic {
             return effects;
         }
         let value = u32::from_le_bytes(bytes);
-        match ApicRegister::from_index((offset >> 4) as u32) {
+        match ApicRegister::from_index(low_u32(offset >> 4)) {
             Some(ApicRegister::SelfIpi) | None => {
                 self.raise_error(ESR_ILLEGAL_REGISTER_ADDRESS);
             }

@@ -88,7 +88,7 @@ proptest! {
     ) {
         let dfr = if cluster { 0x0FFF_FFFF } else { 0xFFFF_FFFF };
         let all: Vec<ApicAddressing> = ldrs.iter().enumerate().map(|(i, &ldr)| ApicAddressing {
-            apic_id: i as u32,
+            apic_id: u32::try_from(i).unwrap(),
             enabled: true,
             globally_enabled: true,
             x2apic: false,

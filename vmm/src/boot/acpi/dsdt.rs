@@ -7,9 +7,15 @@ use devices::acpi_pm::SLP_TYP_S5;
 
 use super::{VirtioMmioDevice, OEM_ID, OEM_REVISION, OEM_TABLE_ID};
 
-/// COM1's first port and ISA IRQ, as the platform places the serial device.
+/// COM1's first port and ISA IRQ, as the platform places the serial device. The devices crate
+/// keeps them as a bus address and a pin index; both are small ISA numbers (checked below), and
+/// `TryFrom` is not usable in a const.
+#[allow(clippy::cast_possible_truncation)]
 pub(crate) const COM1_PORT: u16 = devices::serial::COM1_PORT as u16;
+#[allow(clippy::cast_possible_truncation)]
 pub(crate) const COM1_IRQ: u8 = devices::serial::COM1_IRQ as u8;
+const _: () = assert!(devices::serial::COM1_PORT <= u16::MAX as u64);
+const _: () = assert!(devices::serial::COM1_IRQ <= u8::MAX as usize);
 
 /// The small "IRQ" resource descriptor without flags (`IRQNoFlags`: ISA edge, active high),
 /// which acpi_tables does not offer.

@@ -123,7 +123,7 @@ pub fn write_acpi(
     // Clear the whole area first: a legacy RSDP scan must not find a stale signature.
     mem.write(
         ACPI_RSDP_ADDR,
-        &vec![0u8; (ACPI_AREA_END - ACPI_RSDP_ADDR) as usize],
+        &vec![0u8; crate::convert::usize_from(ACPI_AREA_END - ACPI_RSDP_ADDR)],
     )?;
     mem.write(ACPI_RSDP_ADDR, &acpi.rsdp)?;
     for table in &acpi.tables {

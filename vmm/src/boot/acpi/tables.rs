@@ -83,7 +83,10 @@ pub(crate) mod fadt_offsets {
 pub(crate) fn fadt(dsdt: u64) -> Vec<u8> {
     use fadt_offsets as o;
     let mut t = header(b"FACP", o::LENGTH, 6);
-    t.write_u32(o::DSDT, dsdt as u32);
+    t.write_u32(
+        o::DSDT,
+        u32::try_from(dsdt).expect("the ACPI area lies below 4 GiB"),
+    );
     t.write_u64(o::X_DSDT, dsdt);
     t.write_u16(o::SCI_INT, u16::from(SCI_IRQ));
     t.write_u16(
@@ -113,11 +116,15 @@ pub(crate) fn fadt(dsdt: u64) -> Vec<u8> {
 /// and LINT1 as NMI on every processor.
 pub(crate) fn madt(layout: &Layout) -> Vec<u8> {
     let mut t = header(b"APIC", 44, 5);
-    t.write_u32(36, LAPIC_GPA as u32);
+    t.write_u32(
+        36,
+        u32::try_from(LAPIC_GPA).expect("the local APIC page is below 4 GiB"),
+    );
     t.write_u32(40, 0); // no dual 8259
     for vcpu in 0..layout.vcpu_count {
         if vcpu <= MAX_XAPIC_ID {
-            let mut e = vec![0u8, 8, vcpu as u8, vcpu as u8];
+            let id = u8::try_from(vcpu).expect("xAPIC IDs are at most MAX_XAPIC_ID");
+            let mut e = vec![0u8, 8, id, id];
             e.extend_from_slice(&1u32.to_le_bytes()); // enabled
             t.append_slice(&e);
         } else {
@@ -129,7 +136,8 @@ pub(crate) fn madt(layout: &Layout) -> Vec<u8> {
         }
     }
     let mut ioapic = vec![1u8, 12, IOAPIC_ID, 0];
-    ioapic.extend_from_slice(&(IOAPIC_GPA as u32).to_le_bytes());
+    let ioapic_gpa = u32::try_from(IOAPIC_GPA).expect("the IOAPIC is below 4 GiB");
+    ioapic.extend_from_slice(&ioapic_gpa.to_le_bytes());
     ioapic.extend_from_slice(&0u32.to_le_bytes()); // GSI base
     t.append_slice(&ioapic);
     for (irq, gsi, flags) in [
@@ -157,7 +165,8 @@ pub(crate) fn srat(layout: &Layout) -> Result<Vec<u8>, BootError> {
         })?;
         if vcpu <= MAX_XAPIC_ID {
             let d = node.to_le_bytes();
-            let mut e = vec![0u8, 16, d[0], vcpu as u8];
+            let id = u8::try_from(vcpu).expect("xAPIC IDs are at most MAX_XAPIC_ID");
+            let mut e = vec![0u8, 16, d[0], id];
             e.extend_from_slice(&1u32.to_le_bytes()); // enabled
             e.extend_from_slice(&[0, d[1], d[2], d[3]]); // SAPIC EID, domain bits 31:8
             e.extend_from_slice(&0u32.to_le_bytes()); // clock domain

@@ -86,9 +86,9 @@ fn elf_kernel_initrd_and_cmdline_are_placed_and_described() {
     assert_eq!({ hdr.header }, 0x5372_6448);
     assert_eq!({ hdr.boot_flag }, 0xaa55);
     assert_eq!({ hdr.type_of_loader }, 0xff);
-    assert_eq!({ hdr.cmd_line_ptr }, CMDLINE_ADDR as u32);
-    assert_eq!({ hdr.ramdisk_image }, initrd_gpa as u32);
-    assert_eq!({ hdr.ramdisk_size }, initrd_size as u32);
+    assert_eq!({ hdr.cmd_line_ptr }, u32::try_from(CMDLINE_ADDR).unwrap());
+    assert_eq!({ hdr.ramdisk_image }, u32::try_from(initrd_gpa).unwrap());
+    assert_eq!({ hdr.ramdisk_size }, u32::try_from(initrd_size).unwrap());
     assert_eq!({ params.ext_ramdisk_image }, 0);
     assert_eq!({ params.acpi_rsdp_addr }, ACPI_RSDP_ADDR);
     let table = params.e820_table;
@@ -134,7 +134,7 @@ fn bzimage_is_entered_at_its_64_bit_entry_with_its_own_setup_header() {
     assert_eq!({ hdr.code32_start }, 0x10_0000);
     assert_eq!({ hdr.cmdline_size }, 64);
     assert_eq!({ hdr.type_of_loader }, 0xff);
-    assert_eq!({ hdr.ramdisk_image }, gpa as u32);
+    assert_eq!({ hdr.ramdisk_image }, u32::try_from(gpa).unwrap());
 
     // The header's limit applies: 64 bytes pass, 65 do not.
     assert!(load_linux(&mem, &layout, &kernel, None, &"x".repeat(64)).is_ok());

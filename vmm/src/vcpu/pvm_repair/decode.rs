@@ -259,7 +259,7 @@ impl Cursor<'_> {
     }
 
     fn disp8(&mut self) -> Result<i64, DecodeError> {
-        Ok(i64::from(self.next()? as i8))
+        Ok(i64::from(i8::from_ne_bytes([self.next()?])))
     }
 
     fn disp32(&mut self) -> Result<i64, DecodeError> {

@@ -509,7 +509,7 @@ fn sweep_cases() -> Vec<Instruction> {
     for (n, &(base, index, displacement)) in operands.iter().enumerate() {
         // Spread sizes, destinations, segments and address sizes over the operands.
         let size = sizes[n % 3];
-        let dst = (n % 16) as Gpr;
+        let dst = Gpr::try_from(n % 16).unwrap();
         let segment = [None, Some(SegmentBase::Fs), Some(SegmentBase::Gs)][(n / 3) % 3];
         // gas picks the address size from the registers, so absolute operands stay 64-bit.
         let address_32 = n % 7 == 0 && (base, index) != (Base::None, None);
@@ -524,7 +524,7 @@ fn sweep_cases() -> Vec<Instruction> {
         cases.push(Instruction::Popcnt {
             size,
             dst,
-            src: Operand::Reg(((n + 5) % 16) as Gpr),
+            src: Operand::Reg(Gpr::try_from((n + 5) % 16).unwrap()),
         });
     }
     cases

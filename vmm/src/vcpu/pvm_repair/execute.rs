@@ -364,14 +364,15 @@ fn host_random(out: &mut [u8]) -> std::io::Result<()> {
         // SAFETY: getrandom writes at most `rest.len()` bytes into the buffer it is given,
         // which is a live, exclusively borrowed slice.
         let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
-        if n < 0 {
+        // Negative is getrandom(2)'s -1.
+        let Ok(n) = usize::try_from(n) else {
             let e = std::io::Error::last_os_error();
             if e.kind() == std::io::ErrorKind::Interrupted {
                 continue;
             }
             return Err(e);
-        }
-        filled += n as usize;
+        };
+        filled += n;
     }
     Ok(())
 }

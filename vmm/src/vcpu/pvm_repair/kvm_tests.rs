@@ -319,7 +319,7 @@ impl TestVm {
             ..Default::default()
         };
         sregs.gdt.base = GDT;
-        sregs.gdt.limit = (gdt.len() * 8 - 1) as u16;
+        sregs.gdt.limit = u16::try_from(gdt.len() * 8 - 1).unwrap();
         sregs.idt.base = IDT;
         sregs.idt.limit = 256 * 16 - 1;
         // PE MP ET NE WP PG; PAE OSFXSR OSXMMEXCPT (+ FSGSBASE); SCE LME LMA.

@@ -3,6 +3,7 @@
 //! addresses, flag results, the SYSCALL and SYSRET state transitions, and the reading of IDT
 //! gates and exception frames.
 
+use crate::convert::{bits_of_i64, i64_of_bits};
 use kvm_bindings::{kvm_regs, kvm_segment};
 
 use super::decode::{Base, Gpr, MemoryOperand, OperandSize};
@@ -116,7 +117,7 @@ pub fn linear_address(
         .map_or(0, |(r, scale)| gpr(regs, r).wrapping_mul(u64::from(scale)));
     let mut effective = base
         .wrapping_add(index)
-        .wrapping_add(mem.displacement as u64);
+        .wrapping_add_signed(mem.displacement);
     if mem.address_32 {
         effective &= 0xffff_ffff;
     }
@@ -148,7 +149,8 @@ pub fn random_success_flags(rflags: u64) -> u64 {
 pub fn is_canonical(address: u64, la57: bool) -> bool {
     let bits = if la57 { 57 } else { 48 };
     let shift = 64 - bits;
-    (((address << shift) as i64) >> shift) as u64 == address
+    // Sign-extend from the top implemented bit: canonical addresses are unchanged by it.
+    bits_of_i64(i64_of_bits(address << shift) >> shift) == address
 }
 
 /// The handler offset of a 64-bit IDT gate (16 bytes), if it is a present interrupt or trap

@@ -140,7 +140,7 @@ impl<'a> Cpu<'a> {
         let mut done = 0;
         while done < out.len() {
             let address = gva.wrapping_add(done as u64);
-            let in_page = (PAGE_SIZE - (address % PAGE_SIZE)) as usize;
+            let in_page = crate::convert::usize_from(PAGE_SIZE - (address % PAGE_SIZE));
             let n = in_page.min(out.len() - done);
             let translation = self
                 .vcpu
