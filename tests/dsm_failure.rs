@@ -518,3 +518,76 @@ fn a_zero_page_handed_to_the_stream_reader_fails_its_check() {
             .join("; ")
     );
 }
+
+/// The pids of `pid`'s children (its main thread's; `spanvm cluster` starts its nodes there).
+fn children_of(pid: u32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
+/// Whether `pid` still runs (a zombie waiting for init does not).
+fn is_running(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name in parentheses.
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| !rest.starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+#[test]
+fn nodes_die_with_a_cluster_parent_killed_by_sigkill() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("cluster.toml");
+    std::fs::write(&config, cluster_text(2, 1, "counter", 2_000_000_000, 64)).unwrap();
+    let mut cluster = std::process::Command::new(common::spanvm())
+        .args(["cluster", "--config", config.to_str().unwrap()])
+        .arg("--dir")
+        .arg(dir.path())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let parent = cluster.id();
+    let started = Instant::now();
+    let nodes = loop {
+        let nodes = children_of(parent);
+        if nodes.len() == 2 {
+            break nodes;
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            let _ = cluster.kill();
+            let _ = cluster.wait();
+            panic!("spanvm cluster did not start its 2 nodes: {nodes:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    // Let the nodes get as far as running the guest.
+    std::thread::sleep(Duration::from_millis(500));
+    cluster.kill().unwrap();
+    let _ = cluster.wait();
+    let killed_at = Instant::now();
+    while nodes.iter().any(|&n| is_running(n)) && killed_at.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let left: Vec<u32> = nodes.iter().copied().filter(|&n| is_running(n)).collect();
+    for &n in &left {
+        // SAFETY: kill(2) so that a failing test leaves nothing spinning; the pid was the
+        // cluster's child a moment ago.
+        unsafe { libc::kill(libc::pid_t::try_from(n).unwrap(), libc::SIGKILL) };
+    }
+    assert!(
+        left.is_empty(),
+        "nodes {left:?} outlived their killed cluster parent"
+    );
+    println!(
+        "both nodes were gone {:?} after the parent was killed",
+        killed_at.elapsed()
+    );
+}

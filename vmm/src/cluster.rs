@@ -110,6 +110,31 @@ pub enum ClusterError {
     },
 }
 
+/// Makes the kernel kill the node if this process dies first, even by SIGKILL (which no
+/// handler sees): a node left without its cluster parent would spin on, alone. The spawning
+/// thread is the main thread, which lives as long as the cluster, as PR_SET_PDEATHSIG needs.
+fn die_with_this_process(node: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: getpid(2) has no preconditions.
+    let parent = unsafe { libc::getpid() };
+    // SAFETY: the closure runs in the child between fork and exec and only makes two
+    // async-signal-safe system calls (prctl, getppid) on plain integers.
+    unsafe {
+        node.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The parent may have died before the request took effect.
+            if libc::getppid() != parent {
+                return Err(std::io::Error::other(
+                    "spanvm cluster exited while starting it",
+                ));
+            }
+            Ok(())
+        })
+    };
+}
+
 fn io_err(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> ClusterError {
     let path = path.to_path_buf();
     move |source| ClusterError::Io { what, path, source }
@@ -216,7 +241,6 @@ pub fn run(guest: Guest, dir: Option<&Path>) -> Result<StopReason, ClusterError>
             libc::SIGTERM
         };
         for c in signalled.lock().unwrap_or_else(|p| p.into_inner()).iter() {
-            // SAFETY: kill(2) on a child we started and have not reaped yet.
             if let Ok(pid) = libc::pid_t::try_from(c.id()) {
                 // SAFETY: kill(2) on a child we started and have not reaped yet.
                 unsafe { libc::kill(pid, to_children) };
@@ -235,19 +259,19 @@ pub fn run(guest: Guest, dir: Option<&Path>) -> Result<StopReason, ClusterError>
         } else {
             Stdio::null()
         };
-        let mut child = Command::new(&exe)
-            .arg("node")
+        let mut node = Command::new(&exe);
+        node.arg("node")
             .arg("--config")
             .arg(file)
             .stdin(stdin)
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|source| ClusterError::Spawn {
-                node: id,
-                exe: exe.clone(),
-                source,
-            })?;
+            .stderr(Stdio::piped());
+        die_with_this_process(&mut node);
+        let mut child = node.spawn().map_err(|source| ClusterError::Spawn {
+            node: id,
+            exe: exe.clone(),
+            source,
+        })?;
         if let Some(mut input) = child.stdin.take() {
             // Daemon thread: it ends with the process (a read of our stdin cannot be undone).
             let _ = std::thread::Builder::new()
