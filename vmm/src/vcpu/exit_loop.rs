@@ -92,7 +92,10 @@ pub struct VcpuLoop {
     /// On a `kvm_pvm` host: the repair of instructions KVM's emulator gives up on (`None`
     /// elsewhere, so that nothing changes on VT-x).
     pub pvm_repair: Option<Arc<PvmRepair>>,
-    /// Guest memory, for the repair's reads of instructions, operands and stacks.
+    /// Guest memory, for the repair's reads of instructions, operands and stacks. Also what
+    /// keeps guest memory (and its userfaultfd) alive for as long as this vCPU may touch it:
+    /// declared after `fd` so that it is released after the vCPU fd, which holds the VM and its
+    /// memory slots (see `crate::memory` and `NodeVm::teardown`).
     pub memory: Arc<GuestMemory>,
 }
 
