@@ -64,6 +64,9 @@ pub enum VcpuError {
     /// The kick signal handler could not be installed.
     #[error("cannot install the vCPU kick signal handler: {0}")]
     KickHandler(std::io::Error),
+    /// The test hook `SPANVM_TEST_VCPU_IGNORES_KICK` could not block the kick signal.
+    #[error("cannot block the vCPU kick signal for SPANVM_TEST_VCPU_IGNORES_KICK (unset it): {0}")]
+    KickMask(std::io::Error),
 }
 
 /// Puts a vCPU in real mode at a SIPI's start page (from the boot code of the guest kind).
@@ -103,6 +106,11 @@ impl VcpuLoop {
     /// Runs the vCPU until the node stops. The calling thread becomes the vCPU thread.
     pub fn run(mut self) -> Result<(), VcpuError> {
         kick::install_handler().map_err(VcpuError::KickHandler)?;
+        // Fault injection for the tests of a stop while a vCPU waits for a page
+        // (tests/dsm_failure.rs).
+        if std::env::var_os("SPANVM_TEST_VCPU_IGNORES_KICK").is_some() {
+            kick::block_in_current_thread().map_err(VcpuError::KickMask)?;
+        }
         // SAFETY: pthread_self has no preconditions.
         self.shared.set_thread(unsafe { libc::pthread_self() });
         let run_ptr: *mut kvm_bindings::kvm_run = self.fd.get_kvm_run();
