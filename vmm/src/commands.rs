@@ -122,5 +122,16 @@ pub fn run(config: &Path) -> Result<StopReason, CommandError> {
     if let Some(mesh) = vm.mesh() {
         eprintln!("{}", mesh.stats());
     }
+    drop(vm);
+    // Fault injection for the tests of a stop while a vCPU waits for a page
+    // (tests/dsm_failure.rs): the process lingers after the teardown, so that a thread the
+    // teardown let loose (a vCPU let through a pending fault) has time to show it before the
+    // exit would end it.
+    if let Some(ms) = std::env::var("SPANVM_TEST_LINGER_AFTER_TEARDOWN_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+    }
     Ok(reason)
 }
