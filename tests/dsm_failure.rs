@@ -1,5 +1,6 @@
 //! Failures of a distributed guest with real node processes: a node killed mid-run, a node whose
-//! distributed memory fails, a node with the wrong secret, a node whose layout differs. (Malformed frames are fuzzed in the transport
+//! distributed memory fails, a node with the wrong secret, a node whose layout differs, a node
+//! stopped while one of its vCPUs waits for a page of a hung peer. (Malformed frames are fuzzed in the transport
 //! and dsm crates' own tests.)
 
 mod common;
@@ -590,4 +591,125 @@ fn nodes_die_with_a_cluster_parent_killed_by_sigkill() {
         "both nodes were gone {:?} after the parent was killed",
         killed_at.elapsed()
     );
+}
+
+/// How node 0 is stopped while its vCPU waits for a page of the hung node 1.
+#[derive(Clone, Copy, Debug)]
+enum StopWhileFaulting {
+    /// Ctrl-C on node 0: a stop that fails nothing, so the DSM is not frozen by a failure.
+    Interrupt,
+    /// Node 1 is killed: node 0 loses it.
+    KillPeer,
+}
+
+/// Runs `stop-fault` on 2 nodes: vCPU 1 (node 1) writes a pattern into a page, vCPU 0 (node 0)
+/// sees its flag and reports SEEN; node 1 is then hung (SIGSTOP) before vCPU 0, a second later,
+/// reads the page, so that the read waits in a DSM fault for a page only node 1 has. Then node 0
+/// is stopped by `how`. Whatever the path, vCPU 0 must never report a value: the page can only
+/// have come from nowhere, that is as a zero page let through by closing or unregistering the
+/// userfaultfd under the blocked fault. With `ignores_kick` node 0's vCPU threads block the kick
+/// signal, so that the fault is not ended by it (as on kernels where a signal does not interrupt
+/// a KVM page fault) and the node must tear down around a vCPU that never leaves it.
+fn stop_while_a_vcpu_waits_for_a_hung_peer(how: StopWhileFaulting, ignores_kick: bool) {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    const WAIT_MS: u64 = 1000;
+    // Every node still running is killed when `procs` is dropped, however the test ends
+    // (SIGKILL ends a stopped process too).
+    let mut procs = start_probe_cluster(
+        dir.path(),
+        &cluster_text(2, 1, "stop-fault", WAIT_MS, 32),
+        |i| {
+            // Node 0 lingers after its teardown: a vCPU the teardown let through its fault
+            // would report the page it read before the exit ends it.
+            match (i, ignores_kick) {
+                (0, true) => &[
+                    ("SPANVM_TEST_VCPU_IGNORES_KICK", "1"),
+                    ("SPANVM_TEST_LINGER_AFTER_TEARDOWN_MS", "500"),
+                ],
+                (0, false) => &[("SPANVM_TEST_LINGER_AFTER_TEARDOWN_MS", "500")],
+                _ => &[],
+            }
+        },
+    );
+    let started = Instant::now();
+    while !procs[0].stdout().contains("PROBE vcpu=0 SEEN=1") {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "vCPU 0 never saw vCPU 1's flag\nnode 0:\n{}\n{}\nnode 1:\n{}\n{}",
+            procs[0].stdout(),
+            procs[0].stderr(),
+            procs[1].stdout(),
+            procs[1].stderr()
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let seen = Instant::now();
+    signal(&procs[1], libc::SIGSTOP);
+    let hung_after = seen.elapsed();
+    assert!(
+        hung_after < Duration::from_millis(WAIT_MS / 2),
+        "node 1 was hung only {hung_after:?} after vCPU 0 saw the flag: too late to be sure \
+         that vCPU 0 had not read the page yet"
+    );
+    // vCPU 0 reads the page WAIT_MS after SEEN; node 0 notices the silence of node 1 2 s after
+    // the hang. Stop in between, when the read is certainly waiting.
+    std::thread::sleep(Duration::from_millis(WAIT_MS + 400).saturating_sub(seen.elapsed()));
+    let out = procs[0].stdout();
+    assert!(
+        !out.contains("RVAL="),
+        "vCPU 0 read the page although node 1 was hung:\n{out}"
+    );
+    match how {
+        StopWhileFaulting::Interrupt => signal(&procs[0], libc::SIGINT),
+        StopWhileFaulting::KillPeer => {
+            procs[1].child.kill().unwrap();
+            let _ = procs[1].child.wait();
+        }
+    }
+    let stop_at = Instant::now();
+    let (code, at) = procs[0].wait(Duration::from_secs(20));
+    let took = at.duration_since(stop_at);
+    let stdout = procs[0].stdout();
+    let stderr = procs[0].stderr();
+    eprintln!("node 0 ({how:?}, kick ignored: {ignores_kick}) exited with {code:?} {took:?} after the stop\n{stderr}");
+    assert!(
+        !stdout.contains("PROBE vcpu=0 RVAL=") && !stdout.contains("PROBE vcpu=0 EXIT="),
+        "vCPU 0 read a page that only the hung node 1 has (made up at the stop):\n{stdout}\n{stderr}"
+    );
+    // Ctrl-C gives 130; node 0 may notice node 1's silence first (5) under heavy load.
+    let expected: &[i32] = match how {
+        StopWhileFaulting::Interrupt => &[130, 5],
+        StopWhileFaulting::KillPeer => &[5],
+    };
+    assert!(
+        code.is_some_and(|c| expected.contains(&c)),
+        "node 0 exited with {code:?}, expected one of {expected:?}\n{stderr}"
+    );
+    assert!(
+        took < Duration::from_secs(10),
+        "node 0 took {took:?} to stop\n{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "node 0 panicked:\n{stderr}");
+    if ignores_kick {
+        assert!(
+            stderr.contains("vcpu0 did not stop"),
+            "node 0 does not say it left vCPU 0 blocked in its fault:\n{stderr}"
+        );
+    }
+}
+
+#[test]
+fn interrupting_a_node_whose_vcpu_waits_for_a_page_of_a_hung_peer_never_makes_the_page_up() {
+    stop_while_a_vcpu_waits_for_a_hung_peer(StopWhileFaulting::Interrupt, false);
+}
+
+#[test]
+fn interrupting_a_node_around_a_vcpu_stuck_in_a_page_fault_never_makes_the_page_up() {
+    stop_while_a_vcpu_waits_for_a_hung_peer(StopWhileFaulting::Interrupt, true);
+}
+
+#[test]
+fn killing_the_hung_peer_of_a_vcpu_stuck_in_a_page_fault_never_makes_the_page_up() {
+    stop_while_a_vcpu_waits_for_a_hung_peer(StopWhileFaulting::KillPeer, true);
 }

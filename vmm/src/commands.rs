@@ -1,7 +1,7 @@
 //! What the `spanvm` subcommands do.
 
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 use resources::{ConfigError, NodeConfig};
 
@@ -70,20 +70,22 @@ pub fn run(config: &Path) -> Result<StopReason, CommandError> {
     };
     let platform = vm.platform().clone();
     let dsm = vm.dsm();
-    let dsm_on_request = dsm.clone();
+    // Weak: the handler lives as long as the process, and a strong reference would keep the DSM
+    // (and the userfaultfd registration of guest memory) beyond the VM's teardown.
+    let dsm_on_request = dsm.as_ref().map(Arc::downgrade);
     let forward_on_request = vm.platform().forward().clone();
-    let zap_on_request = vm.shadow_zap();
-    let mesh_on_request = vm.mesh();
+    let zap_on_request = vm.shadow_zap().as_ref().map(Arc::downgrade);
+    let mesh_on_request = vm.mesh().as_ref().map(Arc::downgrade);
     *action.lock().unwrap_or_else(|p| p.into_inner()) = Some(Box::new(move |sig| {
         if sig == libc::SIGUSR1 {
-            if let Some(d) = &dsm_on_request {
+            if let Some(d) = dsm_on_request.as_ref().and_then(Weak::upgrade) {
                 eprint!("{}", d.stats());
-                if let Some(z) = &zap_on_request {
+                if let Some(z) = zap_on_request.as_ref().and_then(Weak::upgrade) {
                     eprintln!("{}", z.stats());
                 }
                 eprintln!("{}", forward_on_request.stats());
             }
-            if let Some(mesh) = &mesh_on_request {
+            if let Some(mesh) = mesh_on_request.as_ref().and_then(Weak::upgrade) {
                 eprintln!("{}", mesh.stats());
             }
         } else {
@@ -119,6 +121,17 @@ pub fn run(config: &Path) -> Result<StopReason, CommandError> {
     }
     if let Some(mesh) = vm.mesh() {
         eprintln!("{}", mesh.stats());
+    }
+    drop(vm);
+    // Fault injection for the tests of a stop while a vCPU waits for a page
+    // (tests/dsm_failure.rs): the process lingers after the teardown, so that a thread the
+    // teardown let loose (a vCPU let through a pending fault) has time to show it before the
+    // exit would end it.
+    if let Some(ms) = std::env::var("SPANVM_TEST_LINGER_AFTER_TEARDOWN_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        std::thread::sleep(std::time::Duration::from_millis(ms));
     }
     Ok(reason)
 }

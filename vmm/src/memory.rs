@@ -13,8 +13,18 @@
 //!
 //! Every access the VMM makes goes through this mapping, so under the DSM it faults like a guest
 //! access would.
+//!
+//! Under the DSM the mapping is registered with a userfaultfd, and the two must end in one order:
+//! unmapped first, the userfaultfd closed after. Closing the userfaultfd of a registered range
+//! wakes every thread blocked in a fault on it and retries the fault without userfaultfd, that is
+//! against the bare anonymous page: zero where the DSM never installed one (`userfaultfd(2)`). A
+//! vCPU blocked waiting for a peer's page would then run on zeros. So the registration is kept
+//! here ([`GuestMemory::keep_registration`]) and released only by [`Drop`], after the unmap; and
+//! every thread that may fault on guest memory (the vCPU threads, the loader on the main thread)
+//! holds or borrows this `GuestMemory`, so the drop cannot run while one of them is blocked.
 
 use std::ptr::NonNull;
+use std::sync::{Arc, Mutex};
 
 use resources::{Layout, RamRegion};
 
@@ -49,6 +59,9 @@ pub struct GuestMemory {
     base: NonNull<u8>,
     len: u64,
     ram: Vec<RamRegion>,
+    /// The userfaultfd registration of the mapping, if any: released after the unmap (see the
+    /// module doc).
+    registration: Mutex<Option<Arc<dyn Send + Sync>>>,
 }
 
 // SAFETY: the mapping is plain memory shared by the vCPU and device threads; all accesses go
@@ -87,7 +100,14 @@ impl GuestMemory {
             base,
             len,
             ram: layout.ram.clone(),
+            registration: Mutex::new(None),
         })
+    }
+
+    /// Keeps `registration` (what holds the userfaultfd this mapping is registered with) until
+    /// the mapping is gone: see the module doc.
+    pub fn keep_registration(&self, registration: Arc<dyn Send + Sync>) {
+        *self.registration.lock().unwrap_or_else(|p| p.into_inner()) = Some(registration);
     }
 
     /// Registers the RAM regions with KVM, one slot each.
@@ -95,8 +115,10 @@ impl GuestMemory {
         for (slot, region) in self.ram.iter().enumerate() {
             let host = self.base.as_ptr() as u64 + region.gpa;
             let slot = u32::try_from(slot).expect("a layout has a handful of RAM regions");
-            // SAFETY: the region lies inside our mapping, which lives as long as `self`, and the
-            // VMM keeps `self` alive until the VM is gone.
+            // SAFETY: the region lies inside our mapping, which lives as long as `self`. The VM
+            // is torn down before the mapping: `NodeVm` drops the VM fd before its reference to
+            // `self`, and each vCPU thread (whose vCPU fd also holds the VM) holds a reference to
+            // `self` that it drops after its vCPU fd.
             unsafe { vm.add_memory(slot, region.gpa, region.size, host)? };
         }
         Ok(())
@@ -164,6 +186,33 @@ impl GuestMemory {
 
 impl Drop for GuestMemory {
     fn drop(&mut self) {
+        let registration = self
+            .registration
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(registration) = registration {
+            if Arc::strong_count(&registration) > 1 {
+                // Something besides us still holds the registration (a DSM handle someone kept)
+                // and may still use the range through it, which the registration's contract
+                // forbids after an unmap. Keep both, mapped and registered, until the process
+                // exits; no thread can reach the memory through `self` any more.
+                std::mem::forget(registration);
+                return;
+            }
+            // SAFETY: unmapping exactly what `new` mapped: this was the last reference to the
+            // mapping and to its only registration, so nothing can touch the range any more.
+            unsafe {
+                libc::munmap(
+                    self.base.as_ptr().cast(),
+                    crate::convert::usize_from(self.len),
+                )
+            };
+            // Only now: a thread still blocked in a fault (there can be none, see the module doc)
+            // would fail on the missing mapping instead of reading a zero page.
+            drop(registration);
+            return;
+        }
         // SAFETY: unmapping exactly what `new` mapped; no references into it outlive `self`.
         unsafe {
             libc::munmap(

@@ -64,26 +64,36 @@ pub enum VmError {
     /// a node's memory failed); the reason carries the exit code.
     #[error("stopped before the guest started: {0}")]
     Stopped(StopReason),
+    /// Only a single-node VM that has not run can be taken apart for a raw vCPU loop.
+    #[error("only a single-node VM that has not run can be taken apart for a raw vCPU loop")]
+    TakenApart,
 }
 
-/// A built VM taken apart (see [`NodeVm::into_parts`]).
+/// A built VM taken apart (see [`NodeVm::into_parts`]). The fields are declared in the order
+/// they must go (a plain struct has no other teardown): the vCPU fds and the VM fd hold the
+/// KVM memory slots, so they close before the guest memory they point into may be unmapped.
 pub struct RawParts {
-    /// The KVM VM (keeps the vCPUs' VM alive).
-    pub vm: KvmVm,
-    /// Guest memory.
-    pub memory: Arc<GuestMemory>,
-    /// The platform.
-    pub platform: Arc<Platform>,
     /// Local vCPUs, set up to enter the guest.
     pub vcpus: Vec<(usize, VcpuFd)>,
+    /// The KVM VM (keeps the vCPUs' VM alive).
+    pub vm: KvmVm,
+    /// The platform.
+    pub platform: Arc<Platform>,
     /// Their TSC frequency.
     pub tsc_khz: u32,
+    /// Guest memory.
+    pub memory: Arc<GuestMemory>,
 }
 
 /// A node's VM, built and ready to run.
+///
+/// Its teardown is explicit ([`NodeVm::teardown`], run by `Drop`), not left to field order:
+/// see there for the order and why.
 pub struct NodeVm {
-    _vm: KvmVm,
-    _memory: Arc<GuestMemory>,
+    /// `None` once taken apart or torn down.
+    vm: Option<KvmVm>,
+    /// `None` once taken apart or torn down.
+    memory: Option<Arc<GuestMemory>>,
     distributed: Option<Distributed>,
     /// What a SIPI does (Linux guests); with it, every vCPU but the BSP starts waiting for one.
     on_sipi: Option<SipiSetup>,
@@ -92,6 +102,9 @@ pub struct NodeVm {
     platform: Arc<Platform>,
     fds: Vec<(usize, VcpuFd)>,
     tsc_khz: u32,
+    /// The threads of [`NodeVm::run`], until they are joined.
+    vcpu_threads: Vec<JoinHandle<()>>,
+    timer_threads: Vec<JoinHandle<()>>,
 }
 
 impl NodeVm {
@@ -168,14 +181,16 @@ impl NodeVm {
             (Err(e), None) => return Err(e),
         };
         Ok(Self {
-            _vm: vm,
-            _memory: memory,
+            vm: Some(vm),
+            memory: Some(memory),
             distributed,
             on_sipi,
             pvm_repair: Hypervisor::is_pvm_host().then(|| Arc::new(PvmRepair::new())),
             platform,
             fds,
             tsc_khz,
+            vcpu_threads: Vec::new(),
+            timer_threads: Vec::new(),
         })
     }
 
@@ -255,14 +270,21 @@ impl NodeVm {
     }
 
     /// Takes the VM apart for a benchmark that drives the vCPUs with its own loop.
-    pub fn into_parts(self) -> RawParts {
-        RawParts {
-            vm: self._vm,
-            memory: self._memory,
-            platform: self.platform,
-            vcpus: self.fds,
-            tsc_khz: self.tsc_khz,
+    pub fn into_parts(mut self) -> Result<RawParts, VmError> {
+        // A raw loop has no DSM (nor its teardown) and cannot run vCPUs twice.
+        if self.distributed.is_some() || self.memory.is_none() || self.fds.is_empty() {
+            return Err(VmError::TakenApart);
         }
+        let (Some(vm), Some(memory)) = (self.vm.take(), self.memory.take()) else {
+            return Err(VmError::TakenApart);
+        };
+        Ok(RawParts {
+            vcpus: std::mem::take(&mut self.fds),
+            vm,
+            platform: self.platform.clone(),
+            tsc_khz: self.tsc_khz,
+            memory,
+        })
     }
 
     /// What the kvm_pvm repair did so far (`None` on other hosts).
@@ -287,11 +309,12 @@ impl NodeVm {
         self.distributed.as_ref().map(|d| d.dsm.clone())
     }
 
-    /// Runs every local vCPU until the node stops; returns why it stopped.
+    /// Runs every local vCPU until the node stops; returns why it stopped. The vCPU threads are
+    /// stopped and joined (or given up on) before it returns; the rest of the teardown is
+    /// [`NodeVm::teardown`].
     pub fn run(&mut self) -> Result<StopReason, VmError> {
         let platform = self.platform.clone();
-        let mut vcpu_threads: Vec<JoinHandle<()>> = Vec::new();
-        let mut timer_threads: Vec<JoinHandle<()>> = Vec::new();
+        let memory = self.memory.clone().ok_or(VmError::TakenApart)?;
         for (index, fd) in std::mem::take(&mut self.fds) {
             let Some(shared) = platform.vcpu(index).cloned() else {
                 continue;
@@ -299,7 +322,7 @@ impl NodeVm {
             let timer_shared = shared.clone();
             let stop = platform.stop().clone();
             let khz = self.tsc_khz;
-            timer_threads.push(
+            self.timer_threads.push(
                 std::thread::Builder::new()
                     .name(format!("timer{index}"))
                     .spawn(move || run_timer(timer_shared, stop, khz))
@@ -309,8 +332,8 @@ impl NodeVm {
             let activity = self.start_activity(index);
             let on_sipi = self.on_sipi.clone();
             let pvm_repair = self.pvm_repair.clone();
-            let memory = self._memory.clone();
-            vcpu_threads.push(
+            let memory = memory.clone();
+            self.vcpu_threads.push(
                 std::thread::Builder::new()
                     .name(format!("vcpu{index}"))
                     .spawn(move || {
@@ -335,14 +358,75 @@ impl NodeVm {
         while !platform.stop().wait(Duration::from_millis(500)) {}
         let reason = platform.stop().reason().unwrap_or(StopReason::PowerOff);
         platform.flush_console();
-        // vCPU threads leave their loop at once unless one is blocked in a page fault that can
-        // no longer be served (a peer is gone): then it is left behind, and dies with the process.
-        join_for(vcpu_threads, Duration::from_millis(500));
-        join_for(timer_threads, Duration::from_millis(200));
+        self.stop_vcpus();
         if let Some(d) = &self.distributed {
             d.leave(&reason);
         }
         Ok(reason)
+    }
+
+    /// Takes the node down, in an order that keeps every lifetime promise made about guest
+    /// memory (`GuestMemory::register`, `Distributed::join`, `GuestMemory`'s drop):
+    ///
+    /// 1. The vCPU threads stop and are joined ([`NodeVm::stop_vcpus`]), while the DSM still
+    ///    serves: a vCPU waiting for a page can still get it and leave. A vCPU that stays
+    ///    blocked in a fault is given up on; it holds its own reference to guest memory, and so
+    ///    to the userfaultfd registration, which keeps its fault pending until the process
+    ///    exits (exit kills the thread before any descriptor or mapping is released).
+    /// 2. The DSM stops serving, then the transport stops ([`Distributed::shutdown`]), while
+    ///    guest memory is still mapped: their threads install, read and drop guest pages.
+    /// 3. The KVM VM fd closes: its memory slots point into guest memory, which must not be
+    ///    unmapped under a live slot (the vCPU fds, which also hold the VM, went in step 1).
+    /// 4. Guest memory goes last: unmapped once the last reference (ours, or a given-up vCPU
+    ///    thread's) is dropped, and only then is the userfaultfd closed (see `crate::memory`).
+    ///
+    /// Idempotent; `Drop` runs it.
+    pub fn teardown(&mut self) {
+        self.stop_vcpus();
+        // vCPU fds that never ran (the node failed before `run`, or `run` failed part way).
+        self.fds.clear();
+        if let Some(distributed) = self.distributed.take() {
+            distributed.shutdown();
+            drop(distributed);
+        }
+        drop(self.vm.take());
+        drop(self.memory.take());
+    }
+
+    /// Stops the local vCPUs for good and joins their threads; gives up (with a line on stderr)
+    /// on those that do not leave within a bound, which can only be a thread blocked in a page
+    /// fault that is not going to be served.
+    fn stop_vcpus(&mut self) {
+        if self.vcpu_threads.is_empty() && self.timer_threads.is_empty() {
+            return;
+        }
+        // Sets the stop flag unless a reason is set already (then it only kicks again): every
+        // vCPU leaves guest mode, and `VcpuLoop` never enters it again once the flag is set. A
+        // kick also ends a KVM page fault that waits on userfaultfd where the kernel lets
+        // signals interrupt it (KVM_RUN returns EINTR); the fault stays pending in the DSM.
+        self.platform.request_stop(StopReason::Error(
+            "the VM was torn down while its vCPUs ran".into(),
+        ));
+        let left = join_for(
+            std::mem::take(&mut self.vcpu_threads),
+            Duration::from_millis(500),
+        );
+        for name in left {
+            eprintln!(
+                "spanvm: {name} did not stop: it is blocked in a guest memory access that is not \
+                 going to be served; it stays blocked (never on made-up data) until the process exits"
+            );
+        }
+        join_for(
+            std::mem::take(&mut self.timer_threads),
+            Duration::from_millis(200),
+        );
+    }
+}
+
+impl Drop for NodeVm {
+    fn drop(&mut self) {
+        self.teardown();
     }
 }
 
@@ -445,17 +529,22 @@ fn sync_clock(
 
 // --- End of clock synchronisation.
 
-/// Joins the threads that finish within `limit` of now.
-fn join_for(threads: Vec<JoinHandle<()>>, limit: Duration) {
+/// Joins the threads that finish within `limit` of now; returns the names of the others, which
+/// are left running (detached).
+fn join_for(threads: Vec<JoinHandle<()>>, limit: Duration) -> Vec<String> {
     let deadline = std::time::Instant::now() + limit;
+    let mut left = Vec::new();
     for t in threads {
         while !t.is_finished() && std::time::Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(5));
         }
         if t.is_finished() {
             let _ = t.join();
+        } else {
+            left.push(t.thread().name().unwrap_or("a vCPU thread").to_string());
         }
     }
+    left
 }
 
 /// Blocks SIGINT, SIGTERM and SIGUSR1 in the calling thread (and so in every thread it starts

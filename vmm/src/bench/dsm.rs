@@ -105,7 +105,7 @@ fn pair(busy_poll: bool) -> Result<(BenchNode, BenchNode), CommandError> {
                     socket_buffer: None,
                 };
                 let mesh = TcpMesh::establish_on(listener, cfg, handler).map_err(bench_err)?;
-                link.set(mesh.clone());
+                link.set(&mesh);
                 Ok(BenchNode {
                     pages,
                     dsm,

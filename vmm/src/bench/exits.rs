@@ -80,7 +80,7 @@ fn through_spanvm(probe: &str, vcpus: u32) -> Result<(HashMap<String, u64>, u32)
 fn through_raw_loop() -> Result<HashMap<String, u64>, CommandError> {
     let vm = NodeVm::build(&bench_config("bench-exits", 1)?)?;
     // `parts` keeps the VM and its memory alive while the vCPU runs.
-    let mut parts = vm.into_parts();
+    let mut parts = vm.into_parts()?;
     let (_, mut fd) = parts
         .vcpus
         .pop()
@@ -124,7 +124,7 @@ fn through_raw_loop() -> Result<HashMap<String, u64>, CommandError> {
 /// The raw `KVM_INTERRUPT` round trip in microseconds (median).
 fn raw_injection_us() -> Result<f64, CommandError> {
     let vm = NodeVm::build(&bench_config("bench-inject", 1)?)?;
-    let mut parts = vm.into_parts();
+    let mut parts = vm.into_parts()?;
     let (_, mut fd) = parts
         .vcpus
         .pop()

@@ -5,7 +5,8 @@ pub mod control;
 pub mod link;
 pub mod shadow_zap;
 
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 use dsm::{Dsm, DsmConfig, UffdGuestPages};
@@ -67,6 +68,9 @@ pub(crate) struct NodeHandler {
     pub(crate) dsm: OnceLock<Arc<Dsm>>,
     pub(crate) control: Arc<Control>,
     forward: Mutex<ForwardInbox>,
+    /// Cleared when the node tears down: DSM frames are dropped from then on (see
+    /// [`Distributed::shutdown`]).
+    dsm_serving: AtomicBool,
 }
 
 impl NodeHandler {
@@ -76,6 +80,7 @@ impl NodeHandler {
             dsm: OnceLock::new(),
             control,
             forward: Mutex::new(ForwardInbox::default()),
+            dsm_serving: AtomicBool::new(true),
         }
     }
 
@@ -120,24 +125,29 @@ impl NodeHandler {
     }
 }
 
-/// Forwarding frames out on the Forward connection.
-struct MeshForwardLink(Arc<TcpMesh>);
+/// Forwarding frames out on the Forward connection. Weak, for the reason `MeshLink` is: the
+/// platform holds the forwarder, and a strong reference would keep the mesh, its handler and
+/// the DSM alive as long as the platform.
+struct MeshForwardLink(Weak<TcpMesh>);
 
 impl forward::ForwardLink for MeshForwardLink {
     fn send(&self, to: forward::NodeId, frame: &forward::WireFrame) -> Result<(), String> {
-        self.0
-            .send_ref(
-                to,
-                Channel::Forward,
-                FrameRef {
-                    kind: frame.kind,
-                    flags: frame.flags,
-                    id: frame.id,
-                    arg: frame.arg,
-                    payload: &frame.payload,
-                },
-            )
-            .map_err(|e| e.to_string())
+        let mesh = self
+            .0
+            .upgrade()
+            .ok_or_else(|| "the mesh is shut down (the node is stopping)".to_string())?;
+        mesh.send_ref(
+            to,
+            Channel::Forward,
+            FrameRef {
+                kind: frame.kind,
+                flags: frame.flags,
+                id: frame.id,
+                arg: frame.arg,
+                payload: &frame.payload,
+            },
+        )
+        .map_err(|e| e.to_string())
     }
 }
 
@@ -145,6 +155,9 @@ impl FrameHandler for NodeHandler {
     fn on_frame(&self, from: NodeId, channel: Channel, frame: Frame) {
         match channel {
             Channel::DsmRequest | Channel::DsmBulk => {
+                if !self.dsm_serving.load(Ordering::SeqCst) {
+                    return;
+                }
                 if let Some(dsm) = self.dsm.get() {
                     dsm.on_frame(
                         from as usize,
@@ -211,8 +224,11 @@ impl Distributed {
             .read_secret()?
             .ok_or_else(|| DistributedError::NoSecret(config.path.display().to_string()))?;
         // ShadowZap: on kvm_pvm, dropping a page-table page clears KVM's shadow translations.
-        // SAFETY: the mapping belongs to `memory`, which the caller keeps alive for as long as
-        // the VM (and so this DSM) exists; nothing else registers it with a userfaultfd.
+        // SAFETY: the mapping belongs to `memory`, which is handed the registration below and
+        // unmaps the range only when it holds the last reference to it (`GuestMemory`'s drop),
+        // so the range stays mapped for the life of the registration; nothing else registers it
+        // with a userfaultfd, and nothing but the DSM populates or drops its pages (the loader
+        // writes through the mapping, which faults like a guest access).
         let mut pages = ShadowZap::for_this_host(unsafe {
             UffdGuestPages::register(memory.host_base(), crate::convert::usize_from(memory.len()))?
         });
@@ -232,6 +248,8 @@ impl Distributed {
             }
         }
         let pages = Arc::new(pages);
+        // The userfaultfd is closed only after the mapping is gone (see `crate::memory`).
+        memory.keep_registration(pages.clone());
         let link = Arc::new(MeshLink::default());
         let home_layout = layout.clone();
         let dsm = Arc::new(Dsm::start(
@@ -290,7 +308,7 @@ impl Distributed {
             socket_buffer: test_socket_buffer(),
         };
         let mesh = TcpMesh::establish(mesh_config, handler.clone())?;
-        link.set(mesh.clone());
+        link.set(&mesh);
         control.set_mesh(Arc::downgrade(&(mesh.clone() as Arc<dyn Transport>)));
         Ok(Self {
             dsm,
@@ -308,7 +326,7 @@ impl Distributed {
 
     /// Forwarding's way out to the peers.
     pub fn forward_link(&self) -> Arc<dyn forward::ForwardLink> {
-        Arc::new(MeshForwardLink(self.mesh.clone()))
+        Arc::new(MeshForwardLink(Arc::downgrade(&self.mesh)))
     }
 
     /// Starts handing forwarding frames to `forwarder`.
@@ -321,12 +339,30 @@ impl Distributed {
         self.control.set_platform(Arc::downgrade(platform));
     }
 
-    /// Leaves the mesh after the guest stopped: the master waits (briefly) for the others to
-    /// go first, so that nobody mistakes the master's exit for a lost peer.
+    /// Says goodbye after the guest stopped: the master waits (briefly) for the others to go
+    /// first, so that nobody mistakes the master's exit for a lost peer. The mesh and the DSM
+    /// keep running until [`Distributed::shutdown`].
     pub fn leave(&self, reason: &StopReason) {
         self.control.leave(reason);
-        self.mesh.shutdown();
+    }
+
+    /// Stops the DSM, then the transport. Call it once every local vCPU thread is joined or
+    /// given up on (`NodeVm`'s teardown), and before guest memory may be unmapped: when it
+    /// returns no thread of the DSM or of the transport touches guest memory any more.
+    ///
+    /// A fault still pending (a vCPU given up on) stays pending: the DSM stops without
+    /// answering it and nothing here closes the userfaultfd, so the faulting thread stays
+    /// blocked and never sees a page the DSM did not install.
+    pub fn shutdown(&self) {
+        // First the DSM stops serving: frames from peers are dropped, and its fault thread is
+        // joined. Frames already being handled on a receiver thread may still install pages;
+        // guest memory is mapped throughout, so that is harmless.
+        self.handler.dsm_serving.store(false, Ordering::SeqCst);
         self.dsm.shutdown();
+        // Then the transport: this joins the receiver threads, so that no frame handler, the
+        // DSM's included, is still running when it returns. After `leave`, peers no longer
+        // take our going for a loss (or are lost already).
+        self.mesh.shutdown();
     }
 }
 

@@ -87,6 +87,9 @@ pub enum VcpuError {
     /// The kick signal handler could not be installed.
     #[error("cannot install the vCPU kick signal handler: {0}")]
     KickHandler(std::io::Error),
+    /// The test hook `SPANVM_TEST_VCPU_IGNORES_KICK` could not block the kick signal.
+    #[error("cannot block the vCPU kick signal for SPANVM_TEST_VCPU_IGNORES_KICK (unset it): {0}")]
+    KickMask(std::io::Error),
 }
 
 /// Puts a vCPU in real mode at a SIPI's start page (from the boot code of the guest kind).
@@ -118,7 +121,10 @@ pub struct VcpuLoop {
     /// On a `kvm_pvm` host: the repair of instructions KVM's emulator gives up on (`None`
     /// elsewhere, so that nothing changes on VT-x).
     pub pvm_repair: Option<Arc<PvmRepair>>,
-    /// Guest memory, for the repair's reads of instructions, operands and stacks.
+    /// Guest memory, for the repair's reads of instructions, operands and stacks. Also what
+    /// keeps guest memory (and its userfaultfd) alive for as long as this vCPU may touch it:
+    /// declared after `fd` so that it is released after the vCPU fd, which holds the VM and its
+    /// memory slots (see `crate::memory` and `NodeVm::teardown`).
     pub memory: Arc<GuestMemory>,
 }
 
@@ -126,6 +132,11 @@ impl VcpuLoop {
     /// Runs the vCPU until the node stops. The calling thread becomes the vCPU thread.
     pub fn run(mut self) -> Result<(), VcpuError> {
         kick::install_handler().map_err(VcpuError::KickHandler)?;
+        // Fault injection for the tests of a stop while a vCPU waits for a page
+        // (tests/dsm_failure.rs).
+        if std::env::var_os("SPANVM_TEST_VCPU_IGNORES_KICK").is_some() {
+            kick::block_in_current_thread().map_err(VcpuError::KickMask)?;
+        }
         // SAFETY: pthread_self has no preconditions.
         self.shared.set_thread(unsafe { libc::pthread_self() });
         let run_ptr: *mut kvm_bindings::kvm_run = self.fd.get_kvm_run();

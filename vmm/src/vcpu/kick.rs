@@ -60,6 +60,24 @@ pub fn unregister_current() {
     KVM_RUN.with(|p| p.set(null_mut()));
 }
 
+/// Blocks the kick signal in the calling thread: a test hook (`SPANVM_TEST_VCPU_IGNORES_KICK`)
+/// that makes a vCPU blocked in a page fault stay there through the stop, as it does on a kernel
+/// whose KVM page faults a signal cannot interrupt, or in a VMM access to guest memory.
+pub fn block_in_current_thread() -> std::io::Result<()> {
+    // SAFETY: a zeroed sigset filled by sigemptyset/sigaddset is a valid argument, and
+    // pthread_sigmask only changes the calling thread's mask.
+    let rc = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, kick_signal());
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, null_mut())
+    };
+    if rc != 0 {
+        return Err(std::io::Error::from_raw_os_error(rc));
+    }
+    Ok(())
+}
+
 /// Kicks `thread` (a vCPU thread) out of the guest.
 pub fn kick(thread: libc::pthread_t) {
     // SAFETY: `thread` is a live vCPU thread (the caller holds its handle until join); the
