@@ -89,6 +89,19 @@ pub fn run_spanvm(args: &[&str], env: &[(&str, &str)], limit: Duration) -> Outpu
     run_spanvm_wrapped(&[], args, env, limit)
 }
 
+/// A `spanvm` command run through `wrapper` (a command that execs the rest of its arguments,
+/// such as `ip netns exec NAME`), or directly when `wrapper` is empty.
+pub fn spanvm_through(wrapper: &[&str]) -> Command {
+    match wrapper.split_first() {
+        Some((program, wrapper_args)) => {
+            let mut cmd = Command::new(program);
+            cmd.args(wrapper_args).arg(spanvm());
+            cmd
+        }
+        None => Command::new(spanvm()),
+    }
+}
+
 /// Like [`run_spanvm`], through `wrapper` (a command that execs the rest of its arguments).
 pub fn run_spanvm_wrapped(
     wrapper: &[&str],
@@ -96,14 +109,7 @@ pub fn run_spanvm_wrapped(
     env: &[(&str, &str)],
     limit: Duration,
 ) -> Output {
-    let mut cmd = match wrapper.split_first() {
-        Some((program, wrapper_args)) => {
-            let mut cmd = Command::new(program);
-            cmd.args(wrapper_args).arg(spanvm());
-            cmd
-        }
-        None => Command::new(spanvm()),
-    };
+    let mut cmd = spanvm_through(wrapper);
     cmd.args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

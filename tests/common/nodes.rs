@@ -3,10 +3,10 @@
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use super::spanvm;
+use super::spanvm_through;
 
 /// One node process; killed on drop if it still runs, however the test ends.
 pub struct Node {
@@ -86,14 +86,7 @@ pub fn start_wrapped(
 ) -> Node {
     let stdout = dir.join(format!("node-{id}.out"));
     let stderr = dir.join(format!("node-{id}.err"));
-    let mut cmd = match wrapper.split_first() {
-        Some((program, args)) => {
-            let mut cmd = Command::new(program);
-            cmd.args(args).arg(spanvm());
-            cmd
-        }
-        None => Command::new(spanvm()),
-    };
+    let mut cmd = spanvm_through(wrapper);
     cmd.args(["node", "--config", config.to_str().unwrap()])
         .stdin(Stdio::null())
         .stdout(File::create(&stdout).unwrap())
