@@ -122,9 +122,9 @@ impl Layout {
         0
     }
 
-    /// Number of nodes in the cluster.
-    pub fn node_count(&self) -> usize {
-        self.nodes.len()
+    /// Number of nodes in the cluster: a `NodeId`, as the ids are `0..node_count`.
+    pub fn node_count(&self) -> NodeId {
+        NodeId::try_from(self.nodes.len()).expect("validation admits at most NodeId::MAX nodes")
     }
 
     /// The node that runs `vcpu`, or `None` if no node does (id out of range).

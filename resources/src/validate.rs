@@ -308,6 +308,17 @@ fn validate_nodes(
         ));
     }
     let count = raw.len();
+    // Counts of nodes are NodeIds (`Layout::node_count`), like the ids `0..count`.
+    if NodeId::try_from(count).is_err() {
+        return Err(ConfigError::invalid(
+            path,
+            "nodes",
+            format!(
+                "{count} entries; a cluster has at most {} nodes",
+                NodeId::MAX
+            ),
+        ));
+    }
     let mut by_id: Vec<Option<usize>> = vec![None; count];
     let mut addresses: HashMap<SocketAddr, usize> = HashMap::new();
     let mut placed: Vec<Option<(usize, usize)>> = vec![None; vcpu_count as usize];

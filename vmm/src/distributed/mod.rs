@@ -255,7 +255,7 @@ impl Distributed {
         let dsm = Arc::new(Dsm::start(
             DsmConfig {
                 node: config.node as usize,
-                node_count: layout.node_count(),
+                node_count: resources::node_index(layout.node_count()),
                 page_count: layout.page_count(),
                 home_of: Arc::new(move |page| {
                     home_layout.home_of(page << 12).unwrap_or(0) as usize
