@@ -128,7 +128,12 @@ pub fn reply_to_ping(seq: u64, vm: &dyn VmClock, tsc: MasterTsc) -> Result<Clock
 
 /// The line the master prints at start. Whether KVM runs a stable master clock may be
 /// decided only when a vCPU first runs: see [`master_tsc_stable_check`].
-pub fn master_report(node: NodeId, nodes: usize, master: &MasterClock, tsc: &TscControl) -> String {
+pub fn master_report(
+    node: NodeId,
+    nodes: NodeId,
+    master: &MasterClock,
+    tsc: &TscControl,
+) -> String {
     let tsc_text = match tsc {
         TscControl::Offset { offset } => format!(
             "the other nodes' guest TSCs follow this node's (offset {offset}, {} kHz)",

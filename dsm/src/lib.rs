@@ -49,8 +49,9 @@ pub use runtime::{Dsm, DsmConfig, DsmError, DsmLink, FailureHook, LinkError, Pin
 pub use stats::{NodeStats, StatsSnapshot};
 pub use uffd::{FaultSource, PageFault, UffdError, UffdGuestPages};
 
-/// Index of a node in the cluster, `0..node_count`.
-pub type NodeId = usize;
+/// Index of a node in the cluster, `0..node_count`; counts of nodes are `NodeId`s too, so that
+/// ids and counts compare directly.
+pub use resources::{node_index, NodeId};
 
 /// Size of a DSM page (the x86 base page).
 pub const PAGE_SIZE: usize = 4096;
@@ -59,7 +60,7 @@ pub const PAGE_SIZE: usize = 4096;
 pub const PAGE_SHIFT: u32 = 12;
 
 /// Most nodes a cluster may have: a copyset is a 64-bit set.
-pub const MAX_NODES: usize = 64;
+pub const MAX_NODES: NodeId = 64;
 
 /// Which node is home of a page (from the layout every node agrees on).
 pub type HomeFn = Arc<dyn Fn(u64) -> NodeId + Send + Sync>;

@@ -111,7 +111,7 @@ pub enum NodeError {
         /// The home the layout returned.
         home: NodeId,
         /// Nodes in the cluster.
-        node_count: usize,
+        node_count: NodeId,
     },
     /// A reply names a request this node does not have in flight (stale, duplicated or forged).
     #[error("{what} for page {page:#x} names request {id}, which this node does not have in flight; ignored")]
@@ -247,7 +247,7 @@ enum Deferred {
 /// The local pages of one node (or one shard of them: pages `p` with `p % stride == offset`).
 pub struct NodePages {
     me: NodeId,
-    node_count: usize,
+    node_count: NodeId,
     page_count: u64,
     stride: u64,
     offset: u64,
@@ -265,7 +265,7 @@ impl NodePages {
     /// All `page_count` pages of node `me`, every one Invalid.
     pub fn new(
         me: NodeId,
-        node_count: usize,
+        node_count: NodeId,
         page_count: u64,
         home_of: HomeFn,
         stats: Arc<NodeStats>,
@@ -279,7 +279,7 @@ impl NodePages {
     #[allow(clippy::too_many_arguments)]
     pub fn new_shard(
         me: NodeId,
-        node_count: usize,
+        node_count: NodeId,
         page_count: u64,
         stride: u64,
         offset: u64,
@@ -890,7 +890,7 @@ mod tests {
         fixture_of(3)
     }
 
-    fn fixture_of(nodes: usize) -> Fixture {
+    fn fixture_of(nodes: NodeId) -> Fixture {
         let stats = Arc::new(NodeStats::new(8, 0));
         Fixture {
             node: NodePages::new(ME, nodes, 8, Arc::new(|_| HOME), stats),

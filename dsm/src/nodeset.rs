@@ -69,7 +69,7 @@ impl NodeSet {
 
     /// The lowest node of the set.
     pub fn first(self) -> Option<NodeId> {
-        (self.0 != 0).then(|| self.0.trailing_zeros() as NodeId)
+        (self.0 != 0).then(|| self.0.trailing_zeros())
     }
 
     /// The nodes in increasing order.
@@ -79,7 +79,7 @@ impl NodeSet {
             if bits == 0 {
                 return None;
             }
-            let node = bits.trailing_zeros() as NodeId;
+            let node = bits.trailing_zeros();
             bits &= bits - 1;
             Some(node)
         })

@@ -85,11 +85,12 @@ impl RequestId {
 
     /// The wire form: node in the top 8 bits, sequence in the low 56.
     pub fn to_wire(self) -> u64 {
-        ((self.node as u64) << Self::SEQ_BITS) | (self.seq & Self::SEQ_MASK)
+        (u64::from(self.node) << Self::SEQ_BITS) | (self.seq & Self::SEQ_MASK)
     }
 
     fn from_wire(wire: u64, limits: &WireLimits) -> Result<RequestId, ProtocolError> {
-        let node = (wire >> Self::SEQ_BITS) as NodeId;
+        let node = NodeId::try_from(wire >> Self::SEQ_BITS)
+            .expect("a u64 shifted right by SEQ_BITS keeps 8 bits");
         limits.check_node(node)?;
         Ok(RequestId {
             node,
@@ -284,7 +285,7 @@ pub struct WireLimits {
     /// Pages of guest-physical address space covered by the DSM.
     pub page_count: u64,
     /// Nodes in the cluster.
-    pub node_count: usize,
+    pub node_count: NodeId,
 }
 
 impl WireLimits {
@@ -293,7 +294,7 @@ impl WireLimits {
             Ok(())
         } else {
             Err(ProtocolError::NodeOutOfRange {
-                node: node as u64,
+                node,
                 node_count: self.node_count,
             })
         }
@@ -361,9 +362,9 @@ pub enum ProtocolError {
     #[error("DSM frame names node {node}, but the cluster has {node_count} nodes")]
     NodeOutOfRange {
         /// The node id received.
-        node: u64,
+        node: NodeId,
         /// Nodes in the layout.
-        node_count: usize,
+        node_count: NodeId,
     },
     /// A node is named in a role the protocol never gives it (the requester as a sharer or as
     /// its own data source, the data source also as a sharer, the home as a remote source).
@@ -687,7 +688,7 @@ impl DsmMessage {
             return Err(bad_flags());
         }
         let data_code = (flags & DATA_MASK) >> DATA_SHIFT;
-        let source = ((flags & SOURCE_MASK) >> SOURCE_SHIFT) as NodeId;
+        let source = NodeId::from((flags & SOURCE_MASK) >> SOURCE_SHIFT);
         if (data_code != DATA_SOURCE && source != 0)
             || (data_code == DATA_KEEP && access == Access::Read)
         {

@@ -39,7 +39,7 @@ pub struct DsmConfig {
     /// This node.
     pub node: NodeId,
     /// Nodes in the cluster (at most [`MAX_NODES`]).
-    pub node_count: usize,
+    pub node_count: NodeId,
     /// Pages of guest memory; page `p` is guest-physical address `p << 12` and host address
     /// `memory base + p * 4096`.
     pub page_count: u64,
@@ -117,7 +117,7 @@ struct Shard {
 
 struct Inner {
     me: NodeId,
-    node_count: usize,
+    node_count: NodeId,
     page_count: u64,
     limits: WireLimits,
     home_of: HomeFn,

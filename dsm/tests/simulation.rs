@@ -22,8 +22,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use dsm::{
-    Access, DsmMessage, GrantData, GuestPages, HeapPages, HomeDirectory, Mapping, NodeId,
-    NodePages, NodeStats, Outgoing, PageState, PinOutcome, StatsSnapshot,
+    node_index, Access, DsmMessage, GrantData, GuestPages, HeapPages, HomeDirectory, Mapping,
+    NodeId, NodePages, NodeStats, Outgoing, PageState, PinOutcome, StatsSnapshot,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -78,7 +78,7 @@ struct SimNode {
 
 #[derive(Clone, Copy, Debug)]
 struct Workload {
-    nodes: usize,
+    nodes: NodeId,
     threads_per_node: usize,
     ops_per_thread: usize,
     hot_pages: u64,
@@ -129,7 +129,7 @@ impl Sim {
         let page_count = work.hot_pages + work.cold_pages;
         let nodes_count = work.nodes;
         let home_of: dsm::HomeFn =
-            Arc::new(move |page| NodeId::try_from(page % nodes_count as u64).unwrap());
+            Arc::new(move |page| NodeId::try_from(page % u64::from(nodes_count)).unwrap());
         let mut rng = StdRng::seed_from_u64(work.seed);
         let nodes = (0..work.nodes)
             .map(|me| {
@@ -206,7 +206,7 @@ impl Sim {
     }
 
     fn home_of(&self, page: u64) -> NodeId {
-        NodeId::try_from(page % self.work.nodes as u64).unwrap()
+        NodeId::try_from(page % u64::from(self.work.nodes)).unwrap()
     }
 
     fn send(&mut self, from: NodeId, out: &mut Vec<Outgoing>) {
@@ -247,7 +247,7 @@ impl Sim {
             .collect();
         let mut faults = Vec::new();
         let mut steps = Vec::new();
-        for (n, node) in self.nodes.iter().enumerate() {
+        for (n, node) in (0..).zip(&self.nodes) {
             if !node.raised_faults.is_empty() {
                 faults.push(Action::HandleFault(n));
             }
@@ -300,9 +300,8 @@ impl Sim {
         }
         (0..self.page_count).for_each(|p| self.check_page(p, Action::HandleFault(0)));
         self.check_quiescent();
-        self.nodes
-            .iter()
-            .enumerate()
+        (0..)
+            .zip(&self.nodes)
             .map(|(n, node)| node.stats.snapshot(n))
             .collect()
     }
@@ -338,7 +337,7 @@ impl Sim {
             Ok(&msg)
         );
         let mut out = Vec::new();
-        let node = &mut self.nodes[to];
+        let node = &mut self.nodes[node_index(to)];
         if msg.is_for_home() {
             let result = match msg {
                 DsmMessage::Request { page, id, access } => {
@@ -364,7 +363,7 @@ impl Sim {
     }
 
     fn handle_fault(&mut self, n: NodeId) -> u64 {
-        let node = &mut self.nodes[n];
+        let node = &mut self.nodes[node_index(n)];
         let (page, access) = node.raised_faults.pop_front().expect("enabled fault");
         let mut out = Vec::new();
         let outcome = node
@@ -384,22 +383,22 @@ impl Sim {
 
     fn step(&mut self, n: NodeId, t: usize) -> u64 {
         let mut out = Vec::new();
-        let state = self.nodes[n].threads[t].state;
+        let state = self.nodes[node_index(n)].threads[t].state;
         let page = match state {
             ThreadState::Pinned { page, .. } => page,
-            _ => match self.nodes[n].threads[t].ops.front() {
+            _ => match self.nodes[node_index(n)].threads[t].ops.front() {
                 Some(Op::Read(page) | Op::Write(page) | Op::Pin { page, .. }) => *page,
                 None => unreachable!("runnable thread without an op"),
             },
         };
         match state {
             ThreadState::Ready | ThreadState::PinWaiting(_) => {
-                let op = *self.nodes[n].threads[t]
+                let op = *self.nodes[node_index(n)].threads[t]
                     .ops
                     .front()
                     .expect("ready thread has an op");
                 match op {
-                    Op::Read(page) => match self.nodes[n].memory.load(page, 0) {
+                    Op::Read(page) => match self.nodes[node_index(n)].memory.load(page, 0) {
                         Some(value) => {
                             assert_eq!(
                                 value,
@@ -413,7 +412,7 @@ impl Sim {
                     },
                     Op::Write(page) => {
                         let value = self.next_value;
-                        if self.nodes[n].memory.store(page, 0, value) {
+                        if self.nodes[node_index(n)].memory.store(page, 0, value) {
                             self.next_value += 1;
                             self.latest.insert(page, value);
                             self.totals.writes += 1;
@@ -423,7 +422,7 @@ impl Sim {
                         }
                     }
                     Op::Pin { page, access, hold } => {
-                        let node = &mut self.nodes[n];
+                        let node = &mut self.nodes[node_index(n)];
                         let outcome = node
                             .pages
                             .try_pin(page, access, Instant::now(), &mut out)
@@ -449,7 +448,7 @@ impl Sim {
             }
             ThreadState::Pinned { page, access, left } if left > 0 => {
                 // The VMM accesses the page directly: a pin guarantees this never faults.
-                let value = self.nodes[n].memory.load(page, 0);
+                let value = self.nodes[node_index(n)].memory.load(page, 0);
                 assert_eq!(
                     value,
                     Some(self.latest(page)),
@@ -458,21 +457,21 @@ impl Sim {
                 if access == Access::Write {
                     let value = self.next_value;
                     assert!(
-                        self.nodes[n].memory.store(page, 0, value),
+                        self.nodes[node_index(n)].memory.store(page, 0, value),
                         "pinned write faulted"
                     );
                     self.next_value += 1;
                     self.latest.insert(page, value);
                 }
                 self.totals.pinned_accesses += 1;
-                self.nodes[n].threads[t].state = ThreadState::Pinned {
+                self.nodes[node_index(n)].threads[t].state = ThreadState::Pinned {
                     page,
                     access,
                     left: left - 1,
                 };
             }
             ThreadState::Pinned { page, access, .. } => {
-                let node = &mut self.nodes[n];
+                let node = &mut self.nodes[node_index(n)];
                 node.pages
                     .unpin(page, access, &node.memory, &mut out)
                     .unwrap_or_else(|e| panic!("unpin on node {n}: {e}"));
@@ -486,20 +485,20 @@ impl Sim {
     }
 
     fn raise_fault(&mut self, n: NodeId, t: usize, page: u64, access: Access) {
-        let node = &mut self.nodes[n];
+        let node = &mut self.nodes[node_index(n)];
         node.raised_faults.push_back((page, access));
         node.threads[t].state = ThreadState::Blocked(page);
     }
 
     fn finish_op(&mut self, n: NodeId, t: usize) {
-        let thread = &mut self.nodes[n].threads[t];
+        let thread = &mut self.nodes[node_index(n)].threads[t];
         thread.ops.pop_front();
         thread.state = ThreadState::Ready;
         self.finish_if_empty(n, t);
     }
 
     fn finish_if_empty(&mut self, n: NodeId, t: usize) {
-        let thread = &mut self.nodes[n].threads[t];
+        let thread = &mut self.nodes[node_index(n)].threads[t];
         if thread.ops.is_empty() {
             thread.state = ThreadState::Done;
         }
@@ -528,7 +527,7 @@ impl Sim {
             let latest = self.latest(page);
             let mut modified = Vec::new();
             let mut shared = Vec::new();
-            for (n, node) in self.nodes.iter().enumerate() {
+            for (n, node) in (0..).zip(&self.nodes) {
                 let state = node.pages.state(page);
                 let mapping = node.memory.mapping(page);
                 let expected = match state {
@@ -559,7 +558,7 @@ impl Sim {
     }
 
     fn check_quiescent(&self) {
-        for (n, node) in self.nodes.iter().enumerate() {
+        for (n, node) in (0..).zip(&self.nodes) {
             for (t, thread) in node.threads.iter().enumerate() {
                 assert_eq!(
                     thread.state,
@@ -616,11 +615,11 @@ fn run(work: Workload) -> (Totals, Vec<StatsSnapshot>) {
     (sim.totals, snapshots)
 }
 
-fn workload(nodes: usize, seed: u64, fifo: bool) -> Workload {
+fn workload(nodes: NodeId, seed: u64, fifo: bool) -> Workload {
     Workload {
         nodes,
         threads_per_node: 2,
-        ops_per_thread: (2400 / nodes).clamp(60, 600),
+        ops_per_thread: (2400 / node_index(nodes)).clamp(60, 600),
         hot_pages: 3,
         cold_pages: 3,
         write_percent: 30,
@@ -640,7 +639,7 @@ fn random_workloads_stay_coherent_on_2_to_16_nodes() {
     let mut revoking = 0;
     for nodes in [2, 3, 4, 5, 8, 16] {
         for seed in 0..seeds(4) {
-            let work = workload(nodes, seed * 1000 + nodes as u64, true);
+            let work = workload(nodes, seed * 1000 + u64::from(nodes), true);
             let (totals, snapshots) = run(work);
             assert!(
                 totals.reads_checked > 0 && totals.writes > 0,
@@ -680,7 +679,7 @@ fn coherent_even_when_channels_reorder_arbitrarily() {
 #[test]
 fn many_seeds_on_one_hot_page() {
     for seed in 0..seeds(40) {
-        let nodes = 2 + (seed % 7) as usize;
+        let nodes = 2 + NodeId::try_from(seed % 7).unwrap();
         let work = Workload {
             nodes,
             threads_per_node: 3,

@@ -13,8 +13,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use dsm::{
-    Access, Dsm, DsmConfig, DsmError, DsmLink, DsmMessage, Frame, LinkError, NodeId, StatsSnapshot,
-    UffdGuestPages, PAGE_SIZE,
+    node_index, Access, Dsm, DsmConfig, DsmError, DsmLink, DsmMessage, Frame, LinkError, NodeId,
+    StatsSnapshot, UffdGuestPages, PAGE_SIZE,
 };
 
 const PAGES: u64 = 256;
@@ -38,7 +38,9 @@ struct ChannelLink {
 impl DsmLink for ChannelLink {
     fn send(&self, to: NodeId, msg: &DsmMessage) -> Result<(), LinkError> {
         assert_ne!(to, self.me, "the runtime handles messages to itself inline");
-        if self.lost[to].load(Ordering::SeqCst) || self.lost[self.me].load(Ordering::SeqCst) {
+        if self.lost[node_index(to)].load(Ordering::SeqCst)
+            || self.lost[node_index(self.me)].load(Ordering::SeqCst)
+        {
             // A lost peer: the bytes vanish (as into a dead connection's buffer).
             return Ok(());
         }
@@ -48,7 +50,7 @@ impl DsmLink for ChannelLink {
             held.push((to, bytes));
             return Ok(());
         }
-        self.peers[to]
+        self.peers[node_index(to)]
             .send(Delivery::Frame(self.me, bytes))
             .map_err(|e| LinkError {
                 peer: to,
@@ -65,7 +67,7 @@ impl ChannelLink {
     fn release(&self) {
         let held = self.held.lock().unwrap().take().unwrap_or_default();
         for (to, bytes) in held {
-            self.peers[to]
+            self.peers[node_index(to)]
                 .send(Delivery::Frame(self.me, bytes))
                 .unwrap();
         }
@@ -82,7 +84,7 @@ struct Cluster {
 }
 
 impl Cluster {
-    fn new(nodes: usize) -> Cluster {
+    fn new(nodes: NodeId) -> Cluster {
         let (senders, receivers): (Vec<Sender<Delivery>>, Vec<Receiver<Delivery>>) =
             (0..nodes).map(|_| channel()).unzip();
         let lost: Arc<Vec<AtomicBool>> =
@@ -105,7 +107,7 @@ impl Cluster {
                 node: me,
                 node_count: nodes,
                 page_count: PAGES,
-                home_of: Arc::new(move |page| NodeId::try_from(page % nodes as u64).unwrap()),
+                home_of: Arc::new(move |page| NodeId::try_from(page % u64::from(nodes)).unwrap()),
                 top_pages: 4,
             };
             let dsm = Dsm::start(config, memory.clone(), link.clone()).expect("start DSM node");
@@ -115,9 +117,9 @@ impl Cluster {
         }
         let deliverers = receivers
             .into_iter()
-            .enumerate()
-            .map(|(me, receiver)| {
-                let dsm = dsms[me].clone();
+            .zip(&dsms)
+            .map(|(receiver, dsm)| {
+                let dsm = dsm.clone();
                 std::thread::spawn(move || {
                     while let Ok(Delivery::Frame(from, bytes)) = receiver.recv() {
                         let frame = Frame::parse(&bytes).expect("frames we encoded parse");
@@ -139,7 +141,7 @@ impl Cluster {
     /// The `index`-th 64-bit word of `page` in node `node`'s mapping.
     fn word(&self, node: NodeId, page: u64, index: usize) -> &AtomicU64 {
         assert!(page < PAGES && index < PAGE_SIZE / 8);
-        let addr = self.memories[node].host_address() as usize
+        let addr = self.memories[node_index(node)].host_address() as usize
             + usize::try_from(page).unwrap() * PAGE_SIZE
             + index * 8;
         // SAFETY: the address is an aligned word inside node `node`'s mapping, which lives as long
@@ -149,7 +151,7 @@ impl Cluster {
     }
 
     fn stats(&self, node: NodeId) -> StatsSnapshot {
-        self.dsms[node].stats()
+        self.dsms[node_index(node)].stats()
     }
 }
 
@@ -176,12 +178,12 @@ fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
     }
 }
 
-fn increments_are_exact(nodes: usize) {
+fn increments_are_exact(nodes: NodeId) {
     let cluster = Arc::new(Cluster::new(nodes));
-    const THREADS: usize = 2;
+    const THREADS: NodeId = 2;
     const ROUNDS: u64 = 1500;
     // Page 5 and page 6 have different homes; each thread bumps both.
-    let barrier = Arc::new(Barrier::new(nodes * THREADS));
+    let barrier = Arc::new(Barrier::new(node_index(nodes * THREADS)));
     let threads: Vec<_> = (0..nodes * THREADS)
         .map(|i| {
             let (cluster, barrier) = (cluster.clone(), barrier.clone());
@@ -193,7 +195,7 @@ fn increments_are_exact(nodes: usize) {
                     // page arrived Shared.
                     if round % 3 == 0 {
                         let seen = cluster.word(node, 5, 0).load(Ordering::SeqCst);
-                        assert!(seen <= (nodes * THREADS) as u64 * ROUNDS);
+                        assert!(seen <= u64::from(nodes * THREADS) * ROUNDS);
                     }
                     cluster.word(node, 5, 0).fetch_add(1, Ordering::SeqCst);
                     cluster.word(node, 6, 17).fetch_add(2, Ordering::SeqCst);
@@ -204,7 +206,7 @@ fn increments_are_exact(nodes: usize) {
         })
         .collect();
     threads.into_iter().for_each(|t| t.join().unwrap());
-    let total = (nodes * THREADS) as u64 * ROUNDS;
+    let total = u64::from(nodes * THREADS) * ROUNDS;
     for node in 0..nodes {
         assert_eq!(
             cluster.word(node, 5, 0).load(Ordering::SeqCst),
@@ -231,7 +233,7 @@ fn increments_are_exact(nodes: usize) {
                 .any(|&(page, _)| page == 5 || page == 6),
             "{stats}"
         );
-        assert!(cluster.dsms[node].failure().is_none());
+        assert!(cluster.dsms[node_index(node)].failure().is_none());
     }
     assert!(upgrades > 0, "no read-then-increment became an upgrade");
 }
@@ -261,18 +263,18 @@ fn atomic_increments_from_four_nodes_are_exact() {
 fn every_node_reads_every_other_nodes_writes() {
     for nodes in [2, 4] {
         let cluster = Arc::new(Cluster::new(nodes));
-        let pattern = |round: u64, writer: usize, page: u64, word: usize| {
-            (round << 56) | ((writer as u64) << 48) | (page << 16) | word as u64
+        let pattern = |round: u64, writer: NodeId, page: u64, word: usize| {
+            (round << 56) | (u64::from(writer) << 48) | (page << 16) | word as u64
         };
-        let pages_of = |writer: usize| (writer as u64 * 3 + 10)..(writer as u64 * 3 + 13);
+        let pages_of = |writer: NodeId| (u64::from(writer) * 3 + 10)..(u64::from(writer) * 3 + 13);
         for round in 1..=3u64 {
-            let barrier = Arc::new(Barrier::new(nodes));
+            let barrier = Arc::new(Barrier::new(node_index(nodes)));
             let threads: Vec<_> = (0..nodes)
                 .map(|node| {
                     let (cluster, barrier) = (cluster.clone(), barrier.clone());
                     std::thread::spawn(move || {
                         // Each round a node writes whole pages of another node's previous set.
-                        let writer_set = (node + usize::try_from(round).unwrap()) % nodes;
+                        let writer_set = (node + NodeId::try_from(round).unwrap()) % nodes;
                         for page in pages_of(writer_set) {
                             for word in 0..PAGE_SIZE / 8 {
                                 let value = pattern(round, node, page, word);
@@ -284,7 +286,7 @@ fn every_node_reads_every_other_nodes_writes() {
                         barrier.wait();
                         for other in 0..nodes {
                             let owner = (0..nodes)
-                                .find(|&n| (n + usize::try_from(round).unwrap()) % nodes == other)
+                                .find(|&n| (n + NodeId::try_from(round).unwrap()) % nodes == other)
                                 .unwrap();
                             for page in pages_of(other) {
                                 for word in 0..PAGE_SIZE / 8 {
@@ -341,7 +343,7 @@ fn never_written_pages_read_zero_without_moving_bytes() {
         // A quarter of the pages are homed here: served without leaving the node.
         assert_eq!(
             stats.reads[0],
-            50 / nodes as u64 + u64::from(node < 50 % nodes),
+            50 / u64::from(nodes) + u64::from(node < 50 % nodes),
             "{stats}"
         );
     }

@@ -45,7 +45,7 @@ use devices::interrupt::{destination_set, ApicAddressing, InterruptMessage};
 pub use wire::{ForwardMessage, IoAccess, Space, WireError, WireFrame};
 
 /// Identifier of a node (node 0 is the master).
-pub type NodeId = u32;
+pub use resources::NodeId;
 
 /// How long a vCPU waits for the master's answer to an access, or for every peer's
 /// acknowledgement of an addressing change, before the guest is stopped: a live peer answers

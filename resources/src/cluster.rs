@@ -94,7 +94,7 @@ impl ClusterDescription {
     }
 
     /// Number of nodes described.
-    pub fn node_count(&self) -> usize {
+    pub fn node_count(&self) -> NodeId {
         self.layout.node_count()
     }
 

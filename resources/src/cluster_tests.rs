@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 
 use crate::test_support::TestDir;
-use crate::{ClusterDescription, GuestImage, NodeConfig, NodeId, TransportKind};
+use crate::{ClusterDescription, GuestImage, NodeConfig, TransportKind};
 
 fn addrs() -> Vec<SocketAddr> {
     vec![
@@ -15,7 +15,7 @@ fn addrs() -> Vec<SocketAddr> {
 /// Renders every node's file into `t`, parses it back and checks it has the same layout.
 fn assert_round_trip(t: &TestDir, cluster: &ClusterDescription) {
     let secret = t.file("cluster.secret");
-    for id in 0..NodeId::try_from(cluster.node_count()).unwrap() {
+    for id in 0..cluster.node_count() {
         let text = cluster.render_node_file(id, &secret);
         let path = t.file(&format!("node{id}.toml"));
         std::fs::write(&path, &text).unwrap();

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use crate::layout::{HomeRange, RamRegion};
 use crate::raw::RawHome;
-use crate::{ConfigError, NodeId, MIB, MMIO_GAP_END, MMIO_GAP_START, PAGE_SIZE};
+use crate::{node_index, ConfigError, NodeId, MIB, MMIO_GAP_END, MMIO_GAP_START, PAGE_SIZE};
 
 /// Checks `raw` against `ram` and `node_count`; returns the ranges ascending.
 pub(crate) fn validate_homes(
@@ -52,7 +52,7 @@ fn validate_one(
     let field = |name: &str| format!("guest.home[{index}].{name}");
     let node = NodeId::try_from(entry.node)
         .ok()
-        .filter(|&node| (node as usize) < node_count)
+        .filter(|&node| node_index(node) < node_count)
         .ok_or_else(|| {
             ConfigError::invalid(
                 path,

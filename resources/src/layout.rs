@@ -3,7 +3,9 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use crate::{NodeId, VcpuId, DEFAULT_HOME_ALIGN, MMIO_GAP_END, MMIO_GAP_START, PAGE_SIZE};
+use crate::{
+    node_index, NodeId, VcpuId, DEFAULT_HOME_ALIGN, MMIO_GAP_END, MMIO_GAP_START, PAGE_SIZE,
+};
 
 /// How nodes talk to each other.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -122,9 +124,9 @@ impl Layout {
         0
     }
 
-    /// Number of nodes in the cluster.
-    pub fn node_count(&self) -> usize {
-        self.nodes.len()
+    /// Number of nodes in the cluster: a `NodeId`, as the ids are `0..node_count`.
+    pub fn node_count(&self) -> NodeId {
+        NodeId::try_from(self.nodes.len()).expect("validation admits at most NodeId::MAX nodes")
     }
 
     /// The node that runs `vcpu`, or `None` if no node does (id out of range).
@@ -167,7 +169,7 @@ impl Layout {
 
     /// The node spec of node `id`, if it exists.
     pub fn node(&self, id: NodeId) -> Option<&NodeSpec> {
-        self.nodes.get(id as usize).filter(|node| node.id == id)
+        self.nodes.get(node_index(id)).filter(|node| node.id == id)
     }
 
     /// The home ranges of node `id`, ascending.

@@ -35,7 +35,20 @@ pub use layout::{GuestImage, HomeRange, Layout, NodeSpec, RamRegion, TransportKi
 pub use node_config::NodeConfig;
 
 /// Index of a node in the cluster; node ids are exactly `0..n`.
+///
+/// The one node id type of spanvm: transport, dsm and forward re-export it, so ids cross crate
+/// boundaries unchanged. Wire formats keep their own widths and convert, with range checks, where
+/// they encode and decode.
 pub type NodeId = u32;
+
+// `node_index` cannot fail: spanvm runs on x86-64 KVM hosts, where usize has 64 bits.
+const _: () = assert!(usize::BITS >= NodeId::BITS);
+
+/// `node` (an id, or a count of nodes) as a `usize`, to index or size a per-node table: the one
+/// conversion from node ids to `usize`, so that no other code casts ids.
+pub fn node_index(node: NodeId) -> usize {
+    usize::try_from(node).expect("usize holds every NodeId (asserted at compile time)")
+}
 /// Index of a guest vCPU; vCPU ids are exactly `0..vcpu_count`.
 pub type VcpuId = u32;
 

@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::validate::{check_secret_len, validate, FileKind};
-use crate::{raw, ConfigError, Layout, NodeId, NodeSpec};
+use crate::{node_index, raw, ConfigError, Layout, NodeId, NodeSpec};
 
 /// A validated node file.
 #[derive(Debug, Clone)]
@@ -45,7 +45,7 @@ impl NodeConfig {
     /// This node's entry of the layout.
     pub fn local(&self) -> &NodeSpec {
         // parse() checked that `node` is an index of `nodes`, which is sorted by id 0..n.
-        &self.layout.nodes[self.node as usize]
+        &self.layout.nodes[node_index(self.node)]
     }
 
     /// The cluster secret's bytes, or `None` if the file names none (single-node cluster).

@@ -9,8 +9,8 @@ use crate::homes::validate_homes;
 use crate::layout::{default_homes, ram_regions};
 use crate::raw::{RawConfig, RawGuest, RawLinux, RawNode};
 use crate::{
-    ConfigError, GuestImage, Layout, NodeId, NodeSpec, TransportKind, VcpuId, MAX_CMDLINE_LEN,
-    MAX_MEMORY_MIB, MAX_VCPUS, MIB, MIN_MEMORY_MIB, MIN_SECRET_LEN,
+    node_index, ConfigError, GuestImage, Layout, NodeId, NodeSpec, TransportKind, VcpuId,
+    MAX_CMDLINE_LEN, MAX_MEMORY_MIB, MAX_VCPUS, MIB, MIN_MEMORY_MIB, MIN_SECRET_LEN,
 };
 
 /// Which of the two file forms is being validated.
@@ -57,7 +57,7 @@ pub(crate) fn validate(
         (FileKind::Node, Some(id)) => Some(
             NodeId::try_from(id)
                 .ok()
-                .filter(|&id| (id as usize) < nodes.len())
+                .filter(|&id| node_index(id) < nodes.len())
                 .ok_or_else(|| {
                     ConfigError::invalid(
                         path,
@@ -308,6 +308,17 @@ fn validate_nodes(
         ));
     }
     let count = raw.len();
+    // Counts of nodes are NodeIds (`Layout::node_count`), like the ids `0..count`.
+    if NodeId::try_from(count).is_err() {
+        return Err(ConfigError::invalid(
+            path,
+            "nodes",
+            format!(
+                "{count} entries; a cluster has at most {} nodes",
+                NodeId::MAX
+            ),
+        ));
+    }
     let mut by_id: Vec<Option<usize>> = vec![None; count];
     let mut addresses: HashMap<SocketAddr, usize> = HashMap::new();
     let mut placed: Vec<Option<(usize, usize)>> = vec![None; vcpu_count as usize];
@@ -321,15 +332,15 @@ fn validate_nodes(
                 format!("{} is negative; node ids are 0..={}", node.id, count - 1),
             )
         })?;
-        if (id as usize) < count {
-            if let Some(other) = by_id[id as usize] {
+        if node_index(id) < count {
+            if let Some(other) = by_id[node_index(id)] {
                 return Err(ConfigError::invalid(
                     path,
                     format!("nodes[{index}].id"),
                     format!("id {id} is already used by nodes[{other}]"),
                 ));
             }
-            by_id[id as usize] = Some(index);
+            by_id[node_index(id)] = Some(index);
         } else if let Some(other) = raw[..index].iter().position(|n| n.id == node.id) {
             return Err(ConfigError::invalid(
                 path,

@@ -3,7 +3,7 @@
 use std::fmt;
 
 /// Identifier of a spanvm node within one cluster (node 0 is the master).
-pub type NodeId = u32;
+pub use resources::NodeId;
 
 /// The class of a connection. Two nodes share one TCP connection per class, so that traffic of
 /// one class never queues behind another's (a page request never waits behind bulk data).

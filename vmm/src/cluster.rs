@@ -11,7 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use resources::{ClusterDescription, ConfigError, GuestImage, NodeId};
+use resources::{ClusterDescription, ConfigError, GuestImage};
 
 use crate::stop::StopReason;
 use crate::vm::handle_signals;
@@ -220,7 +220,6 @@ pub fn run(guest: Guest, dir: Option<&Path>) -> Result<StopReason, ClusterError>
     let mut files = Vec::new();
     for id in 0..desc.node_count() {
         let path = dir.join(format!("node-{id}.toml"));
-        let id = NodeId::try_from(id).expect("node ids are u32, so their count fits one");
         std::fs::write(&path, desc.render_node_file(id, &secret))
             .map_err(io_err("cannot write the node config", &path))?;
         files.push(path);

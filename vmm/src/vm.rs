@@ -8,7 +8,7 @@ use std::time::Duration;
 use devices::interrupt::ApicAddressing;
 use forward::{ForwardConfig, Forwarder};
 use kvm_ioctls::VcpuFd;
-use resources::{GuestImage, NodeConfig};
+use resources::{GuestImage, NodeConfig, NodeId};
 
 use crate::boot;
 use crate::distributed::control::Control;
@@ -605,7 +605,7 @@ fn add_param(cmdline: &str, key: &str, value: &str) -> String {
 /// machines), and on `kvm_pvm` the parameters that keep Linux away from instructions the host
 /// cannot run (HOST.md). For a guest on several nodes, also the parameters that keep kernel
 /// housekeeping from moving pages between nodes.
-pub fn linux_cmdline(user: &str, nodes: usize, vcpus: u32) -> String {
+pub fn linux_cmdline(user: &str, nodes: NodeId, vcpus: u32) -> String {
     let mut cmdline = add_param(user.trim(), "clocksource", "kvm-clock");
     if nodes > 1 {
         // The initrd is loaded by the master, so its pages are in the master's memory: unpack

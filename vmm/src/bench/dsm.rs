@@ -11,6 +11,7 @@ use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use dsm::{Dsm, DsmConfig, UffdGuestPages};
+use resources::{node_index, NodeId};
 use transport::bench::{loopback_round_trip, RoundTripBench};
 use transport::{MeshConfig, TcpMesh, Transport};
 
@@ -66,7 +67,7 @@ fn pair(busy_poll: bool) -> Result<(BenchNode, BenchNode), CommandError> {
         .collect::<Result<_, _>>()
         .map_err(bench_err)?;
     let mut handles = Vec::new();
-    for (me, listener) in listeners.into_iter().enumerate() {
+    for (me, listener) in (0..).zip(listeners) {
         let addrs = addrs.clone();
         handles.push(std::thread::spawn(
             move || -> Result<BenchNode, CommandError> {
@@ -81,7 +82,7 @@ fn pair(busy_poll: bool) -> Result<(BenchNode, BenchNode), CommandError> {
                             node: me,
                             node_count: 2,
                             page_count: PAGES,
-                            home_of: Arc::new(|p| usize::from(p >= PAGES / 2)),
+                            home_of: Arc::new(|p| NodeId::from(p >= PAGES / 2)),
                             top_pages: 0,
                         },
                         pages.clone(),
@@ -89,14 +90,13 @@ fn pair(busy_poll: bool) -> Result<(BenchNode, BenchNode), CommandError> {
                     )
                     .map_err(bench_err)?,
                 );
-                let id = u32::try_from(me).expect("the benchmark has two nodes");
-                let control = Arc::new(Control::new(id, 2));
+                let control = Arc::new(Control::new(me, 2));
                 let handler = Arc::new(NodeHandler::new(control.clone()));
                 let _ = handler.dsm.set(dsm.clone());
                 let cfg = MeshConfig {
-                    me: id,
-                    listen: addrs[me],
-                    peers: vec![(1 - id, addrs[1 - me])],
+                    me,
+                    listen: addrs[node_index(me)],
+                    peers: vec![(1 - me, addrs[node_index(1 - me)])],
                     secret: b"spanvm bench dsm secret, loopback only".to_vec(),
                     layout_canonical: "spanvm bench dsm".into(),
                     connect_timeout: Duration::from_secs(20),

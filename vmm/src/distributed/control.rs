@@ -17,6 +17,7 @@ use std::sync::{Condvar, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use clock::{ClockError, ClockReply, MasterClock, MasterLink};
+use resources::node_index;
 use transport::{Channel, Frame, FrameRef, NodeId, Transport};
 
 use crate::platform::Platform;
@@ -94,7 +95,7 @@ struct State {
 /// One node's side of the control protocol.
 pub struct Control {
     me: NodeId,
-    nodes: usize,
+    nodes: NodeId,
     state: Mutex<State>,
     changed: Condvar,
     mesh: Mutex<Option<Weak<dyn Transport>>>,
@@ -106,14 +107,14 @@ pub struct Control {
 
 impl Control {
     /// Control for node `me` of `nodes`.
-    pub fn new(me: NodeId, nodes: usize) -> Self {
+    pub fn new(me: NodeId, nodes: NodeId) -> Self {
         Self {
             me,
             nodes,
             state: Mutex::new(State {
-                done: vec![false; nodes],
-                acked: vec![false; nodes],
-                lost: vec![false; nodes],
+                done: vec![false; node_index(nodes)],
+                acked: vec![false; node_index(nodes)],
+                lost: vec![false; node_index(nodes)],
                 ..Default::default()
             }),
             changed: Condvar::new(),
@@ -122,6 +123,11 @@ impl Control {
             stopping_cleanly: AtomicBool::new(false),
             clock_responder: Mutex::new(None),
         }
+    }
+
+    /// Every node but this one.
+    fn peers(&self) -> impl Iterator<Item = NodeId> + '_ {
+        (0..self.nodes).filter(|&p| p != self.me)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -220,10 +226,7 @@ impl Control {
     /// vCPUs.
     pub fn announce_start(&self, clock: &MasterClock) {
         let payload = clock.encode();
-        for peer in (0..NodeId::try_from(self.nodes)
-            .expect("node ids are u32, so their count fits one"))
-            .filter(|&p| p != self.me)
-        {
+        for peer in self.peers() {
             self.send_bytes(peer, KIND_START, 0, 0, &payload);
         }
     }
@@ -330,7 +333,7 @@ impl Control {
     fn master_record_done(&self, node: NodeId, reason: StopReason) {
         let stop = {
             let mut st = self.lock();
-            if let Some(d) = st.done.get_mut(node as usize) {
+            if let Some(d) = st.done.get_mut(node_index(node)) {
                 *d = true;
             }
             let all = st.done.iter().all(|&d| d);
@@ -358,10 +361,7 @@ impl Control {
     pub fn broadcast_stop(&self, reason: &StopReason) {
         self.stopping_cleanly.store(true, Ordering::SeqCst);
         let text = reason_text(reason);
-        for peer in (0..NodeId::try_from(self.nodes)
-            .expect("node ids are u32, so their count fits one"))
-            .filter(|&p| p != self.me)
-        {
+        for peer in self.peers() {
             self.send(peer, KIND_STOP, u64::from(reason.exit_code()), &text);
         }
     }
@@ -389,7 +389,7 @@ impl Control {
                 self.stop_platform(reason_from_wire(frame.arg, &text));
             }
             KIND_STOP_ACK if self.is_master() => {
-                if let Some(a) = self.lock().acked.get_mut(from as usize) {
+                if let Some(a) = self.lock().acked.get_mut(node_index(from)) {
                     *a = true;
                 }
                 self.changed.notify_all();
@@ -407,7 +407,7 @@ impl Control {
     pub fn peer_lost(&self, peer: NodeId, why: &str) {
         {
             let mut st = self.lock();
-            if let Some(l) = st.lost.get_mut(peer as usize) {
+            if let Some(l) = st.lost.get_mut(node_index(peer)) {
                 *l = true;
             }
         }
@@ -444,7 +444,6 @@ impl Control {
             std::thread::sleep(LOSS_GRACE);
             return;
         }
-        let me = self.me as usize;
         if self.is_master() {
             let send_stop = {
                 let mut st = self.lock();
@@ -455,16 +454,14 @@ impl Control {
             }
             self.stopping_cleanly.store(true, Ordering::SeqCst);
             self.wait_until(LEAVE_WAIT, |st| {
-                (0..self.nodes).all(|i| i == me || st.acked[i] || st.lost[i])
+                self.peers()
+                    .all(|p| st.acked[node_index(p)] || st.lost[node_index(p)])
             });
-            for peer in (0..NodeId::try_from(self.nodes)
-                .expect("node ids are u32, so their count fits one"))
-                .filter(|&p| p != self.me)
-            {
+            for peer in self.peers() {
                 self.send(peer, KIND_EXIT, 0, "");
             }
             self.wait_until(LEAVE_WAIT, |st| {
-                (0..self.nodes).all(|i| i == me || st.lost[i])
+                self.peers().all(|p| st.lost[node_index(p)])
             });
         } else {
             let told_to_stop = self.lock().stop_received;
@@ -563,7 +560,7 @@ mod tests {
                 (2, KIND_CLOCK_PING) => return Ok(()),
                 _ => {}
             }
-            let peer = self.peers.lock().unwrap()[to as usize].upgrade();
+            let peer = self.peers.lock().unwrap()[node_index(to)].upgrade();
             if let Some(peer) = peer {
                 peer.on_frame(
                     self.me,

@@ -81,12 +81,7 @@ impl DsmLink for MeshLink {
             arg: msg.arg(),
             payload: &payload,
         };
-        mesh.send_ref(
-            u32::try_from(to).expect("dsm node ids are below MAX_NODES"),
-            channel,
-            frame,
-        )
-        .map_err(|e| LinkError {
+        mesh.send_ref(to, channel, frame).map_err(|e| LinkError {
             peer: to,
             reason: e.to_string(),
         })

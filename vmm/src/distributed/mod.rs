@@ -160,7 +160,7 @@ impl FrameHandler for NodeHandler {
                 }
                 if let Some(dsm) = self.dsm.get() {
                     dsm.on_frame(
-                        from as usize,
+                        from,
                         dsm::Frame {
                             kind: frame.kind,
                             flags: frame.flags,
@@ -254,12 +254,10 @@ impl Distributed {
         let home_layout = layout.clone();
         let dsm = Arc::new(Dsm::start(
             DsmConfig {
-                node: config.node as usize,
+                node: config.node,
                 node_count: layout.node_count(),
                 page_count: layout.page_count(),
-                home_of: Arc::new(move |page| {
-                    home_layout.home_of(page << 12).unwrap_or(0) as usize
-                }),
+                home_of: Arc::new(move |page| home_layout.home_of(page << 12).unwrap_or(0)),
                 top_pages: 8,
             },
             pages.clone(),
@@ -277,10 +275,7 @@ impl Distributed {
                 };
                 match lost {
                     // The transport reports the loss too; whichever comes first names it.
-                    Some(peer) => control.peer_lost(
-                        NodeId::try_from(peer).expect("dsm node ids are below MAX_NODES"),
-                        why,
-                    ),
+                    Some(peer) => control.peer_lost(peer, why),
                     None => {
                         eprintln!("spanvm: node {me}: the distributed memory failed: {why}");
                         control.fail(StopReason::MemoryFailed(format!("node {me}: {why}")));

@@ -259,7 +259,7 @@ pub fn setup_vcpu(
         rdx: layout.memory_size,
         rcx: u64::from(tsc_khz),
         r8: u64::from(node),
-        r9: layout.node_count() as u64,
+        r9: u64::from(layout.node_count()),
         r10: block + STACK_BLOCK,
         r11: arg,
         ..Default::default()

@@ -4,7 +4,7 @@ use acpi_tables::sdt::Sdt;
 use devices::acpi_pm::{
     ACPI_PM_PORT, RESET_OFFSET, RESET_VALUE, SLEEP_CONTROL_OFFSET, SLEEP_STATUS_OFFSET,
 };
-use resources::{Layout, IOAPIC_GPA, LAPIC_GPA};
+use resources::{node_index, Layout, IOAPIC_GPA, LAPIC_GPA};
 
 use super::{OEM_ID, OEM_REVISION, OEM_TABLE_ID};
 use crate::boot::BootError;
@@ -197,9 +197,9 @@ pub(crate) fn srat(layout: &Layout) -> Result<Vec<u8>, BootError> {
 
 /// The SLIT: [`LOCAL_DISTANCE`] within a node, [`REMOTE_DISTANCE`] between nodes.
 pub(crate) fn slit(layout: &Layout) -> Vec<u8> {
-    let n = layout.node_count();
+    let n = node_index(layout.node_count());
     let mut t = header(b"SLIT", 44, 1);
-    t.write_u64(36, n as u64);
+    t.write_u64(36, u64::from(layout.node_count()));
     let matrix: Vec<u8> = (0..n * n)
         .map(|i| {
             if i / n == i % n {
