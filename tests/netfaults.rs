@@ -3,6 +3,7 @@
 //! sent anywhere else):
 //! - segments lost at random (1 % and 5 %, an nftables rule) under the coherence probes, whose
 //!   results must stay exact;
+//! - a slow link (50 Mbit/s token bucket) under the same probes;
 //! - the same with `tc netem` delay and loss, where the host kernel has `sch_netem`;
 //! - a node killed, frozen with SIGSTOP, or cut off from one peer by a partition mid-run: every
 //!   other node stops with code 5 naming a lost peer within the detection bound (the 2 s
@@ -69,6 +70,19 @@ fn coherence_probes_stay_exact_when_1_and_5_percent_of_segments_are_lost() {
         coherence_probes_exact(&ns, &format!("{} % of segments lost", per_mille / 10));
         assert!(ns.dropped_packets() > 0, "the loss rule dropped nothing");
     }
+}
+
+/// What this host can do instead of netem's delay: a slow link (token bucket), on which every
+/// page waits for its serialisation time and bursts queue.
+#[test]
+fn coherence_probes_stay_exact_through_a_slow_link() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let ns = NetNs::new();
+    ns.rate_limit("50mbit", "32kb", "20ms");
+    coherence_probes_exact(&ns, "50 Mbit/s link");
+    let held = ns.qdisc_overlimits();
+    println!("the token bucket held packets back {held} times");
+    assert!(held > 0, "the rate limit never throttled anything");
 }
 
 #[test]

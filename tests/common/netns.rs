@@ -127,6 +127,27 @@ impl NetNs {
         ));
     }
 
+    /// Limits the namespace's loopback to `rate` with a token bucket (`tc tbf`): a slow link,
+    /// where a page takes its serialisation time and a burst queues behind it (up to
+    /// `latency`, past which packets are dropped). Replaces an earlier qdisc.
+    pub fn rate_limit(&self, rate: &str, burst: &str, latency: &str) {
+        self.must(&[
+            "tc", "qdisc", "replace", "dev", "lo", "root", "tbf", "rate", rate, "burst", burst,
+            "latency", latency,
+        ]);
+    }
+
+    /// How often the loopback's qdisc held packets back (`overlimits` of `tc -s qdisc`), to
+    /// show that a rate limit really throttled the traffic.
+    pub fn qdisc_overlimits(&self) -> u64 {
+        let out = self.exec(&["tc", "-s", "qdisc", "show", "dev", "lo"]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.split("overlimits ")
+            .skip(1)
+            .filter_map(|rest| rest.split_whitespace().next()?.parse::<u64>().ok())
+            .sum()
+    }
+
     /// Whether `tc netem` works here (the host kernel may lack `sch_netem`).
     pub fn has_netem(&self) -> bool {
         let added = self.exec(&[
