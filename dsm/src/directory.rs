@@ -325,6 +325,7 @@ impl HomeDirectory {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::test_grant as grant;
 
     const HOME: NodeId = 0;
 
@@ -338,22 +339,6 @@ mod tests {
 
     fn msgs(out: &mut Vec<Outgoing>) -> Vec<(NodeId, DsmMessage)> {
         out.drain(..).map(|o| (o.to, o.msg)).collect()
-    }
-
-    fn grant(
-        page: u64,
-        id: RequestId,
-        access: Access,
-        sharers: &[NodeId],
-        data: GrantData,
-    ) -> DsmMessage {
-        DsmMessage::Grant {
-            page,
-            id,
-            access,
-            sharers: set(sharers),
-            data,
-        }
     }
 
     /// A fetch to a source other than the home (which the home's own grant accompanies).

@@ -876,6 +876,7 @@ impl NodePages {
 mod tests {
     use super::*;
     use crate::heap::{HeapPages, Mapping};
+    use crate::protocol::test_grant as grant;
 
     const ME: NodeId = 1;
     const HOME: NodeId = 0;
@@ -942,24 +943,6 @@ mod tests {
             self.deliver(HOME, grant(page, id, Access::Write, &[], data))
                 .unwrap();
             self.sent();
-        }
-    }
-
-    fn grant(
-        page: u64,
-        id: RequestId,
-        access: Access,
-        sharers: &[NodeId],
-        data: GrantData,
-    ) -> DsmMessage {
-        let mut set = NodeSet::EMPTY;
-        sharers.iter().for_each(|&n| set.insert(n));
-        DsmMessage::Grant {
-            page,
-            id,
-            access,
-            sharers: set,
-            data,
         }
     }
 

@@ -859,6 +859,26 @@ impl DsmMessage {
     }
 }
 
+/// A grant naming `sharers`, as the unit tests of the directory and the node build them.
+#[cfg(test)]
+pub(crate) fn test_grant(
+    page: u64,
+    id: RequestId,
+    access: Access,
+    sharers: &[NodeId],
+    data: GrantData,
+) -> DsmMessage {
+    let mut set = NodeSet::EMPTY;
+    sharers.iter().for_each(|&n| set.insert(n));
+    DsmMessage::Grant {
+        page,
+        id,
+        access,
+        sharers: set,
+        data,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
