@@ -65,6 +65,9 @@ enum BenchWhat {
     /// Time to each Linux boot milestone for the minimal and the Debian kernel (QEMU as the
     /// anchor where it can use hardware KVM), then on 1 x 2, 2 x 1, 1 x 4 and 4 x 1 nodes with
     /// sysbench cpu's events/s.
+    /// A page written by vCPUs on different nodes (sysbench's per-thread statistics) against
+    /// the same guest on one node, at two event sizes.
+    Sharing,
     Boot {
         /// Only the node-topology table (the one-node kernel comparison takes the longest).
         #[arg(long)]
@@ -91,6 +94,9 @@ fn main() -> ExitCode {
         Command::Bench {
             what: BenchWhat::Dsm,
         } => vmm::bench::dsm::run().map(|()| StopReason::PowerOff),
+        Command::Bench {
+            what: BenchWhat::Sharing,
+        } => vmm::bench::sharing::run().map(|()| StopReason::PowerOff),
         Command::Bench {
             what: BenchWhat::Boot { topology_only },
         } => vmm::bench::boot::run(topology_only).map(|()| StopReason::PowerOff),

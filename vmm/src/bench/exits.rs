@@ -189,22 +189,7 @@ fn through_cluster(probe: &str) -> Result<HashMap<(usize, String), u64>, Command
             String::from_utf8_lossy(&out.stderr)
         )));
     }
-    let mut reports = HashMap::new();
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let Some((_, rest)) = line.split_once("PROBE vcpu=") else {
-            continue;
-        };
-        let mut words = rest.split_whitespace();
-        let (Some(vcpu), Some(kv)) = (words.next(), words.next()) else {
-            continue;
-        };
-        if let (Ok(vcpu), Some((k, v))) = (vcpu.parse::<usize>(), kv.split_once('=')) {
-            if let Ok(v) = v.parse::<u64>() {
-                reports.insert((vcpu, k.to_string()), v);
-            }
-        }
-    }
-    Ok(reports)
+    Ok(super::probe_reports(&String::from_utf8_lossy(&out.stdout)))
 }
 
 /// The median over runs of one vCPU's report.
