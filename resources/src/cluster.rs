@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use crate::layout::{default_homes, ram_regions};
 use crate::validate::{validate, FileKind};
-use crate::{raw, ConfigError, GuestImage, Layout, NodeId, NodeSpec, TransportKind, MIB};
+use crate::{raw, ConfigError, Disk, GuestImage, Layout, NodeId, NodeSpec, TransportKind, MIB};
 
 /// A cluster description: the node-file schema without `node`, with `secret` optional.
 #[derive(Debug, Clone)]
@@ -71,10 +71,18 @@ impl ClusterDescription {
                 kernel,
                 initrd,
                 cmdline,
+                disks,
             } => GuestImage::Linux {
                 kernel: absolute(&kernel),
                 initrd: initrd.as_deref().map(absolute),
                 cmdline,
+                disks: disks
+                    .into_iter()
+                    .map(|disk| Disk {
+                        path: absolute(&disk.path),
+                        read_only: disk.read_only,
+                    })
+                    .collect(),
             },
             probe => probe,
         };
@@ -126,6 +134,7 @@ impl ClusterDescription {
                 kernel,
                 initrd,
                 cmdline,
+                disks,
             } => {
                 let _ = writeln!(out);
                 let _ = writeln!(out, "[guest.linux]");
@@ -134,6 +143,12 @@ impl ClusterDescription {
                     let _ = writeln!(out, "initrd = {}", toml_path(&absolute(initrd)));
                 }
                 let _ = writeln!(out, "cmdline = {}", toml_str(cmdline));
+                for disk in disks {
+                    let _ = writeln!(out);
+                    let _ = writeln!(out, "[[guest.disk]]");
+                    let _ = writeln!(out, "path = {}", toml_path(&absolute(&disk.path)));
+                    let _ = writeln!(out, "read_only = {}", disk.read_only);
+                }
             }
         }
         for home in &layout.homes {

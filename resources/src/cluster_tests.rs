@@ -48,11 +48,23 @@ fn default_cluster_round_trips_linux_above_3_gib() {
     let t = TestDir::new();
     std::fs::write(t.file("vmlinux"), b"kernel").unwrap();
     std::fs::write(t.file("initrd"), b"initrd").unwrap();
+    std::fs::write(t.file("data.ext4"), [0u8; 4096]).unwrap();
+    std::fs::write(t.file("ro.img"), [0u8; 512]).unwrap();
     let linux = GuestImage::Linux {
         kernel: t.file("vmlinux"),
         initrd: Some(t.file("initrd")),
         // Quotes, a backslash and a tab must survive TOML escaping.
         cmdline: "console=ttyS0 init=/init \"quoted\" back\\slash\tx".to_string(),
+        disks: vec![
+            crate::Disk {
+                path: t.file("data.ext4"),
+                read_only: false,
+            },
+            crate::Disk {
+                path: t.file("ro.img"),
+                read_only: true,
+            },
+        ],
     };
     let cluster = ClusterDescription::default_cluster(linux, 5 * 1024 + 6, &addrs());
     assert_eq!(cluster.layout.ram.len(), 2);

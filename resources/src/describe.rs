@@ -93,15 +93,25 @@ fn describe_guest(guest: &GuestImage) -> String {
             kernel,
             initrd,
             cmdline,
+            disks,
         } => {
             let initrd = match initrd {
                 Some(path) => path.display().to_string(),
                 None => "none".to_string(),
             };
-            format!(
+            let mut text = format!(
                 "linux kernel {}, initrd {initrd}, cmdline {cmdline:?}",
                 kernel.display()
-            )
+            );
+            for (i, disk) in disks.iter().enumerate() {
+                let access = if disk.read_only {
+                    "read-only"
+                } else {
+                    "read-write"
+                };
+                text.push_str(&format!(", disk {i} {} ({access})", disk.path.display()));
+            }
+            text
         }
     }
 }

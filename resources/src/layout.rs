@@ -51,7 +51,18 @@ pub enum GuestImage {
         initrd: Option<PathBuf>,
         /// Kernel command line.
         cmdline: String,
+        /// virtio-blk disks, in the order the guest sees them (`vda`, `vdb`, ...).
+        disks: Vec<Disk>,
     },
+}
+
+/// A raw disk image the master serves to the guest as a virtio-blk device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Disk {
+    /// The image file (absolute once validated).
+    pub path: PathBuf,
+    /// The guest may only read it.
+    pub read_only: bool,
 }
 
 /// One node of the cluster.

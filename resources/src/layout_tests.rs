@@ -245,15 +245,29 @@ fn canonical_excludes_paths() {
         kernel: "/a/vmlinux".into(),
         initrd: None,
         cmdline: "console=ttyS0".into(),
+        disks: vec![crate::Disk {
+            path: "/a/data.ext4".into(),
+            read_only: true,
+        }],
     };
     let mut b = a.clone();
     b.guest = GuestImage::Linux {
         kernel: "/elsewhere/vmlinux".into(),
         initrd: Some("/elsewhere/initrd".into()),
         cmdline: "console=ttyS0".into(),
+        disks: vec![crate::Disk {
+            path: "/elsewhere/data.ext4".into(),
+            read_only: true,
+        }],
     };
     assert_eq!(a.canonical(), b.canonical());
     assert!(!a.canonical().contains("/a/vmlinux"));
+    assert!(!a.canonical().contains("data.ext4"));
+    // Whether a disk is writable is the guest's business on every node.
+    if let GuestImage::Linux { disks, .. } = &mut b.guest {
+        disks[0].read_only = false;
+    }
+    assert_ne!(a.canonical(), b.canonical());
 }
 
 #[test]

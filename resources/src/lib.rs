@@ -31,7 +31,7 @@ mod validate_tests;
 
 pub use cluster::ClusterDescription;
 pub use error::ConfigError;
-pub use layout::{GuestImage, HomeRange, Layout, NodeSpec, RamRegion, TransportKind};
+pub use layout::{Disk, GuestImage, HomeRange, Layout, NodeSpec, RamRegion, TransportKind};
 pub use node_config::NodeConfig;
 
 /// Index of a node in the cluster; node ids are exactly `0..n`.
@@ -74,6 +74,9 @@ pub const MAX_MEMORY_MIB: u64 = 1 << 20;
 pub const MAX_VCPUS: u32 = 255;
 /// Longest kernel command line accepted (bytes, without the terminating NUL).
 pub const MAX_CMDLINE_LEN: usize = 2047;
+/// The most virtio-blk disks a guest can have: with the entropy and network devices, the
+/// eight IOAPIC inputs 16-23 that virtio devices use.
+pub const MAX_DISKS: usize = 6;
 /// Smallest cluster secret accepted (bytes).
 pub const MIN_SECRET_LEN: u64 = 16;
 /// Alignment of the boundaries of the default home split.

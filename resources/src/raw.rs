@@ -32,6 +32,15 @@ pub(crate) struct RawGuest {
     pub probe_arg: Option<i64>,
     pub linux: Option<RawLinux>,
     pub home: Option<Vec<RawHome>>,
+    pub disk: Option<Vec<RawDisk>>,
+}
+
+/// One `[[guest.disk]]` entry.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawDisk {
+    pub path: String,
+    pub read_only: Option<bool>,
 }
 
 /// The `[guest.linux]` table.

@@ -7,10 +7,10 @@ use std::path::{Path, PathBuf};
 
 use crate::homes::validate_homes;
 use crate::layout::{default_homes, ram_regions};
-use crate::raw::{RawConfig, RawGuest, RawLinux, RawNode};
+use crate::raw::{RawConfig, RawDisk, RawGuest, RawLinux, RawNode};
 use crate::{
-    node_index, ConfigError, GuestImage, Layout, NodeId, NodeSpec, TransportKind, VcpuId,
-    MAX_CMDLINE_LEN, MAX_MEMORY_MIB, MAX_VCPUS, MIB, MIN_MEMORY_MIB, MIN_SECRET_LEN,
+    node_index, ConfigError, Disk, GuestImage, Layout, NodeId, NodeSpec, TransportKind, VcpuId,
+    MAX_CMDLINE_LEN, MAX_DISKS, MAX_MEMORY_MIB, MAX_VCPUS, MIB, MIN_MEMORY_MIB, MIN_SECRET_LEN,
 };
 
 /// Which of the two file forms is being validated.
@@ -180,6 +180,13 @@ fn validate_image(path: &Path, guest: &RawGuest) -> Result<GuestImage, ConfigErr
             "guest.probe",
             "missing: give either `probe = \"<name>\"` or a [guest.linux] table with `kernel`",
         )),
+        (Some(_), None) if guest.disk.as_ref().is_some_and(|d| !d.is_empty()) => {
+            Err(ConfigError::invalid(
+                path,
+                "guest.disk",
+                "given for a probe guest; disks are virtio-blk devices for a Linux guest, remove them",
+            ))
+        }
         (Some(name), None) => {
             let valid = !name.is_empty()
                 && name.bytes().all(|b| {
@@ -213,11 +220,45 @@ fn validate_image(path: &Path, guest: &RawGuest) -> Result<GuestImage, ConfigErr
             "guest.probe_arg",
             "given for a Linux guest; it only applies to probe guests, remove it",
         )),
-        (None, Some(linux)) => validate_linux(path, linux),
+        (None, Some(linux)) => validate_linux(path, linux, guest.disk.as_deref().unwrap_or(&[])),
     }
 }
 
-fn validate_linux(path: &Path, linux: &RawLinux) -> Result<GuestImage, ConfigError> {
+fn validate_disks(path: &Path, raw: &[RawDisk]) -> Result<Vec<Disk>, ConfigError> {
+    if raw.len() > MAX_DISKS {
+        return Err(ConfigError::invalid(
+            path,
+            "guest.disk",
+            format!("{} disks given; at most {MAX_DISKS}", raw.len()),
+        ));
+    }
+    let mut disks: Vec<Disk> = Vec::with_capacity(raw.len());
+    for (i, disk) in raw.iter().enumerate() {
+        let field = format!("guest.disk[{i}].path");
+        let resolved = existing_file(path, &field, &disk.path)?;
+        if disks.iter().any(|d| d.path == resolved) {
+            return Err(ConfigError::invalid(
+                path,
+                &field,
+                format!(
+                    "{} is already an earlier disk; two devices on one image would corrupt it",
+                    resolved.display()
+                ),
+            ));
+        }
+        disks.push(Disk {
+            path: resolved,
+            read_only: disk.read_only.unwrap_or(false),
+        });
+    }
+    Ok(disks)
+}
+
+fn validate_linux(
+    path: &Path,
+    linux: &RawLinux,
+    disks: &[RawDisk],
+) -> Result<GuestImage, ConfigError> {
     let kernel = existing_file(path, "guest.linux.kernel", &linux.kernel)?;
     let initrd = match &linux.initrd {
         Some(initrd) => Some(existing_file(path, "guest.linux.initrd", initrd)?),
@@ -245,6 +286,7 @@ fn validate_linux(path: &Path, linux: &RawLinux) -> Result<GuestImage, ConfigErr
         kernel,
         initrd,
         cmdline,
+        disks: validate_disks(path, disks)?,
     })
 }
 

@@ -423,6 +423,53 @@ fn cmdline_too_long() {
     assert!(t.parse(&text).is_ok());
 }
 
+fn linux_with_disks(t: &TestDir, disks: &str) -> String {
+    linux_guest(t, &format!("kernel = \"vmlinux\"\n{disks}"))
+}
+
+#[test]
+fn disks_resolve_against_the_config_directory_and_default_to_writable() {
+    let t = TestDir::new();
+    std::fs::write(t.file("data.ext4"), [0u8; 4096]).unwrap();
+    std::fs::write(t.file("seed.img"), [0u8; 512]).unwrap();
+    let text = linux_with_disks(
+        &t,
+        "[[guest.disk]]\npath = \"data.ext4\"\n[[guest.disk]]\npath = \"seed.img\"\nread_only = true",
+    );
+    let config = t.parse(&text).unwrap();
+    let crate::GuestImage::Linux { disks, .. } = &config.layout.guest else {
+        panic!("expected a Linux guest");
+    };
+    assert_eq!(
+        disks,
+        &vec![
+            crate::Disk {
+                path: t.file("data.ext4"),
+                read_only: false
+            },
+            crate::Disk {
+                path: t.file("seed.img"),
+                read_only: true
+            },
+        ]
+    );
+}
+
+#[test]
+fn bad_disks() {
+    let t = TestDir::new();
+    let text = linux_with_disks(&t, "[[guest.disk]]\npath = \"nowhere.img\"");
+    invalid_field(&t, &text, "guest.disk[0].path", "No such file or directory");
+    std::fs::write(t.file("data.ext4"), [0u8; 4096]).unwrap();
+    let twice = "[[guest.disk]]\npath = \"data.ext4\"\n[[guest.disk]]\npath = \"./data.ext4\"";
+    let text = linux_with_disks(&t, twice);
+    invalid_field(&t, &text, "guest.disk[1].path", "already an earlier disk");
+    let many = "[[guest.disk]]\npath = \"data.ext4\"\n".repeat(7);
+    invalid_field(&t, &linux_with_disks(&t, &many), "guest.disk", "at most 6");
+    let text = with_guest_extra("[[guest.disk]]\npath = \"data.ext4\"");
+    invalid_field(&t, &text, "guest.disk", "given for a probe guest");
+}
+
 #[test]
 fn secret_file_missing() {
     let t = TestDir::new();

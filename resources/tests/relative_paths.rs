@@ -56,6 +56,7 @@ fn paths_resolve_against_the_config_directory() {
         kernel,
         initrd,
         cmdline,
+        ..
     } = &config.layout.guest
     else {
         panic!("expected a Linux guest");

@@ -65,6 +65,7 @@ fn default_linux() -> Result<GuestImage, ClusterError> {
         kernel,
         initrd: Some(initrd),
         cmdline: format!("console=ttyS0 spanvm.run=\"{DEFAULT_WORKLOAD}\""),
+        disks: Vec::new(),
     })
 }
 /// How long the others may take to stop after one node ended with an error.

@@ -16,4 +16,5 @@ pub mod probe;
 pub mod stop;
 pub mod tsc;
 pub mod vcpu;
+pub mod virtio;
 pub mod vm;

@@ -224,6 +224,7 @@ impl NodeVm {
                 kernel,
                 initrd,
                 cmdline,
+                ..
             } => {
                 if config.node == layout.master() {
                     let cmdline = linux_cmdline(cmdline, layout.node_count(), layout.vcpu_count);
