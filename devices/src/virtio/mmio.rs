@@ -424,3 +424,315 @@ impl<M: GuestMemory + Send + 'static> BusDevice for Mutex<MmioTransport<M>> {
             .write(offset, data);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::virtio::rng::Rng;
+    use crate::virtio::testing::*;
+    use std::sync::atomic::Ordering;
+    use vm_memory::GuestMemoryMmap;
+
+    /// A device with two queues and a feature bit besides EVENT_IDX, counting resets.
+    struct Fake {
+        resets: Arc<std::sync::atomic::AtomicUsize>,
+        config: [u8; 8],
+    }
+    impl VirtioDevice<GuestMemoryMmap> for Fake {
+        fn device_type(&self) -> u32 {
+            42
+        }
+        fn features(&self) -> u64 {
+            (1 << 3) | (1 << VIRTIO_RING_F_EVENT_IDX)
+        }
+        fn queue_max_sizes(&self) -> &[u16] {
+            &[64, 100]
+        }
+        fn read_config(&self, offset: u64, data: &mut [u8]) {
+            crate::virtio::read_config_bytes(&self.config, offset, data);
+        }
+        fn write_config(&mut self, offset: u64, data: &[u8]) {
+            if let Some(b) = data.first() {
+                if let Some(c) = self.config.get_mut(offset as usize) {
+                    *c = *b;
+                }
+            }
+        }
+        fn process_queue(
+            &mut self,
+            _index: usize,
+            _queue: &mut Queue,
+            _ctx: &DeviceContext<GuestMemoryMmap>,
+        ) -> Result<bool, VirtioError> {
+            Ok(true)
+        }
+        fn reset(&mut self) {
+            self.resets.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn fake() -> (Driver<GuestMemoryMmap>, Arc<std::sync::atomic::AtomicUsize>) {
+        let resets = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let dev = Fake {
+            resets: resets.clone(),
+            config: [1, 2, 3, 4, 5, 6, 7, 8],
+        };
+        (Driver::bare(Box::new(dev), memory(0x10000)), resets)
+    }
+
+    #[test]
+    fn identifies_as_a_modern_virtio_mmio_device() {
+        let (mut d, _) = fake();
+        assert_eq!(r32(&mut d.t, reg::MAGIC_VALUE), MAGIC_VALUE);
+        assert_eq!(r32(&mut d.t, reg::VERSION), 2);
+        assert_eq!(r32(&mut d.t, reg::DEVICE_ID), 42);
+        assert_eq!(r32(&mut d.t, reg::VENDOR_ID), VENDOR_ID);
+        w32(&mut d.t, reg::QUEUE_SEL, 0);
+        assert_eq!(r32(&mut d.t, reg::QUEUE_NUM_MAX), 64);
+        w32(&mut d.t, reg::QUEUE_SEL, 1);
+        assert_eq!(
+            r32(&mut d.t, reg::QUEUE_NUM_MAX),
+            64,
+            "100 rounds down to 64"
+        );
+        w32(&mut d.t, reg::QUEUE_SEL, 2);
+        assert_eq!(r32(&mut d.t, reg::QUEUE_NUM_MAX), 0, "no third queue");
+        // Config space: any size and alignment, zero past its end.
+        let mut b = [0u8; 3];
+        d.t.read(reg::CONFIG + 1, &mut b);
+        assert_eq!(b, [2, 3, 4]);
+        d.t.read(reg::CONFIG + 7, &mut b);
+        assert_eq!(b, [8, 0, 0]);
+    }
+
+    #[test]
+    fn wrong_size_or_misaligned_register_accesses_are_ignored() {
+        let (mut d, _) = fake();
+        let mut two = [0xffu8; 2];
+        d.t.read(reg::MAGIC_VALUE, &mut two);
+        assert_eq!(two, [0, 0]);
+        let mut four = [0xffu8; 4];
+        d.t.read(reg::MAGIC_VALUE + 1, &mut four);
+        assert_eq!(four, [0; 4]);
+        let mut eight = [0xffu8; 8];
+        d.t.read(reg::MAGIC_VALUE, &mut eight);
+        assert_eq!(eight, [0; 8]);
+        d.t.read(reg::MAGIC_VALUE, &mut []);
+        d.t.write(reg::STATUS, &[1]);
+        d.t.write(reg::STATUS, &[1, 0]);
+        d.t.write(reg::STATUS + 2, &[1, 0, 0, 0]);
+        d.t.write(reg::STATUS, &[]);
+        assert_eq!(d.status(), 0);
+        // Unknown register offsets read as zero, take writes silently.
+        assert_eq!(r32(&mut d.t, 0x0f0), 0);
+        w32(&mut d.t, 0x0f0, 7);
+        d.t.write(u64::MAX - 1, &[1, 2]);
+        d.t.read(u64::MAX - 1, &mut two);
+    }
+
+    #[test]
+    fn offers_version_1_and_not_event_idx() {
+        let (mut d, _) = fake();
+        let f = d.offered_features();
+        assert_eq!(f, (1 << 3) | (1 << 32));
+        w32(&mut d.t, reg::DEVICE_FEATURES_SEL, 2);
+        assert_eq!(r32(&mut d.t, reg::DEVICE_FEATURES), 0);
+    }
+
+    #[test]
+    fn features_ok_refused_without_version_1_or_with_unoffered_bits() {
+        let (mut d, _) = fake();
+        assert!(!d.try_features(1 << 3), "legacy driver without VERSION_1");
+        w32(&mut d.t, reg::STATUS, 0);
+        assert!(
+            !d.try_features((1 << 32) | (1 << 5)),
+            "bit 5 was not offered"
+        );
+        w32(&mut d.t, reg::STATUS, 0);
+        assert!(
+            !d.try_features((1 << 32) | (1 << VIRTIO_RING_F_EVENT_IDX)),
+            "EVENT_IDX is never offered"
+        );
+        w32(&mut d.t, reg::STATUS, 0);
+        assert!(d.try_features((1 << 32) | (1 << 3)));
+        assert_eq!(d.t.driver_features(), (1 << 32) | (1 << 3));
+        // Features are frozen once FEATURES_OK is set.
+        w32(&mut d.t, reg::DRIVER_FEATURES_SEL, 0);
+        w32(&mut d.t, reg::DRIVER_FEATURES, 0);
+        assert_eq!(d.t.driver_features(), (1 << 32) | (1 << 3));
+    }
+
+    #[test]
+    fn status_bits_must_come_in_order_and_never_go_away() {
+        let (mut d, _) = fake();
+        w32(&mut d.t, reg::STATUS, status::DRIVER);
+        assert_eq!(d.status(), 0, "DRIVER before ACKNOWLEDGE");
+        w32(
+            &mut d.t,
+            reg::STATUS,
+            status::ACKNOWLEDGE | status::DRIVER | status::DRIVER_OK,
+        );
+        assert_eq!(d.status(), 0, "DRIVER_OK before FEATURES_OK");
+        w32(&mut d.t, reg::STATUS, status::ACKNOWLEDGE | status::DRIVER);
+        w32(&mut d.t, reg::STATUS, status::ACKNOWLEDGE);
+        assert_eq!(
+            d.status(),
+            status::ACKNOWLEDGE | status::DRIVER,
+            "bits cannot be cleared"
+        );
+        w32(
+            &mut d.t,
+            reg::STATUS,
+            status::ACKNOWLEDGE | status::DRIVER | status::DEVICE_NEEDS_RESET,
+        );
+        assert_eq!(
+            d.status() & status::DEVICE_NEEDS_RESET,
+            0,
+            "driver cannot set NEEDS_RESET"
+        );
+        w32(
+            &mut d.t,
+            reg::STATUS,
+            status::ACKNOWLEDGE | status::DRIVER | status::FAILED,
+        );
+        assert_ne!(d.status() & status::FAILED, 0);
+    }
+
+    #[test]
+    fn queue_layout_is_only_accepted_between_features_ok_and_driver_ok() {
+        let (mut d, _) = fake();
+        w32(&mut d.t, reg::QUEUE_SEL, 0);
+        w32(&mut d.t, reg::QUEUE_NUM, 16);
+        w32(&mut d.t, reg::QUEUE_READY, 1);
+        assert_eq!(r32(&mut d.t, reg::QUEUE_NUM), 64);
+        assert_eq!(r32(&mut d.t, reg::QUEUE_READY), 0);
+        d.negotiate();
+        w32(&mut d.t, reg::QUEUE_NUM, 15);
+        assert_eq!(r32(&mut d.t, reg::QUEUE_NUM), 64, "not a power of two");
+        w32(&mut d.t, reg::QUEUE_NUM, 128);
+        assert_eq!(r32(&mut d.t, reg::QUEUE_NUM), 64, "above the maximum");
+        d.setup_queue(16);
+        assert_eq!(r32(&mut d.t, reg::QUEUE_NUM), 16);
+        assert_eq!(r32(&mut d.t, reg::QUEUE_READY), 1);
+        w32(&mut d.t, reg::QUEUE_NUM, 32);
+        assert_eq!(r32(&mut d.t, reg::QUEUE_NUM), 16, "fixed while ready");
+    }
+
+    #[test]
+    fn notify_interrupts_and_ack_lowers_the_line() {
+        let (mut d, _) = fake();
+        d.negotiate();
+        d.setup_queue(16);
+        d.notify();
+        assert_eq!(d.t.interrupt_status(), 0, "no queue runs before DRIVER_OK");
+        let s = d.status();
+        w32(&mut d.t, reg::STATUS, s | status::DRIVER_OK);
+        w32(&mut d.t, reg::QUEUE_NOTIFY, 1);
+        assert_eq!(d.t.interrupt_status(), 0, "queue 1 is not ready");
+        w32(&mut d.t, reg::QUEUE_NOTIFY, 7);
+        d.notify();
+        assert_eq!(r32(&mut d.t, reg::INTERRUPT_STATUS), INT_USED_BUFFER);
+        assert!(d.irq.level.load(Ordering::SeqCst));
+        d.t.signal_config_change();
+        assert_eq!(r32(&mut d.t, reg::CONFIG_GENERATION), 1);
+        w32(&mut d.t, reg::INTERRUPT_ACK, INT_USED_BUFFER);
+        assert!(
+            d.irq.level.load(Ordering::SeqCst),
+            "config change still pending"
+        );
+        w32(&mut d.t, reg::INTERRUPT_ACK, INT_CONFIG_CHANGE);
+        assert!(!d.irq.level.load(Ordering::SeqCst));
+        assert_eq!(r32(&mut d.t, reg::INTERRUPT_STATUS), 0);
+    }
+
+    #[test]
+    fn status_zero_resets_device_and_queues() {
+        let (mut d, resets) = fake();
+        d.negotiate();
+        d.setup_queue(16);
+        let s = d.status();
+        w32(&mut d.t, reg::STATUS, s | status::DRIVER_OK);
+        d.notify();
+        assert!(d.irq.level.load(Ordering::SeqCst));
+        w32(&mut d.t, reg::STATUS, 0);
+        assert_eq!(resets.load(Ordering::SeqCst), 1);
+        assert_eq!(d.status(), 0);
+        assert!(!d.irq.level.load(Ordering::SeqCst));
+        assert_eq!(r32(&mut d.t, reg::INTERRUPT_STATUS), 0);
+        w32(&mut d.t, reg::QUEUE_SEL, 0);
+        assert_eq!(r32(&mut d.t, reg::QUEUE_READY), 0);
+        assert_eq!(r32(&mut d.t, reg::QUEUE_NUM), 64);
+        assert_eq!(d.t.driver_features(), 0);
+    }
+
+    #[test]
+    fn avail_index_jump_sets_device_needs_reset_until_reset() {
+        let mut d = Driver::new(Box::new(Rng::new()), memory(0x10000), 16);
+        d.set_avail_idx(17);
+        d.notify();
+        assert_ne!(d.status() & status::DEVICE_NEEDS_RESET, 0);
+        assert_ne!(d.t.interrupt_status() & INT_CONFIG_CHANGE, 0);
+        assert!(matches!(
+            d.t.needs_reset_reason(),
+            Some(VirtioError::BrokenQueue { queue: 0, .. })
+        ));
+        assert_eq!(d.used_idx(), 0);
+        // Further notifies do nothing, even with a sane index.
+        d.set_avail_idx(1);
+        d.chain(0, &[(DATA, 16, true)]);
+        d.notify();
+        assert_eq!(d.used_idx(), 0);
+        // Reset and set up again: it works.
+        w32(&mut d.t, reg::STATUS, 0);
+        assert_eq!(d.status(), 0);
+        assert!(d.t.needs_reset_reason().is_none());
+        d.write(AVAIL, &[0; 4]);
+        d.write(USED, &[0; 4]);
+        let mut d2 = d;
+        d2.negotiate();
+        d2.setup_queue(16);
+        let s = d2.status();
+        w32(&mut d2.t, reg::STATUS, s | status::DRIVER_OK);
+        d2.set_avail_idx(0);
+        let head = d2.chain(0, &[(DATA, 16, true)]);
+        assert_eq!(d2.submit(head), (0, 16));
+    }
+
+    #[test]
+    fn rings_outside_guest_memory_set_device_needs_reset() {
+        let mut d = Driver::bare(Box::new(Rng::new()), memory(0x10000));
+        d.negotiate();
+        d.setup_queue(16);
+        w32(&mut d.t, reg::QUEUE_READY, 0);
+        w32(&mut d.t, reg::QUEUE_DEVICE_LOW, 0xfff8);
+        w32(&mut d.t, reg::QUEUE_READY, 1);
+        let s = d.status();
+        w32(&mut d.t, reg::STATUS, s | status::DRIVER_OK);
+        d.notify();
+        assert_ne!(d.status() & status::DEVICE_NEEDS_RESET, 0);
+        assert!(matches!(
+            d.t.needs_reset_reason(),
+            Some(VirtioError::RingsOutsideMemory { queue: 0 })
+        ));
+    }
+
+    #[test]
+    fn a_head_index_outside_the_queue_sets_device_needs_reset() {
+        let mut d = Driver::new(Box::new(Rng::new()), memory(0x10000), 16);
+        d.publish(16);
+        d.notify();
+        assert_ne!(d.status() & status::DEVICE_NEEDS_RESET, 0);
+    }
+
+    #[test]
+    fn the_bus_device_wrapper_locks_and_forwards() {
+        let d = Driver::bare(Box::new(Rng::new()), memory(0x10000));
+        let dev = Mutex::new(d.t);
+        let mut b = [0u8; 4];
+        BusDevice::read(&dev, 0, reg::DEVICE_ID, &mut b);
+        assert_eq!(u32::from_le_bytes(b), 4);
+        BusDevice::write(&dev, 0, reg::STATUS, &status::ACKNOWLEDGE.to_le_bytes());
+        BusDevice::read(&dev, 1, reg::STATUS, &mut b);
+        assert_eq!(u32::from_le_bytes(b), status::ACKNOWLEDGE);
+    }
+}
