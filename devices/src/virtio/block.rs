@@ -407,3 +407,647 @@ impl<M: GuestMemory> VirtioDevice<M> for Block {
 
     fn reset(&mut self) {}
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::cast_possible_truncation)]
+    use super::*;
+    use crate::virtio::mmio::status;
+    use crate::virtio::testing::*;
+    use std::io::Write;
+    use vm_memory::GuestMemoryMmap;
+
+    const SECTORS: u64 = 64;
+    const HDR: u64 = DATA;
+    const BUF: u64 = DATA + 0x1000;
+    const STATUS: u64 = DATA + 0x800;
+
+    fn image(sectors: u64) -> tempfile::NamedTempFile {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        let bytes: Vec<u8> = (0..sectors * SECTOR_SIZE)
+            .map(|i| (i / 512) as u8)
+            .collect();
+        f.write_all(&bytes).unwrap();
+        f
+    }
+
+    fn disk(read_only: bool) -> (Driver<GuestMemoryMmap>, tempfile::NamedTempFile) {
+        let img = image(SECTORS);
+        let backend = BlockBackend::open(img.path(), read_only).unwrap();
+        let d = Driver::new(
+            Box::new(Block::new(backend, "spanvm-disk-0")),
+            memory(0x40000),
+            16,
+        );
+        (d, img)
+    }
+
+    fn header(d: &Driver<GuestMemoryMmap>, kind: u32, sector: u64) {
+        let mut h = [0u8; 16];
+        h[0..4].copy_from_slice(&kind.to_le_bytes());
+        h[8..16].copy_from_slice(&sector.to_le_bytes());
+        d.write(HDR, &h);
+        d.write(STATUS, &[0xff]);
+    }
+
+    fn status_byte(d: &Driver<GuestMemoryMmap>) -> u8 {
+        d.read(STATUS, 1)[0]
+    }
+
+    #[test]
+    fn open_refuses_what_cannot_be_a_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("nope.img");
+        assert!(matches!(
+            BlockBackend::open(&missing, true),
+            Err(BlockError::Missing { .. })
+        ));
+        assert!(matches!(
+            BlockBackend::open(dir.path(), true),
+            Err(BlockError::NotRegularFile { .. })
+        ));
+        let odd = dir.path().join("odd.img");
+        std::fs::write(&odd, [0u8; 513]).unwrap();
+        let err = BlockBackend::open(&odd, false).unwrap_err();
+        assert!(matches!(
+            err,
+            BlockError::NotSectorMultiple { size: 513, .. }
+        ));
+        assert!(err.to_string().contains("multiple of 512"));
+        let ro = dir.path().join("ro.img");
+        std::fs::write(&ro, [0u8; 1024]).unwrap();
+        let mut perms = std::fs::metadata(&ro).unwrap().permissions();
+        std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o444);
+        std::fs::set_permissions(&ro, perms).unwrap();
+        assert_eq!(BlockBackend::open(&ro, true).unwrap().capacity_sectors(), 2);
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let root = unsafe { libc::geteuid() } == 0;
+        if !root {
+            assert!(matches!(
+                BlockBackend::open(&ro, false),
+                Err(BlockError::NotWritable { .. })
+            ));
+        }
+    }
+
+    #[test]
+    fn config_and_features_describe_the_disk() {
+        let (mut d, _img) = disk(false);
+        let mut cap = [0u8; 8];
+        d.t.read(0x100, &mut cap);
+        assert_eq!(u64::from_le_bytes(cap), SECTORS);
+        let mut b = [0u8; 4];
+        d.t.read(0x100 + 20, &mut b);
+        assert_eq!(u32::from_le_bytes(b), 512);
+        d.t.read(0x100 + 12, &mut b);
+        assert_eq!(u32::from_le_bytes(b), 254);
+        let f = d.t.driver_features();
+        assert_ne!(f & (1 << VIRTIO_BLK_F_FLUSH), 0);
+        assert_ne!(f & (1 << VIRTIO_BLK_F_SEG_MAX), 0);
+        assert_ne!(f & (1 << VIRTIO_BLK_F_BLK_SIZE), 0);
+        assert_eq!(f & (1 << VIRTIO_BLK_F_RO), 0);
+        let (d, _img) = disk(true);
+        assert_ne!(d.t.driver_features() & (1 << VIRTIO_BLK_F_RO), 0);
+    }
+
+    #[test]
+    fn reads_what_the_image_holds() {
+        let (mut d, _img) = disk(false);
+        header(&d, VIRTIO_BLK_T_IN, 3);
+        let head = d.chain(0, &[(HDR, 16, false), (BUF, 1024, true), (STATUS, 1, true)]);
+        assert_eq!(d.submit(head), (0, 1025));
+        assert_eq!(status_byte(&d), VIRTIO_BLK_S_OK);
+        let data = d.read(BUF, 1024);
+        assert!(data[..512].iter().all(|&b| b == 3));
+        assert!(data[512..].iter().all(|&b| b == 4));
+    }
+
+    #[test]
+    fn writes_reach_the_file_read_back_through_the_ring_and_flush() {
+        let (mut d, img) = disk(false);
+        // Scattered over three buffers, one crossing a page boundary.
+        let pattern: Vec<u8> = (0..1536u32).map(|i| (i * 7 % 251) as u8).collect();
+        d.write(BUF + 0xf00, &pattern[..512]);
+        d.write(BUF + 0x3000, &pattern[512..1024]);
+        d.write(BUF + 0x5000, &pattern[1024..]);
+        header(&d, VIRTIO_BLK_T_OUT, 10);
+        let head = d.chain(
+            0,
+            &[
+                (HDR, 16, false),
+                (BUF + 0xf00, 512, false),
+                (BUF + 0x3000, 512, false),
+                (BUF + 0x5000, 512, false),
+                (STATUS, 1, true),
+            ],
+        );
+        assert_eq!(d.submit(head), (0, 1));
+        assert_eq!(status_byte(&d), VIRTIO_BLK_S_OK);
+        let file = std::fs::read(img.path()).unwrap();
+        assert_eq!(&file[10 * 512..13 * 512], &pattern[..]);
+        assert!(file[9 * 512..10 * 512].iter().all(|&b| b == 9));
+        assert!(file[13 * 512..14 * 512].iter().all(|&b| b == 13));
+        // Read it back into one buffer.
+        header(&d, VIRTIO_BLK_T_IN, 10);
+        let head = d.chain(
+            5,
+            &[
+                (HDR, 16, false),
+                (BUF + 0x8000, 1536, true),
+                (STATUS, 1, true),
+            ],
+        );
+        assert_eq!(d.submit(head), (5, 1537));
+        assert_eq!(d.read(BUF + 0x8000, 1536), pattern);
+        // Flush.
+        header(&d, VIRTIO_BLK_T_FLUSH, 0);
+        let head = d.chain(8, &[(HDR, 16, false), (STATUS, 1, true)]);
+        assert_eq!(d.submit(head), (8, 1));
+        assert_eq!(status_byte(&d), VIRTIO_BLK_S_OK);
+        assert!(d.irq.level.load(std::sync::atomic::Ordering::SeqCst));
+    }
+
+    #[test]
+    fn the_last_sector_and_a_header_and_status_in_one_page() {
+        let (mut d, img) = disk(false);
+        d.write(BUF, &[0xab; 512]);
+        header(&d, VIRTIO_BLK_T_OUT, SECTORS - 1);
+        let head = d.chain(0, &[(HDR, 16, false), (BUF, 512, false), (STATUS, 1, true)]);
+        assert_eq!(d.submit(head), (0, 1));
+        assert_eq!(status_byte(&d), VIRTIO_BLK_S_OK);
+        let file = std::fs::read(img.path()).unwrap();
+        assert!(file[file.len() - 512..].iter().all(|&b| b == 0xab));
+    }
+
+    #[test]
+    fn get_id_returns_the_serial() {
+        let (mut d, _img) = disk(false);
+        header(&d, VIRTIO_BLK_T_GET_ID, 0);
+        let head = d.chain(0, &[(HDR, 16, false), (BUF, 20, true), (STATUS, 1, true)]);
+        assert_eq!(d.submit(head), (0, 21));
+        assert_eq!(status_byte(&d), VIRTIO_BLK_S_OK);
+        assert_eq!(&d.read(BUF, 20), b"spanvm-disk-0\0\0\0\0\0\0\0");
+    }
+
+    /// Submits a request of `kind` at `sector` with `buffers` between header and status; returns
+    /// (used len, status byte).
+    fn request(
+        d: &mut Driver<GuestMemoryMmap>,
+        kind: u32,
+        sector: u64,
+        buffers: &[(u64, u32, bool)],
+    ) -> (u32, u8) {
+        header(d, kind, sector);
+        let mut all = vec![(HDR, 16, false)];
+        all.extend_from_slice(buffers);
+        all.push((STATUS, 1, true));
+        let (_, len) = d.submit(d.chain(0, &all));
+        (len, status_byte(d))
+    }
+
+    #[test]
+    fn invalid_requests_get_ioerr_or_unsupp() {
+        let (mut d, img) = disk(false);
+        let before = std::fs::read(img.path()).unwrap();
+        let ioerr = (1, VIRTIO_BLK_S_IOERR);
+        // Data not a multiple of 512.
+        assert_eq!(
+            request(&mut d, VIRTIO_BLK_T_IN, 0, &[(BUF, 100, true)]),
+            ioerr
+        );
+        assert_eq!(
+            request(&mut d, VIRTIO_BLK_T_OUT, 0, &[(BUF, 513, false)]),
+            ioerr
+        );
+        // Beyond capacity, partly beyond, and a sector number that wraps.
+        assert_eq!(
+            request(&mut d, VIRTIO_BLK_T_IN, SECTORS, &[(BUF, 512, true)]),
+            ioerr
+        );
+        assert_eq!(
+            request(&mut d, VIRTIO_BLK_T_OUT, SECTORS - 1, &[(BUF, 1024, false)]),
+            ioerr
+        );
+        assert_eq!(
+            request(&mut d, VIRTIO_BLK_T_IN, u64::MAX, &[(BUF, 512, true)]),
+            ioerr
+        );
+        assert_eq!(
+            request(
+                &mut d,
+                VIRTIO_BLK_T_OUT,
+                u64::MAX / 512 + 1,
+                &[(BUF, 512, false)]
+            ),
+            ioerr
+        );
+        // Unknown request types (discard, write zeroes, garbage).
+        assert_eq!(request(&mut d, 11, 0, &[]), (1, VIRTIO_BLK_S_UNSUPP));
+        assert_eq!(request(&mut d, 13, 0, &[]), (1, VIRTIO_BLK_S_UNSUPP));
+        assert_eq!(
+            request(&mut d, 0xdead_beef, 0, &[]),
+            (1, VIRTIO_BLK_S_UNSUPP)
+        );
+        // A header shorter than 16 bytes.
+        header(&d, VIRTIO_BLK_T_OUT, 0);
+        let head = d.chain(0, &[(HDR, 12, false), (STATUS, 1, true)]);
+        assert_eq!(d.submit(head), (0, 1));
+        assert_eq!(status_byte(&d), VIRTIO_BLK_S_IOERR);
+        // No header at all.
+        d.write(STATUS, &[0xff]);
+        let head = d.chain(0, &[(STATUS, 1, true)]);
+        assert_eq!(d.submit(head), (0, 1));
+        assert_eq!(status_byte(&d), VIRTIO_BLK_S_IOERR);
+        assert_eq!(
+            std::fs::read(img.path()).unwrap(),
+            before,
+            "nothing was written"
+        );
+        assert_eq!(d.status() & status::DEVICE_NEEDS_RESET, 0);
+    }
+
+    #[test]
+    fn a_read_only_disk_refuses_writes() {
+        let (mut d, img) = disk(true);
+        let before = std::fs::read(img.path()).unwrap();
+        d.write(BUF, &[0x55; 512]);
+        assert_eq!(
+            request(&mut d, VIRTIO_BLK_T_OUT, 0, &[(BUF, 512, false)]),
+            (1, VIRTIO_BLK_S_IOERR)
+        );
+        assert_eq!(
+            request(&mut d, VIRTIO_BLK_T_FLUSH, 0, &[]),
+            (1, VIRTIO_BLK_S_OK)
+        );
+        assert_eq!(
+            request(&mut d, VIRTIO_BLK_T_IN, 1, &[(BUF, 512, true)]),
+            (513, 0)
+        );
+        assert_eq!(std::fs::read(img.path()).unwrap(), before);
+    }
+
+    #[test]
+    fn chains_without_a_writable_status_or_that_do_not_end_are_dropped() {
+        let (mut d, img) = disk(false);
+        let before = std::fs::read(img.path()).unwrap();
+        // Status descriptor not writable.
+        header(&d, VIRTIO_BLK_T_OUT, 0);
+        let head = d.chain(
+            0,
+            &[(HDR, 16, false), (BUF, 512, false), (STATUS, 1, false)],
+        );
+        assert_eq!(d.submit(head), (0, 0));
+        assert_eq!(status_byte(&d), 0xff);
+        // A readable buffer after a writable one.
+        header(&d, VIRTIO_BLK_T_IN, 0);
+        let head = d.chain(0, &[(HDR, 16, false), (BUF, 512, true), (STATUS, 1, false)]);
+        assert_eq!(d.submit(head), (0, 0));
+        assert_eq!(d.read(BUF, 512), vec![0; 512]);
+        // A loop: 0 -> 1 -> 2 -> 1.
+        header(&d, VIRTIO_BLK_T_IN, 0);
+        d.desc(0, HDR, 16, F_NEXT, 1);
+        d.desc(1, BUF, 512, F_NEXT | F_WRITE, 2);
+        d.desc(2, STATUS, 1, F_NEXT | F_WRITE, 1);
+        assert_eq!(d.submit(0), (0, 0));
+        assert_eq!(status_byte(&d), 0xff);
+        // Longer than the queue: 16 descriptors all chained, the last pointing past the table.
+        for i in 0..16u16 {
+            d.desc(i, BUF + 512 * u64::from(i), 512, F_NEXT | F_WRITE, i + 1);
+        }
+        d.desc(0, HDR, 16, F_NEXT, 1);
+        assert_eq!(d.submit(0), (0, 0));
+        // A buffer outside guest memory, and one that wraps the address space.
+        header(&d, VIRTIO_BLK_T_IN, 0);
+        let head = d.chain(
+            0,
+            &[(HDR, 16, false), (0x3ff00, 512, true), (STATUS, 1, true)],
+        );
+        assert_eq!(d.submit(head), (0, 0));
+        let head = d.chain(
+            0,
+            &[
+                (HDR, 16, false),
+                (u64::MAX - 10, 512, true),
+                (STATUS, 1, true),
+            ],
+        );
+        assert_eq!(d.submit(head), (0, 0));
+        assert_eq!(status_byte(&d), 0xff);
+        assert_eq!(std::fs::read(img.path()).unwrap(), before);
+        assert_eq!(d.status() & status::DEVICE_NEEDS_RESET, 0);
+        // The device still works.
+        assert_eq!(
+            request(&mut d, VIRTIO_BLK_T_IN, 2, &[(BUF, 512, true)]),
+            (513, 0)
+        );
+    }
+
+    #[test]
+    fn pins_every_buffer_and_unpins_after_the_used_ring() {
+        use crate::virtio::pins::{DmaPinGuard, DmaPins, DmaRange, PinError};
+        use std::sync::{Arc, Mutex};
+        #[derive(Default)]
+        struct Recorder(Mutex<Vec<Vec<DmaRange>>>, Arc<Mutex<usize>>);
+        struct Unpin(Arc<Mutex<usize>>);
+        impl Drop for Unpin {
+            fn drop(&mut self) {
+                *self.0.lock().unwrap() += 1;
+            }
+        }
+        impl DmaPins for Recorder {
+            fn pin(&self, ranges: &[DmaRange]) -> Result<DmaPinGuard, PinError> {
+                self.0.lock().unwrap().push(ranges.to_vec());
+                if ranges.iter().any(|r| r.gpa == 0x8000) {
+                    return Err(PinError::Refused {
+                        first_gpa: 0x8000,
+                        len: 0x1000,
+                        reason: "test".into(),
+                    });
+                }
+                Ok(DmaPinGuard::new(Unpin(self.1.clone())))
+            }
+        }
+        let img = image(SECTORS);
+        let backend = BlockBackend::open(img.path(), false).unwrap();
+        let pins = Arc::new(Recorder::default());
+        let irq = Arc::new(TestIrq::default());
+        let mem = memory(0x40000);
+        let t = crate::virtio::MmioTransport::new(
+            Box::new(Block::new(backend, "x")),
+            mem.clone(),
+            pins.clone(),
+            irq,
+        );
+        let mut d = Driver::from_transport(t, mem);
+        d.negotiate();
+        d.setup_queue(16);
+        let s = d.status();
+        crate::virtio::testing::w32(
+            &mut d.t,
+            crate::virtio::mmio::reg::STATUS,
+            s | status::DRIVER_OK,
+        );
+        assert_eq!(
+            request(&mut d, VIRTIO_BLK_T_IN, 0, &[(BUF, 512, true)]),
+            (513, 0)
+        );
+        assert_eq!(
+            pins.0.lock().unwrap()[0],
+            vec![
+                DmaRange {
+                    gpa: HDR,
+                    len: 16,
+                    write: false
+                },
+                DmaRange {
+                    gpa: BUF,
+                    len: 512,
+                    write: true
+                },
+                DmaRange {
+                    gpa: STATUS,
+                    len: 1,
+                    write: true
+                },
+            ]
+        );
+        assert_eq!(*pins.1.lock().unwrap(), 1, "unpinned");
+        // A refused pin drops the request untouched.
+        d.write(STATUS, &[0xff]);
+        header(&d, VIRTIO_BLK_T_IN, 0);
+        let head = d.chain(
+            0,
+            &[(HDR, 16, false), (0x8000, 512, true), (STATUS, 1, true)],
+        );
+        assert_eq!(d.submit(head), (0, 0));
+        assert_eq!(status_byte(&d), 0xff);
+    }
+}
+
+/// Random descriptor tables, available rings and request headers thrown at the block device:
+/// it must neither panic nor write a byte outside guest memory.
+#[cfg(test)]
+mod hostile_guest {
+    #![allow(clippy::cast_possible_truncation)]
+    use super::*;
+    use crate::virtio::mmio::reg;
+    use crate::virtio::testing::*;
+    use proptest::prelude::*;
+    use vm_memory::mmap::{GuestRegionMmap, MmapRegion};
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+    const GUEST_LEN: usize = 0x10000;
+    const GUARD_LEN: usize = 0x1000;
+    const GUARD_BYTE: u8 = 0xa5;
+    const QUEUE: u16 = 8;
+
+    /// Guest memory of GUEST_LEN bytes at GPA 0, placed between two guard areas of a host
+    /// mapping; dropping it unmaps everything.
+    struct GuardedMemory {
+        base: *mut u8,
+        total: usize,
+    }
+
+    impl GuardedMemory {
+        fn new() -> (Self, GuestMemoryMmap) {
+            let total = GUEST_LEN + 2 * GUARD_LEN;
+            // SAFETY: an anonymous private mapping at an address of the kernel's choosing; the
+            // result is checked before use.
+            let base = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    total,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                )
+            };
+            assert_ne!(base, libc::MAP_FAILED);
+            let base = base.cast::<u8>();
+            // SAFETY: `base..base + total` is the mapping just created, readable and writable.
+            unsafe { std::ptr::write_bytes(base, GUARD_BYTE, total) };
+            // SAFETY: `base + GUARD_LEN` is page-aligned and the GUEST_LEN bytes after it lie
+            // inside the mapping above, which outlives the region (the region is dropped with
+            // the GuestMemoryMmap before `GuardedMemory` unmaps; see `run`).
+            let region = unsafe {
+                MmapRegion::build_raw(
+                    base.add(GUARD_LEN),
+                    GUEST_LEN,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                )
+            }
+            .unwrap();
+            let region = GuestRegionMmap::new(region, GuestAddress(0)).unwrap();
+            let mem = GuestMemoryMmap::from_regions(vec![region]).unwrap();
+            mem.write_slice(&vec![0u8; GUEST_LEN], GuestAddress(0))
+                .unwrap();
+            (Self { base, total }, mem)
+        }
+
+        fn guards_intact(&self) -> bool {
+            // SAFETY: both guard areas lie inside the live mapping and nothing writes them
+            // while this shared view exists (the device ran to completion before).
+            let (front, back) = unsafe {
+                (
+                    std::slice::from_raw_parts(self.base, GUARD_LEN),
+                    std::slice::from_raw_parts(self.base.add(GUARD_LEN + GUEST_LEN), GUARD_LEN),
+                )
+            };
+            front.iter().chain(back).all(|&b| b == GUARD_BYTE)
+        }
+    }
+
+    impl Drop for GuardedMemory {
+        fn drop(&mut self) {
+            // SAFETY: unmaps exactly the mapping created in `new`; no region refers to it any
+            // more.
+            unsafe { libc::munmap(self.base.cast(), self.total) };
+        }
+    }
+
+    /// Addresses a hostile driver likes: headers, data, the rings, the ends of memory, and
+    /// anything at all.
+    fn address() -> impl Strategy<Value = u64> {
+        prop_oneof![
+            (0u64..4).prop_map(|i| DATA + 0x100 * i),
+            (0u64..8).prop_map(|i| DATA + 0x1000 + 0x800 * i),
+            Just(DESC),
+            Just(AVAIL),
+            Just(USED),
+            (GUEST_LEN as u64 - 0x1100)..(GUEST_LEN as u64 + 0x100),
+            any::<u64>(),
+        ]
+    }
+
+    fn length() -> impl Strategy<Value = u32> {
+        prop_oneof![
+            Just(16u32),
+            Just(1),
+            Just(512),
+            Just(1024),
+            0u32..0x2000,
+            any::<u32>(),
+        ]
+    }
+
+    fn descriptor() -> impl Strategy<Value = (u64, u32, u16, u16)> {
+        (address(), length(), 0u16..8, 0u16..(QUEUE + 3))
+    }
+
+    fn request_header() -> impl Strategy<Value = (u32, u64)> {
+        (
+            prop_oneof![Just(0u32), Just(1), Just(4), Just(8), any::<u32>()],
+            prop_oneof![0u64..70, any::<u64>()],
+        )
+    }
+
+    fn run(
+        descs: &[(u64, u32, u16, u16)],
+        heads: &[u16],
+        avail_idx: u16,
+        headers: &[(u32, u64)],
+        read_only: bool,
+        used_ring: u64,
+    ) -> Result<(), TestCaseError> {
+        let (guarded, mem) = GuardedMemory::new();
+        {
+            let mut img = tempfile::NamedTempFile::new().unwrap();
+            std::io::Write::write_all(&mut img, &[0u8; 64 * 512]).unwrap();
+            let backend = BlockBackend::open(img.path(), read_only).unwrap();
+            let mut d = Driver::new(Box::new(Block::new(backend, "fuzz")), mem.clone(), QUEUE);
+            if used_ring != USED {
+                w32(&mut d.t, reg::STATUS, 0);
+                d.negotiate();
+                d.setup_queue(QUEUE);
+                w32(&mut d.t, reg::QUEUE_READY, 0);
+                w32(&mut d.t, reg::QUEUE_DEVICE_LOW, used_ring as u32);
+                w32(&mut d.t, reg::QUEUE_DEVICE_HIGH, (used_ring >> 32) as u32);
+                w32(&mut d.t, reg::QUEUE_READY, 1);
+                let s = d.status();
+                w32(
+                    &mut d.t,
+                    reg::STATUS,
+                    s | crate::virtio::mmio::status::DRIVER_OK,
+                );
+            }
+            for (i, &(kind, sector)) in headers.iter().enumerate() {
+                let mut h = [0u8; 16];
+                h[0..4].copy_from_slice(&kind.to_le_bytes());
+                h[8..16].copy_from_slice(&sector.to_le_bytes());
+                d.write(DATA + 0x100 * i as u64, &h);
+            }
+            for (i, &(addr, len, flags, next)) in descs.iter().enumerate() {
+                d.desc(i as u16, addr, len, flags, next);
+            }
+            for (i, &head) in heads.iter().enumerate() {
+                d.write(AVAIL + 4 + 2 * i as u64, &head.to_le_bytes());
+            }
+            d.set_avail_idx(avail_idx);
+            d.notify();
+            d.notify();
+            drop(d);
+        }
+        drop(mem);
+        prop_assert!(
+            guarded.guards_intact(),
+            "a byte outside guest memory changed"
+        );
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+        #[test]
+        fn random_rings_never_panic_or_write_outside_guest_memory(
+            descs in proptest::collection::vec(descriptor(), QUEUE as usize),
+            heads in proptest::collection::vec(0u16..(QUEUE + 2), QUEUE as usize),
+            avail_idx in prop_oneof![0u16..(QUEUE + 2), any::<u16>()],
+            headers in proptest::collection::vec(request_header(), 4),
+            read_only in any::<bool>(),
+            used_ring in prop_oneof![
+                3 => Just(USED),
+                1 => (GUEST_LEN as u64 - 0x100..GUEST_LEN as u64 + 0x10).prop_map(|a| a & !3),
+            ],
+        ) {
+            run(&descs, &heads, avail_idx, &headers, read_only, used_ring)?;
+        }
+
+        /// Mostly well-formed requests (header, data, status) with random headers, lengths and
+        /// buffer places, so that the IN/OUT paths run with hostile values.
+        #[test]
+        fn plausible_requests_never_write_outside_guest_memory(
+            header_at in 0u64..4,
+            data in (address(), length(), any::<bool>()),
+            status_at in address(),
+            headers in proptest::collection::vec(request_header(), 4),
+            read_only in any::<bool>(),
+            copies in 1u16..(QUEUE + 1),
+        ) {
+            let (data_addr, data_len, data_write) = data;
+            let data_flags = F_NEXT | if data_write { F_WRITE } else { 0 };
+            let mut descs = vec![(DATA + 0x100 * header_at, 16, F_NEXT, 1)];
+            descs.push((data_addr, data_len, data_flags, 2));
+            descs.push((status_at, 1, F_WRITE, 0));
+            descs.resize(QUEUE as usize, (DATA, 16, 0, 0));
+            run(&descs, &vec![0; QUEUE as usize], copies, &headers, read_only, USED)?;
+        }
+    }
+
+    #[test]
+    fn the_guard_check_sees_a_stray_write() {
+        let (guarded, mem) = GuardedMemory::new();
+        drop(mem);
+        assert!(guarded.guards_intact());
+        // SAFETY: the byte just past guest memory lies inside the guard area of the mapping.
+        unsafe { *guarded.base.add(GUARD_LEN + GUEST_LEN) = 0 };
+        assert!(!guarded.guards_intact());
+    }
+
+    #[test]
+    fn a_used_ring_at_the_end_of_memory_is_refused_not_written_past() {
+        let descs = [(DATA, 16, 0, 0); QUEUE as usize];
+        run(&descs, &[0; 8], 1, &[(0, 0)], false, GUEST_LEN as u64 - 8).unwrap();
+    }
+}

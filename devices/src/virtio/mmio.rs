@@ -453,7 +453,10 @@ mod tests {
         }
         fn write_config(&mut self, offset: u64, data: &[u8]) {
             if let Some(b) = data.first() {
-                if let Some(c) = self.config.get_mut(offset as usize) {
+                if let Some(c) = self
+                    .config
+                    .get_mut(usize::try_from(offset).unwrap_or(usize::MAX))
+                {
                     *c = *b;
                 }
             }

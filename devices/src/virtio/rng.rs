@@ -123,3 +123,69 @@ impl<M: GuestMemory> VirtioDevice<M> for Rng {
 
     fn reset(&mut self) {}
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::virtio::testing::*;
+
+    fn rng() -> Driver<vm_memory::GuestMemoryMmap> {
+        Driver::new(Box::new(Rng::new()), memory(0x20000), 16)
+    }
+
+    #[test]
+    fn fills_every_writable_buffer_of_a_chain() {
+        let mut d = rng();
+        let head = d.chain(0, &[(DATA, 64, true), (DATA + 0x1000, 200, true)]);
+        assert_eq!(d.submit(head), (0, 264));
+        assert!(d.read(DATA, 64).iter().any(|&b| b != 0));
+        assert!(d.read(DATA + 0x1000, 200).iter().any(|&b| b != 0));
+        assert_eq!(
+            d.read(DATA + 64, 64),
+            vec![0; 64],
+            "nothing past the buffer"
+        );
+        assert!(d.irq.level.load(std::sync::atomic::Ordering::SeqCst));
+        // A second request gets different bytes.
+        let first = d.read(DATA, 64);
+        let head = d.chain(2, &[(DATA, 64, true)]);
+        assert_eq!(d.submit(head), (2, 64));
+        assert_ne!(d.read(DATA, 64), first);
+    }
+
+    #[test]
+    fn caps_one_chain_and_ignores_readable_buffers() {
+        let mut d = rng();
+        let head = d.chain(0, &[(DATA, 0x10000, true), (DATA + 0x10000, 0x100, true)]);
+        assert_eq!(
+            d.submit(head),
+            (0, u32::try_from(MAX_BYTES_PER_CHAIN).unwrap())
+        );
+        assert_eq!(d.read(DATA + 0x10000, 0x100), vec![0; 0x100]);
+        let head = d.chain(4, &[(DATA, 16, false)]);
+        assert_eq!(d.submit(head), (4, 0));
+    }
+
+    #[test]
+    fn broken_chains_come_back_empty() {
+        let mut d = rng();
+        // Outside guest memory.
+        let head = d.chain(0, &[(0x1f000, 0x2000, true)]);
+        assert_eq!(d.submit(head), (0, 0));
+        // A loop.
+        d.desc(3, DATA, 16, F_WRITE | F_NEXT, 4);
+        d.desc(4, DATA + 16, 16, F_WRITE | F_NEXT, 3);
+        assert_eq!(d.submit(3), (3, 0));
+        assert_eq!(d.read(DATA, 32), vec![0; 32]);
+        // A next index outside the table.
+        d.desc(5, DATA, 16, F_WRITE | F_NEXT, 300);
+        assert_eq!(d.submit(5), (5, 0));
+    }
+
+    #[test]
+    fn getrandom_fills_large_buffers() {
+        let mut b = vec![0u8; 1 << 20];
+        fill_random(&mut b).unwrap();
+        assert!(b.iter().filter(|&&x| x == 0).count() < 1 << 14);
+    }
+}
