@@ -71,6 +71,16 @@ pub mod reg {
     pub const QUEUE_DEVICE_LOW: u64 = 0x0a0;
     /// Used (device) ring address, high 32 bits.
     pub const QUEUE_DEVICE_HIGH: u64 = 0x0a4;
+    /// Selects a shared memory region (none exist: their length and base read as all ones).
+    pub const SHM_SEL: u64 = 0x0ac;
+    /// Length of the selected shared memory region, low 32 bits.
+    pub const SHM_LEN_LOW: u64 = 0x0b0;
+    /// Length of the selected shared memory region, high 32 bits.
+    pub const SHM_LEN_HIGH: u64 = 0x0b4;
+    /// Base of the selected shared memory region, low 32 bits.
+    pub const SHM_BASE_LOW: u64 = 0x0b8;
+    /// Base of the selected shared memory region, high 32 bits.
+    pub const SHM_BASE_HIGH: u64 = 0x0bc;
     /// Changes whenever the device changes its configuration space.
     pub const CONFIG_GENERATION: u64 = 0x0fc;
     /// Start of the device's configuration space.
@@ -229,6 +239,10 @@ impl<M: GuestMemory> MmioTransport<M> {
             reg::INTERRUPT_STATUS => self.interrupt_status,
             reg::STATUS => self.status,
             reg::CONFIG_GENERATION => self.config_generation,
+            // "Reading from a non-existent region results in a length of -1."
+            reg::SHM_LEN_LOW | reg::SHM_LEN_HIGH | reg::SHM_BASE_LOW | reg::SHM_BASE_HIGH => {
+                u32::MAX
+            }
             _ => 0,
         };
         data.copy_from_slice(&value.to_le_bytes());
@@ -490,6 +504,8 @@ mod tests {
         assert_eq!(r32(&mut d.t, reg::VERSION), 2);
         assert_eq!(r32(&mut d.t, reg::DEVICE_ID), 42);
         assert_eq!(r32(&mut d.t, reg::VENDOR_ID), VENDOR_ID);
+        assert_eq!(r32(&mut d.t, reg::SHM_LEN_LOW), u32::MAX, "no shared memory regions");
+        assert_eq!(r32(&mut d.t, reg::SHM_LEN_HIGH), u32::MAX);
         w32(&mut d.t, reg::QUEUE_SEL, 0);
         assert_eq!(r32(&mut d.t, reg::QUEUE_NUM_MAX), 64);
         w32(&mut d.t, reg::QUEUE_SEL, 1);
