@@ -385,15 +385,26 @@ impl<M: GuestMemory> MmioTransport<M> {
         }
     }
 
+    /// Runs the device on queue `index` as if the driver had notified it: for host-side
+    /// events, such as a network backend with frames for the receive queue. Does nothing
+    /// before DRIVER_OK, after DEVICE_NEEDS_RESET, or for a queue that is not ready.
+    pub fn kick(&mut self, index: usize) {
+        self.run_queue(index);
+    }
+
+    /// A QueueNotify write.
     fn notify(&mut self, value: u32) {
+        if let Ok(index) = usize::try_from(value) {
+            self.run_queue(index);
+        }
+    }
+
+    fn run_queue(&mut self, index: usize) {
         if self.status & (status::DRIVER_OK | status::DEVICE_NEEDS_RESET | status::FAILED)
             != status::DRIVER_OK
         {
             return;
         }
-        let Ok(index) = usize::try_from(value) else {
-            return;
-        };
         let Some(queue) = self.queues.get_mut(index) else {
             return;
         };
@@ -504,7 +515,11 @@ mod tests {
         assert_eq!(r32(&mut d.t, reg::VERSION), 2);
         assert_eq!(r32(&mut d.t, reg::DEVICE_ID), 42);
         assert_eq!(r32(&mut d.t, reg::VENDOR_ID), VENDOR_ID);
-        assert_eq!(r32(&mut d.t, reg::SHM_LEN_LOW), u32::MAX, "no shared memory regions");
+        assert_eq!(
+            r32(&mut d.t, reg::SHM_LEN_LOW),
+            u32::MAX,
+            "no shared memory regions"
+        );
         assert_eq!(r32(&mut d.t, reg::SHM_LEN_HIGH), u32::MAX);
         w32(&mut d.t, reg::QUEUE_SEL, 0);
         assert_eq!(r32(&mut d.t, reg::QUEUE_NUM_MAX), 64);

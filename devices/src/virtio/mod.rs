@@ -2,7 +2,7 @@
 //!
 //! [`mmio::MmioTransport`] is the register block the guest driver talks to; it owns the
 //! virtqueues and hands a notified queue to a [`VirtioDevice`] model ([`block::Block`],
-//! [`rng::Rng`]), which takes descriptor chains off it through a [`DeviceContext`]. All guest
+//! [`rng::Rng`], [`net::Net`]), which takes descriptor chains off it through a [`DeviceContext`]. All guest
 //! memory a device touches is pinned first ([`pins`]), because on the master node another node
 //! may hold the pages. Descriptor chains are the guest's to corrupt: [`chain`] checks them
 //! before a device uses them.
@@ -10,6 +10,7 @@
 pub mod block;
 pub mod chain;
 pub mod mmio;
+pub mod net;
 pub mod pins;
 pub mod rng;
 

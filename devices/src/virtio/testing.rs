@@ -19,6 +19,8 @@ pub const AVAIL: u64 = 0x2000;
 pub const USED: u64 = 0x3000;
 /// Where tests put buffers.
 pub const DATA: u64 = 0x4000;
+/// Queue q's rings are q * QUEUE_STRIDE above queue 0's.
+pub const QUEUE_STRIDE: u64 = 0x10000;
 
 pub const F_NEXT: u16 = 1;
 pub const F_WRITE: u16 = 2;
@@ -46,8 +48,10 @@ pub struct Driver<M: GuestMemory> {
     pub t: MmioTransport<M>,
     pub mem: M,
     pub irq: Arc<TestIrq>,
-    pub size: u16,
-    avail_idx: u16,
+    /// The queue the helpers address (see `select`).
+    pub q: usize,
+    sizes: [u16; 2],
+    avail_idx: [u16; 2],
 }
 
 pub fn r32<M: GuestMemory>(t: &mut MmioTransport<M>, offset: u64) -> u32 {
@@ -69,8 +73,9 @@ impl<M: GuestMemory + Clone> Driver<M> {
             t,
             mem,
             irq,
-            size: 0,
-            avail_idx: 0,
+            q: 0,
+            sizes: [0; 2],
+            avail_idx: [0; 2],
         }
     }
 
@@ -80,8 +85,9 @@ impl<M: GuestMemory + Clone> Driver<M> {
             t,
             mem,
             irq: Arc::new(TestIrq::default()),
-            size: 0,
-            avail_idx: 0,
+            q: 0,
+            sizes: [0; 2],
+            avail_idx: [0; 2],
         }
     }
 
@@ -131,22 +137,32 @@ impl<M: GuestMemory + Clone> Driver<M> {
         assert!(self.try_features(f));
     }
 
+    /// Makes the helpers address queue `q` (0 or 1).
+    pub fn select(&mut self, q: usize) {
+        self.q = q;
+    }
+
+    fn base(&self) -> u64 {
+        QUEUE_STRIDE * self.q as u64
+    }
+
     pub fn setup_queue(&mut self, size: u16) {
-        w32(&mut self.t, reg::QUEUE_SEL, 0);
+        let (desc, avail, used) = (DESC + self.base(), AVAIL + self.base(), USED + self.base());
+        w32(&mut self.t, reg::QUEUE_SEL, self.q as u32);
         w32(&mut self.t, reg::QUEUE_NUM, u32::from(size));
-        w32(&mut self.t, reg::QUEUE_DESC_LOW, DESC as u32);
+        w32(&mut self.t, reg::QUEUE_DESC_LOW, desc as u32);
         w32(&mut self.t, reg::QUEUE_DESC_HIGH, 0);
-        w32(&mut self.t, reg::QUEUE_DRIVER_LOW, AVAIL as u32);
+        w32(&mut self.t, reg::QUEUE_DRIVER_LOW, avail as u32);
         w32(&mut self.t, reg::QUEUE_DRIVER_HIGH, 0);
-        w32(&mut self.t, reg::QUEUE_DEVICE_LOW, USED as u32);
+        w32(&mut self.t, reg::QUEUE_DEVICE_LOW, used as u32);
         w32(&mut self.t, reg::QUEUE_DEVICE_HIGH, 0);
         w32(&mut self.t, reg::QUEUE_READY, 1);
-        self.size = size;
+        self.sizes[self.q] = size;
     }
 
     /// Writes descriptor `index`.
     pub fn desc(&self, index: u16, addr: u64, len: u32, flags: u16, next: u16) {
-        let at = GuestAddress(DESC + 16 * u64::from(index));
+        let at = GuestAddress(DESC + self.base() + 16 * u64::from(index));
         let mut raw = [0u8; 16];
         raw[0..8].copy_from_slice(&addr.to_le_bytes());
         raw[8..12].copy_from_slice(&len.to_le_bytes());
@@ -171,21 +187,22 @@ impl<M: GuestMemory + Clone> Driver<M> {
 
     /// Puts `head` on the available ring (without notifying).
     pub fn publish(&mut self, head: u16) {
-        let slot = u64::from(self.avail_idx % self.size);
+        let slot = u64::from(self.avail_idx[self.q] % self.sizes[self.q]);
         self.mem
-            .write_obj(head, GuestAddress(AVAIL + 4 + 2 * slot))
+            .write_obj(head, GuestAddress(AVAIL + self.base() + 4 + 2 * slot))
             .unwrap();
-        self.avail_idx = self.avail_idx.wrapping_add(1);
-        self.set_avail_idx(self.avail_idx);
+        self.set_avail_idx(self.avail_idx[self.q].wrapping_add(1));
     }
 
     pub fn set_avail_idx(&mut self, idx: u16) {
-        self.avail_idx = idx;
-        self.mem.write_obj(idx, GuestAddress(AVAIL + 2)).unwrap();
+        self.avail_idx[self.q] = idx;
+        self.mem
+            .write_obj(idx, GuestAddress(AVAIL + self.base() + 2))
+            .unwrap();
     }
 
     pub fn notify(&mut self) {
-        w32(&mut self.t, reg::QUEUE_NOTIFY, 0);
+        w32(&mut self.t, reg::QUEUE_NOTIFY, self.q as u32);
     }
 
     /// Publishes `head`, notifies, and returns its used element's (id, len).
@@ -202,11 +219,13 @@ impl<M: GuestMemory + Clone> Driver<M> {
     }
 
     pub fn used_idx(&self) -> u16 {
-        self.mem.read_obj(GuestAddress(USED + 2)).unwrap()
+        self.mem
+            .read_obj(GuestAddress(USED + self.base() + 2))
+            .unwrap()
     }
 
     pub fn used_elem(&self, i: u16) -> (u32, u32) {
-        let at = USED + 4 + 8 * u64::from(i % self.size);
+        let at = USED + self.base() + 4 + 8 * u64::from(i % self.sizes[self.q]);
         let id: u32 = self.mem.read_obj(GuestAddress(at)).unwrap();
         let len: u32 = self.mem.read_obj(GuestAddress(at + 4)).unwrap();
         (id, len)
