@@ -238,7 +238,7 @@ impl Block {
         &self,
         req: &ChainBuffers,
         memory: &M,
-        data_out_len: u64,
+        writable_data_len: u64,
     ) -> Result<u64, Failure> {
         let mut header = [0u8; 16];
         match req.read_readable(memory, 0, &mut header) {
@@ -251,9 +251,9 @@ impl Block {
         let sector = u64::from_le_bytes(sector);
         match kind {
             VIRTIO_BLK_T_IN => {
-                let offset = self.check_range(sector, data_out_len)?;
-                self.read_to_guest(req, memory, offset, data_out_len)?;
-                Ok(data_out_len)
+                let offset = self.check_range(sector, writable_data_len)?;
+                self.read_to_guest(req, memory, offset, writable_data_len)?;
+                Ok(writable_data_len)
             }
             VIRTIO_BLK_T_OUT => {
                 if self.backend.read_only {
@@ -271,7 +271,7 @@ impl Block {
                 Ok(0)
             }
             VIRTIO_BLK_T_GET_ID => {
-                let n = usize::try_from(data_out_len)
+                let n = usize::try_from(writable_data_len)
                     .unwrap_or(usize::MAX)
                     .min(BLOCK_ID_LEN);
                 match req.write_writable(memory, 0, &self.serial[..n]) {

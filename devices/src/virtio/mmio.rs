@@ -14,6 +14,7 @@ use super::pins::DmaPins;
 use super::{DeviceContext, VirtioDevice, VirtioError, VIRTIO_F_VERSION_1};
 use crate::bits::low_u32;
 use crate::bus::BusDevice;
+use crate::irq_line::IrqLine;
 
 /// Length of the register window of one device.
 pub const MMIO_WINDOW_LEN: u64 = 0x200;
@@ -115,6 +116,15 @@ const VIRTIO_RING_F_EVENT_IDX: u32 = 29;
 pub trait VirtioInterrupt: Send + Sync {
     /// Asserts or deasserts the line.
     fn set_level(&self, asserted: bool);
+}
+
+/// A [`VirtioInterrupt`] on an interrupt controller line (an IOAPIC pin routed by the VMM).
+pub struct IrqLineInterrupt(pub Arc<dyn IrqLine>);
+
+impl VirtioInterrupt for IrqLineInterrupt {
+    fn set_level(&self, asserted: bool) {
+        self.0.set_level(asserted);
+    }
 }
 
 /// The virtio-mmio register window of one device, owning its virtqueues.
@@ -756,6 +766,23 @@ mod tests {
         d.publish(16);
         d.notify();
         assert_ne!(d.status() & status::DEVICE_NEEDS_RESET, 0);
+    }
+
+    #[test]
+    fn an_irq_line_carries_the_level() {
+        #[derive(Default)]
+        struct Line(std::sync::Mutex<Vec<bool>>);
+        impl IrqLine for Line {
+            fn pulse(&self) {}
+            fn set_level(&self, asserted: bool) {
+                self.0.lock().unwrap().push(asserted);
+            }
+        }
+        let line = Arc::new(Line::default());
+        let irq = IrqLineInterrupt(line.clone());
+        irq.set_level(true);
+        irq.set_level(false);
+        assert_eq!(*line.0.lock().unwrap(), vec![true, false]);
     }
 
     #[test]

@@ -140,7 +140,8 @@ pub trait VirtioDevice<M: GuestMemory>: Send {
     fn reset(&mut self);
 }
 
-/// Copies `src` into `dst` at `offset`, as far as both go; used for configuration spaces.
+/// Reads `data.len()` bytes of a configuration space `config` at `offset`; bytes past its end
+/// read as zero.
 pub(crate) fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
     data.fill(0);
     let Ok(offset) = usize::try_from(offset) else {

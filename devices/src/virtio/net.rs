@@ -152,10 +152,12 @@ impl Net {
                         buf.truncate(n);
                         self.pending = Some(buf);
                     }
-                    Ok(Some(_)) | Err(_) => {
+                    Ok(Some(_)) => {
                         self.dropped += 1;
                         continue;
                     }
+                    // A failing backend must not spin this vCPU; the next kick tries again.
+                    Err(_) => return Ok(used),
                     Ok(None) => return Ok(used),
                 }
             }

@@ -6,6 +6,9 @@
 //! returned [`DmaPinGuard`] is dropped. A device collects every buffer range of a chain, pins
 //! them all at once, does its work, writes the used ring, drops the guard, then signals.
 //!
+//! The virtqueue rings themselves are not pinned: the transport reads and writes them through
+//! the ordinary guest mapping, whose faults the DSM serves like a vCPU's.
+//!
 //! The DSM refuses pins out of page order (two pinners taking pages in different orders could
 //! deadlock each other), so [`pin_pages_in_order`] turns arbitrary buffer ranges into sorted,
 //! merged page spans and pins them in increasing page order.
