@@ -580,6 +580,42 @@ mod tests {
     }
 
     #[test]
+    fn serves_a_request_through_an_indirect_table() {
+        let (mut d, img) = disk(false);
+        d.write(BUF, &[0x77; 1024]);
+        header(&d, VIRTIO_BLK_T_OUT, 20);
+        // The indirect table lives in guest memory at DATA + 0x3000: header, two data
+        // buffers, status.
+        let table = DATA + 0x3000;
+        let entries: [(u64, u32, u16, u16); 4] = [
+            (HDR, 16, F_NEXT, 1),
+            (BUF, 512, F_NEXT, 2),
+            (BUF + 512, 512, F_NEXT, 3),
+            (STATUS, 1, F_WRITE, 0),
+        ];
+        for (i, (addr, len, flags, next)) in entries.iter().enumerate() {
+            let mut raw = [0u8; 16];
+            raw[0..8].copy_from_slice(&addr.to_le_bytes());
+            raw[8..12].copy_from_slice(&len.to_le_bytes());
+            raw[12..14].copy_from_slice(&flags.to_le_bytes());
+            raw[14..16].copy_from_slice(&next.to_le_bytes());
+            d.write(table + 16 * i as u64, &raw);
+        }
+        const F_INDIRECT: u16 = 4;
+        d.desc(0, table, 64, F_INDIRECT, 0);
+        assert_eq!(d.submit(0), (0, 1));
+        assert_eq!(status_byte(&d), VIRTIO_BLK_S_OK);
+        let file = std::fs::read(img.path()).unwrap();
+        assert!(file[20 * 512..22 * 512].iter().all(|&b| b == 0x77));
+        // An indirect table whose last entry points past its end is dropped.
+        d.write(table + 48 + 12, &(F_WRITE | F_NEXT).to_le_bytes());
+        d.write(table + 48 + 14, &9u16.to_le_bytes());
+        d.write(STATUS, &[0xff]);
+        assert_eq!(d.submit(0), (0, 0));
+        assert_eq!(status_byte(&d), 0xff);
+    }
+
+    #[test]
     fn get_id_returns_the_serial() {
         let (mut d, _img) = disk(false);
         header(&d, VIRTIO_BLK_T_GET_ID, 0);

@@ -111,6 +111,9 @@ pub const INT_CONFIG_CHANGE: u32 = 2;
 
 /// VIRTIO_RING_F_EVENT_IDX: never offered (the transport interrupts on every used-ring change).
 const VIRTIO_RING_F_EVENT_IDX: u32 = 29;
+/// VIRTIO_RING_F_INDIRECT_DESC: always offered (virtio-queue walks indirect tables, and
+/// drivers then fit a many-segment request in one ring entry).
+pub const VIRTIO_RING_F_INDIRECT_DESC: u32 = 28;
 
 /// The interrupt line of a virtio-mmio device: a level, asserted while InterruptStatus != 0.
 pub trait VirtioInterrupt: Send + Sync {
@@ -181,9 +184,12 @@ impl<M: GuestMemory> MmioTransport<M> {
         }
     }
 
-    /// The feature bits offered to the driver.
+    /// The feature bits offered to the driver: the device's, VERSION_1 and INDIRECT_DESC,
+    /// never EVENT_IDX.
     pub fn device_features(&self) -> u64 {
-        (self.device.features() & !(1u64 << VIRTIO_RING_F_EVENT_IDX)) | (1u64 << VIRTIO_F_VERSION_1)
+        (self.device.features() & !(1u64 << VIRTIO_RING_F_EVENT_IDX))
+            | (1u64 << VIRTIO_F_VERSION_1)
+            | (1u64 << VIRTIO_RING_F_INDIRECT_DESC)
     }
 
     /// The feature bits the driver accepted (meaningful once FEATURES_OK is set).
@@ -578,7 +584,7 @@ mod tests {
     fn offers_version_1_and_not_event_idx() {
         let (mut d, _) = fake();
         let f = d.offered_features();
-        assert_eq!(f, (1 << 3) | (1 << 32));
+        assert_eq!(f, (1 << 3) | (1 << 32) | (1 << VIRTIO_RING_F_INDIRECT_DESC));
         w32(&mut d.t, reg::DEVICE_FEATURES_SEL, 2);
         assert_eq!(r32(&mut d.t, reg::DEVICE_FEATURES), 0);
     }
