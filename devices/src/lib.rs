@@ -4,7 +4,8 @@
 //! APIC of each vCPU ([`apic`]), the IOAPIC ([`ioapic`]) and the messages between them with
 //! their destination matching ([`interrupt`]). Devices: the port/MMIO bus ([`bus`]), the
 //! COM1 serial console ([`serial`]), the i8042 reset ([`i8042`]) and the probe port
-//! ([`probe_port`]); they raise interrupts through an [`irq_line::IrqLine`].
+//! ([`probe_port`]); they raise interrupts through an [`irq_line::IrqLine`]. Virtio devices (block, entropy) on
+//! the virtio-mmio transport are in [`virtio`].
 
 pub mod acpi_pm;
 pub mod apic;
@@ -17,3 +18,4 @@ pub mod irq_driver;
 pub mod irq_line;
 pub mod probe_port;
 pub mod serial;
+pub mod virtio;
