@@ -32,6 +32,9 @@ pub enum PlatformError {
     /// Two devices were given the same addresses (a bug in the platform description).
     #[error("platform device layout: {0}")]
     Bus(#[from] BusError),
+    /// The MMIO devices were set twice (a bug in the VMM's setup).
+    #[error("the platform's MMIO devices were already set")]
+    MmioDevicesSet,
 }
 
 /// Where probe reports go: printed as `PROBE vcpu=N KEY=value` lines, which tests parse.
@@ -133,8 +136,9 @@ impl IrqLine for IoApicPin {
 pub struct Platform {
     /// Port-I/O devices.
     pub io_bus: Bus,
-    /// MMIO devices other than the local APIC and the IOAPIC.
-    pub mmio_bus: Bus,
+    /// MMIO devices other than the local APIC and the IOAPIC (the master's virtio devices),
+    /// set once after the platform exists, since they need its interrupt lines.
+    mmio_bus: std::sync::OnceLock<Bus>,
     ioapic: Mutex<IoApic>,
     /// The console UART (master only).
     serial: Option<Arc<SerialPort>>,
@@ -247,7 +251,7 @@ impl Platform {
             }
             Platform {
                 io_bus,
-                mmio_bus: Bus::new(),
+                mmio_bus: std::sync::OnceLock::new(),
                 ioapic: Mutex::new(IoApic::new()),
                 serial: is_master.then_some(console),
                 vcpus,
@@ -268,6 +272,21 @@ impl Platform {
             forward.attach_devices(Arc::new(MasterSide(Arc::downgrade(&platform))));
         }
         Ok(platform)
+    }
+
+    /// Puts `bus`'s devices on the MMIO bus; once, before any vCPU runs.
+    pub fn set_mmio_devices(&self, bus: Bus) -> Result<(), PlatformError> {
+        self.mmio_bus
+            .set(bus)
+            .map_err(|_| PlatformError::MmioDevicesSet)
+    }
+
+    /// IOAPIC input `pin` as a device's interrupt line.
+    pub fn irq_line(self: &Arc<Self>, pin: usize) -> Arc<dyn IrqLine> {
+        Arc::new(IoApicPin {
+            platform: Arc::downgrade(self),
+            pin,
+        })
     }
 
     /// The console UART (for forwarding the user's input to it); the master's only.
@@ -480,10 +499,16 @@ impl Platform {
                 self.ioapic_read(access.address, access.bytes_mut())
             }
             (Space::Mmio, true) => {
-                self.mmio_bus.write(vcpu, access.address, access.bytes());
+                if let Some(bus) = self.mmio_bus.get() {
+                    bus.write(vcpu, access.address, access.bytes());
+                }
             }
             (Space::Mmio, false) => {
-                if !self.mmio_bus.read(vcpu, access.address, access.bytes_mut()) {
+                let claimed = self
+                    .mmio_bus
+                    .get()
+                    .is_some_and(|bus| bus.read(vcpu, access.address, access.bytes_mut()));
+                if !claimed {
                     access.bytes_mut().fill(0xff);
                 }
             }

@@ -28,6 +28,9 @@ pub enum VmError {
     /// KVM could not be opened or set up.
     #[error(transparent)]
     Hypervisor(#[from] HypervisorError),
+    /// The virtio devices could not be set up.
+    #[error("cannot set up the guest's virtio devices: {0}")]
+    Virtio(#[from] crate::virtio::VirtioSetupError),
     /// Guest memory could not be set up.
     #[error(transparent)]
     Memory(#[from] MemoryError),
@@ -165,6 +168,15 @@ impl NodeVm {
             matches!(layout.guest, GuestImage::Probe { .. }),
             forwarder.clone(),
         )?;
+        // The devices are the master's; the others forward every access to them.
+        if is_master {
+            crate::virtio::attach_virtio_devices(
+                layout,
+                &platform,
+                &memory,
+                distributed.as_ref().map(|d| d.dsm.clone()),
+            )?;
+        }
         if let Some(d) = &distributed {
             d.attach_forwarder(forwarder);
             d.attach(&platform);
@@ -228,7 +240,11 @@ impl NodeVm {
             } => {
                 if config.node == layout.master() {
                     let cmdline = linux_cmdline(cmdline, layout.node_count(), layout.vcpu_count);
-                    boot::write_acpi(memory, layout, &[])?;
+                    let virtio: Vec<_> = crate::virtio::placed_devices(&layout.guest)
+                        .iter()
+                        .map(crate::virtio::PlacedDevice::acpi)
+                        .collect();
+                    boot::write_acpi(memory, layout, &virtio)?;
                     let linux =
                         boot::load_linux(memory, layout, kernel, initrd.as_deref(), &cmdline)?;
                     if let Some((_, bsp)) = fds.iter().find(|(i, _)| *i == 0) {

@@ -398,8 +398,10 @@ impl<M: GuestMemory> VirtioDevice<M> for Block {
                 },
                 Err(_) => 0,
             };
-            ctx.add_used(index, queue, head, len)?;
+            // Unpin first: the used ring may share a page with a buffer pinned for reading, and
+            // writing it under that pin would wait for a remote request that waits for the pin.
             drop(guard);
+            ctx.add_used(index, queue, head, len)?;
             used = true;
         }
         Ok(used)

@@ -108,8 +108,10 @@ impl Net {
             if !delivered {
                 self.dropped += 1;
             }
-            ctx.add_used(TX_QUEUE, queue, head, 0)?;
+            // Unpin first: the used ring may share a page with a buffer pinned for reading, and
+            // writing it under that pin would wait for a remote request that waits for the pin.
             drop(guard);
+            ctx.add_used(TX_QUEUE, queue, head, 0)?;
             used = true;
         }
         Ok(used)
@@ -181,8 +183,10 @@ impl Net {
             if len == 0 {
                 self.dropped += 1;
             }
-            ctx.add_used(RX_QUEUE, queue, head, len)?;
+            // Unpin first: the used ring may share a page with a buffer pinned for reading, and
+            // writing it under that pin would wait for a remote request that waits for the pin.
             drop(guard);
+            ctx.add_used(RX_QUEUE, queue, head, len)?;
             used = true;
         }
     }

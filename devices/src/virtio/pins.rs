@@ -66,12 +66,13 @@ pub enum PinError {
 }
 
 /// Holds pinned guest pages; dropping it unpins them. The box holds whatever the pinner needs
-/// to drop to unpin (for example the per-span guards of [`pin_pages_in_order`]).
-pub struct DmaPinGuard(pub Box<dyn Send>);
+/// to drop to unpin (for example the per-span guards of [`pin_pages_in_order`]). It is not
+/// `Send`: the DSM keeps a thread's pins in that thread's pin order, so they end where they began.
+pub struct DmaPinGuard(pub Box<dyn std::any::Any>);
 
 impl DmaPinGuard {
     /// A guard that unpins by dropping `pins` (for example a vector of per-span DSM guards).
-    pub fn new(pins: impl Send + 'static) -> Self {
+    pub fn new(pins: impl std::any::Any) -> Self {
         Self(Box::new(pins))
     }
 

@@ -37,6 +37,7 @@ pub use loader::{load_linux, LinuxBoot};
 pub use memory_map::ACPI_RSDP_ADDR;
 pub use page_tables::write_page_tables;
 pub use registers::{set_boot_msrs, setup_ap_for_sipi, setup_bsp};
+pub use vm_memory_view::SharedVmMemory;
 
 /// Errors of loading and starting a Linux guest.
 #[derive(Debug, thiserror::Error)]

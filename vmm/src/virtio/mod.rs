@@ -7,3 +7,7 @@ pub use placement::{
     placed_devices, PlacedDevice, VirtioKind, VIRTIO_FIRST_GSI, VIRTIO_MAX_DEVICES,
     VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE,
 };
+
+mod attach;
+
+pub use attach::{attach_virtio_devices, VirtioSetupError};
