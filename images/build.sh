@@ -10,7 +10,7 @@ set -euo pipefail
 # shellcheck source-path=SCRIPTDIR source=scripts/lib.sh
 . "$(dirname "$0")/scripts/lib.sh"
 
-steps=(apt kernel-source kernel-config kernel-build cloud-kernel initramfs)
+steps=(apt kernel-source kernel-config kernel-build cloud-kernel initramfs data-disk)
 declare -A script=(
     [apt]=apt-deps.sh
     [kernel-source]=kernel-source.sh
@@ -18,6 +18,7 @@ declare -A script=(
     [kernel-build]=kernel-build.sh
     [cloud-kernel]=cloud-kernel.sh
     [initramfs]=initramfs.sh
+    [data-disk]=data-disk.sh
 )
 declare -A title=(
     [apt]="apt packages"
@@ -26,6 +27,7 @@ declare -A title=(
     [kernel-build]="minimal kernel (vmlinux, bzImage)"
     [cloud-kernel]="Debian cloud kernel"
     [initramfs]="initramfs (busybox, sysbench, /init)"
+    [data-disk]="data disk (data.ext4, mkfs.ext4 -d)"
 )
 # Which step makes each output, so that an output that no longer matches SHA256SUMS is rebuilt.
 declare -A made_by=(
@@ -36,9 +38,10 @@ declare -A made_by=(
     [debian-cloud.vmlinux]=cloud-kernel
     [debian-cloud.config]=cloud-kernel
     [initramfs.cpio]=initramfs
+    [data.ext4]=data-disk
 )
 outputs=(minimal.vmlinux minimal.bzImage minimal.config debian-cloud.vmlinuz debian-cloud.vmlinux debian-cloud.config
-    initramfs.cpio)
+    initramfs.cpio data.ext4)
 
 if [ "$#" -gt 0 ]; then
     for wanted in "$@"; do

@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Step: install, with apt, the Debian packages the images are built from and with.
-# Nothing else is ever downloaded: the kernel source, busybox, sysbench and its libraries and
-# the stock cloud kernel all come from Debian's archive.
+# Nothing else is ever downloaded: the kernel source, busybox, sysbench and its libraries, the
+# stock cloud kernel and mkfs.ext4 (e2fsprogs, for the data disk) all come from Debian's archive.
 set -euo pipefail
 # shellcheck source-path=SCRIPTDIR source=lib.sh
 . "$(dirname "$0")/lib.sh"
 
 packages=(
     linux-source build-essential bc bison flex libelf-dev libssl-dev xz-utils lz4 python3
-    cpio busybox-static sysbench
+    cpio busybox-static sysbench e2fsprogs
 )
 missing=()
 for package in "${packages[@]}"; do

@@ -20,7 +20,8 @@ fi
 
 root="$BUILD/initramfs-root"
 rm -rf "$root"
-mkdir -p "$root"/{dev,proc,sys,tmp,root,etc,bin,sbin,usr/bin,usr/sbin,usr/share}
+# /mnt: where a guest mounts its data disk (mount -t ext4 /dev/vda /mnt).
+mkdir -p "$root"/{dev,proc,sys,tmp,mnt,root,etc,bin,sbin,usr/bin,usr/sbin,usr/share}
 chmod 1777 "$root/tmp"
 chmod 700 "$root/root"
 
