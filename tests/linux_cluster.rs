@@ -4,8 +4,8 @@
 //! master and, in another run, from a CPU on another node (`reboot=s<cpu>` makes Linux power off
 //! from that CPU). The 2 x 1 run is driven from the keyboard with COM1's interrupt affine to the
 //! CPU on node 1, so every keystroke's interrupt is forwarded and the UART's registers are read
-//! from node 1 through the master. Boots are slow on kvm_pvm (minutes): one boot checks many
-//! things.
+//! from node 1 through the master; the same boot uses the virtio disk and entropy device from
+//! the CPU on node 1. Boots are slow on kvm_pvm (minutes): one boot checks many things.
 
 mod common;
 
@@ -41,9 +41,21 @@ struct Boot {
 /// Boots `nodes` x `per_node` with `extra` kernel parameters; `run` is the workload (`shell`
 /// for a shell fed with `typed`).
 fn boot(nodes: usize, per_node: usize, extra: &str, run: &str, typed: Option<&str>) -> Boot {
+    boot_with_disk(nodes, per_node, extra, run, typed, None)
+}
+
+/// Like [`boot`], with `disk` as the guest's virtio disk `/dev/vda`.
+fn boot_with_disk(
+    nodes: usize,
+    per_node: usize,
+    extra: &str,
+    run: &str,
+    typed: Option<&str>,
+    disk: Option<&std::path::Path>,
+) -> Boot {
     let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let dir = tempfile::tempdir().unwrap();
-    let config = describe(dir.path(), nodes, per_node, extra, run);
+    let config = describe(dir.path(), nodes, per_node, extra, run, disk);
     let mut cluster = Command::new(common::spanvm());
     cluster.args([
         "cluster",
@@ -62,6 +74,7 @@ fn describe(
     per_node: usize,
     extra: &str,
     run: &str,
+    disk: Option<&std::path::Path>,
 ) -> std::path::PathBuf {
     let vcpus = nodes * per_node;
     let addrs = common::free_addrs(nodes);
@@ -71,6 +84,9 @@ fn describe(
         image("initramfs.cpio").display(),
         run.replace("NCPU", &vcpus.to_string()),
     );
+    if let Some(disk) = disk {
+        text.push_str(&format!("[[guest.disk]]\npath = \"{}\"\n", disk.display()));
+    }
     for (i, addr) in addrs.iter().enumerate() {
         let list: Vec<String> = (i * per_node..(i + 1) * per_node)
             .map(|v| v.to_string())
@@ -216,18 +232,107 @@ fn on_pvm_host() -> bool {
     std::path::Path::new("/sys/module/kvm_pvm").exists()
 }
 
+/// What the guest runs on the virtio disk and entropy device, every command on CPU 1 (node 1),
+/// so each queue notification is a forwarded MMIO write and every buffer lives in pages node 1
+/// wrote last: the image's files against their checksums, a new file whose checksum the host
+/// checks after power-off, sysbench fileio with an fsync after every write, and the hwrng.
+const VIRTIO_CHECKS: &str = "mount -t ext4 /dev/vda /mnt\n\
+    taskset -c 1 sh -c 'cd /mnt && sha256sum -c SHA256SUMS && dd if=/dev/urandom of=written.bin bs=4096 count=256 2>/dev/null && sha256sum written.bin && sync'\n\
+    cd /mnt\n\
+    taskset -c 1 sysbench fileio --file-total-size=8M --file-num=4 prepare\n\
+    taskset -c 1 sysbench fileio --file-total-size=8M --file-num=4 --file-test-mode=rndrw --file-fsync-freq=1 --time=3 run\n\
+    taskset -c 1 sysbench fileio --file-total-size=8M --file-num=4 cleanup\n\
+    cd /\n\
+    umount /mnt\n\
+    echo hwrng-bytes-$(taskset -c 1 dd if=/dev/hwrng bs=64 count=1 2>/dev/null | wc -c)\n\
+    echo hwrng-is-$(cat /sys/class/misc/hw_random/rng_current)\n";
+
+/// The host's view of the guest's disk after power-off: `e2fsck -fn` clean, and the SHA-256 of
+/// `file` in it.
+fn host_disk_check(image: &std::path::Path, file: &str) -> Result<String, String> {
+    let fsck = Command::new("e2fsck")
+        .arg("-fn")
+        .arg(image)
+        .output()
+        .map_err(|e| format!("cannot run e2fsck (e2fsprogs, installed by images/build.sh): {e}"))?;
+    if !fsck.status.success() {
+        return Err(format!(
+            "e2fsck -fn found problems:\n{}{}",
+            String::from_utf8_lossy(&fsck.stdout),
+            String::from_utf8_lossy(&fsck.stderr)
+        ));
+    }
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let out = dir.path().join("file");
+    let dump = Command::new("debugfs")
+        .arg("-R")
+        .arg(format!("dump /{file} {}", out.display()))
+        .arg(image)
+        .output()
+        .map_err(|e| format!("cannot run debugfs: {e}"))?;
+    if !dump.status.success() || !out.is_file() {
+        return Err(format!(
+            "debugfs could not dump /{file}: {}",
+            String::from_utf8_lossy(&dump.stderr)
+        ));
+    }
+    let sum = Command::new("sha256sum")
+        .arg(&out)
+        .output()
+        .map_err(|e| format!("cannot run sha256sum: {e}"))?;
+    Ok(String::from_utf8_lossy(&sum.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string())
+}
+
 #[test]
-fn linux_on_2_nodes_typed_input_with_com1_irq_on_node_1_powers_off_from_the_master() {
+fn linux_on_2_nodes_typed_input_and_virtio_from_node_1_powers_off_from_the_master() {
     // The shell reads what we type. Its first line makes COM1's interrupt affine to CPU 1 (on
     // node 1), so everything typed after it arrives through an interrupt forwarded to node 1
     // and UART reads forwarded back to the master.
     let typed = format!(
         "echo 2 > /proc/irq/$(awk '/ttyS0/ {{ sub(\":\", \"\", $1); print $1 }}' /proc/interrupts)/smp_affinity\n\
-         echo typed-$((6*7))\n{}\ngrep -E 'ttyS0|serial' /proc/interrupts\nexit\n",
+         echo typed-$((6*7))\n{}\n{VIRTIO_CHECKS}grep -E 'ttyS0|serial' /proc/interrupts\nexit\n",
         SYSBENCH.replace("NCPU", "2")
     );
-    let b = boot(2, 1, "", "shell", Some(&typed));
+    // The disk is a copy: the test writes to it, and the built image stays as it was.
+    let scratch = tempfile::tempdir().unwrap();
+    let disk = scratch.path().join("data.ext4");
+    std::fs::copy(image("data.ext4"), &disk).unwrap();
+    let b = boot_with_disk(2, 1, "", "shell", Some(&typed), Some(&disk));
     b.assert_healthy(2, 1);
+    // virtio-blk: every file of the image read back right, fileio ran with fsyncs, and the
+    // file written from node 1 is on the host's image with the checksum the guest computed.
+    let checked = b.console().filter(|l| l.trim_end().ends_with(": OK")).count();
+    if checked < 4 || b.console().any(|l| l.contains("FAILED")) {
+        b.fail(&format!("the image's files did not all check out ({checked} OK)"));
+    }
+    if !b.console().any(|l| l.trim_start().starts_with("fsyncs/s:")) {
+        b.fail("no sysbench fileio result with fsyncs");
+    }
+    let guest_sum = b
+        .console()
+        .find_map(|l| {
+            let (sum, name) = l.split_once("  ")?;
+            (name.trim() == "written.bin" && sum.len() == 64).then(|| sum.to_string())
+        })
+        .unwrap_or_else(|| b.fail("the guest printed no checksum of written.bin"));
+    match host_disk_check(&disk, "written.bin") {
+        Ok(host_sum) if host_sum == guest_sum => {}
+        Ok(host_sum) => b.fail(&format!(
+            "written.bin on the host has SHA-256 {host_sum}, the guest wrote {guest_sum}"
+        )),
+        Err(e) => b.fail(&e),
+    }
+    // virtio-rng: the hwrng is ours and gives bytes.
+    if !b.console().any(|l| l.trim() == "hwrng-bytes-64") {
+        b.fail("/dev/hwrng did not give 64 bytes");
+    }
+    if !b.console().any(|l| l.trim() == "hwrng-is-virtio_rng.0") {
+        b.fail("the guest's hwrng is not the virtio entropy device");
+    }
     if !b
         .stderr
         .contains("the guest powered off (ACPI S5) from vCPU 0")

@@ -65,6 +65,9 @@ enum BenchWhat {
     /// Time to each Linux boot milestone for the minimal and the Debian kernel (QEMU as the
     /// anchor where it can use hardware KVM), then on 1 x 2, 2 x 1, 1 x 4 and 4 x 1 nodes with
     /// sysbench cpu's events/s.
+    /// The virtio disk from a CPU on the master and on another node, against the host's own
+    /// file I/O (sysbench fileio, O_DIRECT).
+    Io,
     /// A page written by vCPUs on different nodes (sysbench's per-thread statistics) against
     /// the same guest on one node, at two event sizes.
     Sharing,
@@ -94,6 +97,9 @@ fn main() -> ExitCode {
         Command::Bench {
             what: BenchWhat::Dsm,
         } => vmm::bench::dsm::run().map(|()| StopReason::PowerOff),
+        Command::Bench {
+            what: BenchWhat::Io,
+        } => vmm::bench::io::run().map(|()| StopReason::PowerOff),
         Command::Bench {
             what: BenchWhat::Sharing,
         } => vmm::bench::sharing::run().map(|()| StopReason::PowerOff),

@@ -27,7 +27,7 @@ const MILESTONES: [(&str, &str); 5] = [
 const RUN: &str = "sysbench+cpu+--threads=2+--time=2+run";
 const LIMIT: Duration = Duration::from_secs(1200);
 
-fn images_dir() -> PathBuf {
+pub(super) fn images_dir() -> PathBuf {
     std::env::var_os("SPANVM_IMAGES_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../images/out"))
@@ -42,7 +42,7 @@ fn time_milestones(
 }
 
 /// Like [`time_milestones`], also returning sysbench's "events per second" if it printed one.
-fn time_milestones_and_rate(
+pub(super) fn time_milestones_and_rate(
     mut cmd: Command,
     console_log: &Path,
 ) -> Result<(Vec<Option<Duration>>, Option<f64>), CommandError> {
@@ -93,11 +93,31 @@ fn topology_boot(
 ) -> Result<(Vec<Option<Duration>>, Option<f64>), CommandError> {
     let vcpus = nodes * per_node;
     let run = format!("sysbench+cpu+--threads={vcpus}+--time=5+run");
+    let name = format!("topology-{nodes}x{per_node}");
+    cluster_boot(kernel, initrd, dir, &name, (nodes, per_node), &run, None)
+}
+
+/// Boots `kernel` on `shape.0` nodes with `shape.1` vCPUs each (one node: `spanvm run`,
+/// several: `spanvm cluster`), `/init` running `run` (a `spanvm.run=` value), with `disk` as
+/// the guest's first virtio disk. The console goes to `<dir>/<name>.console.log`.
+pub(super) fn cluster_boot(
+    kernel: &Path,
+    initrd: &Path,
+    dir: &Path,
+    name: &str,
+    (nodes, per_node): (usize, usize),
+    run: &str,
+    disk: Option<&Path>,
+) -> Result<(Vec<Option<Duration>>, Option<f64>), CommandError> {
+    let vcpus = nodes * per_node;
     let mut text = format!(
-        "[guest]\nvcpus = {vcpus}\nmemory_mib = 256\n[guest.linux]\nkernel = \"{}\"\ninitrd = \"{}\"\ncmdline = \"console=ttyS0 spanvm.run={run}\"\n",
+        "[guest]\nvcpus = {vcpus}\nmemory_mib = 256\n[guest.linux]\nkernel = \"{}\"\ninitrd = \"{}\"\ncmdline = '''console=ttyS0 spanvm.run={run}'''\n",
         kernel.display(),
         initrd.display()
     );
+    if let Some(disk) = disk {
+        text.push_str(&format!("[[guest.disk]]\npath = \"{}\"\n", disk.display()));
+    }
     let listeners = (0..nodes)
         .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
         .collect::<Result<Vec<_>, _>>()
@@ -115,7 +135,6 @@ fn topology_boot(
         ));
     }
     drop(listeners);
-    let name = format!("topology-{nodes}x{per_node}");
     let config = dir.join(format!("{name}.toml"));
     std::fs::write(&config, text)
         .map_err(|e| CommandError::Bench(format!("{}: {e}", config.display())))?;
@@ -132,7 +151,7 @@ fn topology_boot(
             .arg("--config")
             .arg(&config)
             .arg("--dir")
-            .arg(dir.join(&name));
+            .arg(dir.join(name));
     }
     time_milestones_and_rate(cmd, &dir.join(format!("{name}.console.log")))
 }

@@ -3,6 +3,7 @@
 pub mod boot;
 pub mod dsm;
 pub mod exits;
+pub mod io;
 pub mod sharing;
 
 use std::collections::HashMap;
