@@ -225,7 +225,13 @@ impl TapBackend {
 impl NetBackend for TapBackend {
     fn send(&mut self, frame: &[u8]) -> Result<(), NetError> {
         // A tap takes a frame whole or not at all.
-        (&*self.file).write(frame)?;
+        let n = (&*self.file).write(frame)?;
+        if n != frame.len() {
+            return Err(NetError::Io(std::io::Error::other(format!(
+                "the tap took {n} of a {}-byte frame",
+                frame.len()
+            ))));
+        }
         Ok(())
     }
 
