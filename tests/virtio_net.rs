@@ -407,8 +407,9 @@ fn linux_on_two_nodes_talks_to_the_namespace_from_node_1() {
         }
         false
     });
-    // wait_with_limit kills `spanvm cluster` on timeout, which takes its nodes with it.
-    let out = common::wait_with_limit(child, Duration::from_secs(1200));
+    // wait_with_limit kills `spanvm cluster` on timeout, which takes its nodes with it. A boot
+    // takes about 4 minutes here, and each 16 MiB stream about 7 (some 38 KB/s).
+    let out = common::wait_with_limit(child, Duration::from_secs(1800));
     let console = String::from_utf8_lossy(&out.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     let context = format!("console:\n{console}\nstderr:\n{stderr}");
