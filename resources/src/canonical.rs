@@ -39,12 +39,21 @@ impl Layout {
         lines.push(format!("transport {}", self.transport));
         match &self.guest {
             GuestImage::Probe { name, arg } => lines.push(format!("guest probe {name} arg {arg}")),
-            GuestImage::Linux { cmdline, disks, .. } => {
+            GuestImage::Linux {
+                cmdline,
+                disks,
+                net,
+                ..
+            } => {
                 // Debug quoting keeps a command line with odd characters on one line.
                 lines.push(format!("guest linux cmdline {cmdline:?}"));
                 // Every node lays out the same devices; where an image lives is the master's.
                 for (i, disk) in disks.iter().enumerate() {
                     lines.push(format!("disk {i} read_only {}", disk.read_only));
+                }
+                // The guest sees the card and its MAC on every node; the tap is the master's.
+                if let Some(net) = net {
+                    lines.push(format!("net mac {}", net.mac_string()));
                 }
             }
         }

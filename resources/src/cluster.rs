@@ -72,6 +72,7 @@ impl ClusterDescription {
                 initrd,
                 cmdline,
                 disks,
+                net,
             } => GuestImage::Linux {
                 kernel: absolute(&kernel),
                 initrd: initrd.as_deref().map(absolute),
@@ -83,6 +84,7 @@ impl ClusterDescription {
                         read_only: disk.read_only,
                     })
                     .collect(),
+                net,
             },
             probe => probe,
         };
@@ -135,6 +137,7 @@ impl ClusterDescription {
                 initrd,
                 cmdline,
                 disks,
+                net,
             } => {
                 let _ = writeln!(out);
                 let _ = writeln!(out, "[guest.linux]");
@@ -148,6 +151,15 @@ impl ClusterDescription {
                     let _ = writeln!(out, "[[guest.disk]]");
                     let _ = writeln!(out, "path = {}", toml_path(&absolute(&disk.path)));
                     let _ = writeln!(out, "read_only = {}", disk.read_only);
+                }
+                if let Some(net) = net {
+                    let _ = writeln!(out);
+                    let _ = writeln!(out, "[guest.net]");
+                    let _ = writeln!(out, "tap = {}", toml_str(&net.tap));
+                    if let Some(netns) = &net.netns {
+                        let _ = writeln!(out, "netns = {}", toml_str(netns));
+                    }
+                    let _ = writeln!(out, "mac = {}", toml_str(&net.mac_string()));
                 }
             }
         }

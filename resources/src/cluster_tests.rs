@@ -65,6 +65,12 @@ fn default_cluster_round_trips_linux_above_3_gib() {
                 read_only: true,
             },
         ],
+        net: Some(crate::NetDevice {
+            mac: [0x52, 0x54, 0, 0xab, 0xcd, 0xef],
+            // Odd characters survive TOML escaping here too.
+            tap: "tap\"q".into(),
+            netns: Some("spanvm \\test".into()),
+        }),
     };
     let cluster = ClusterDescription::default_cluster(linux, 5 * 1024 + 6, &addrs());
     assert_eq!(cluster.layout.ram.len(), 2);

@@ -94,6 +94,7 @@ fn describe_guest(guest: &GuestImage) -> String {
             initrd,
             cmdline,
             disks,
+            net,
         } => {
             let initrd = match initrd {
                 Some(path) => path.display().to_string(),
@@ -110,6 +111,18 @@ fn describe_guest(guest: &GuestImage) -> String {
                     "read-write"
                 };
                 text.push_str(&format!(", disk {i} {} ({access})", disk.path.display()));
+            }
+            if let Some(net) = net {
+                match &net.netns {
+                    Some(netns) => text.push_str(&format!(
+                        ", net {} on tap {} created in netns {netns}",
+                        net.mac_string(),
+                        net.tap
+                    )),
+                    None => {
+                        text.push_str(&format!(", net {} on tap {}", net.mac_string(), net.tap))
+                    }
+                }
             }
             text
         }

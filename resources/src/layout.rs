@@ -53,7 +53,47 @@ pub enum GuestImage {
         cmdline: String,
         /// virtio-blk disks, in the order the guest sees them (`vda`, `vdb`, ...).
         disks: Vec<Disk>,
+        /// The network card, if any (virtio-net on a tap device of the master).
+        net: Option<NetDevice>,
     },
+}
+
+/// The guest's network card: a virtio-net device the master backs with a tap device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetDevice {
+    /// The card's MAC address (unicast, locally administered unless the user chose otherwise).
+    pub mac: [u8; 6],
+    /// The tap device's name (at most 15 bytes): an existing tap the master attaches to, or,
+    /// with `netns`, the tap the master creates in that namespace.
+    pub tap: String,
+    /// A network namespace (`/run/netns/<name>`) in which the master creates `tap`; `None`:
+    /// `tap` exists already in the master's namespace.
+    pub netns: Option<String>,
+}
+
+impl NetDevice {
+    /// The name of the tap spanvm creates in a namespace when `tap` is not given.
+    pub const DEFAULT_NETNS_TAP: &'static str = "spanvm0";
+
+    /// The default MAC of a card on `tap` (in `netns`): `52:54:00` (locally administered,
+    /// unicast) and three bytes derived from the names, so two guests on one bridge differ.
+    pub fn default_mac(tap: &str, netns: Option<&str>) -> [u8; 6] {
+        use sha2::{Digest, Sha256};
+        let seed = format!("spanvm net {} {tap}", netns.unwrap_or(""));
+        let digest = Sha256::digest(seed.as_bytes());
+        [0x52, 0x54, 0x00, digest[0], digest[1], digest[2]]
+    }
+
+    /// The MAC as `aa:bb:cc:dd:ee:ff`.
+    pub fn mac_string(&self) -> String {
+        format_mac(&self.mac)
+    }
+}
+
+/// `mac` as `aa:bb:cc:dd:ee:ff`.
+pub fn format_mac(mac: &[u8; 6]) -> String {
+    let parts: Vec<String> = mac.iter().map(|b| format!("{b:02x}")).collect();
+    parts.join(":")
 }
 
 /// A raw disk image the master serves to the guest as a virtio-blk device.

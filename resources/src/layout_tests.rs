@@ -249,6 +249,11 @@ fn canonical_excludes_paths() {
             path: "/a/data.ext4".into(),
             read_only: true,
         }],
+        net: Some(crate::NetDevice {
+            mac: [0x52, 0x54, 0, 0x12, 0x34, 0x56],
+            tap: "tap-a".into(),
+            netns: Some("ns-a".into()),
+        }),
     };
     let mut b = a.clone();
     b.guest = GuestImage::Linux {
@@ -259,10 +264,27 @@ fn canonical_excludes_paths() {
             path: "/elsewhere/data.ext4".into(),
             read_only: true,
         }],
+        net: Some(crate::NetDevice {
+            mac: [0x52, 0x54, 0, 0x12, 0x34, 0x56],
+            tap: "tap-b".into(),
+            netns: None,
+        }),
     };
     assert_eq!(a.canonical(), b.canonical());
     assert!(!a.canonical().contains("/a/vmlinux"));
     assert!(!a.canonical().contains("data.ext4"));
+    // Which tap backs the card is the master's business too.
+    assert!(!a.canonical().contains("tap-a") && !a.canonical().contains("ns-a"));
+    // The MAC, and whether there is a card at all, the guest sees on every node.
+    let mut c = b.clone();
+    if let GuestImage::Linux { net: Some(net), .. } = &mut c.guest {
+        net.mac[5] = 0x57;
+    }
+    assert_ne!(b.canonical(), c.canonical());
+    if let GuestImage::Linux { net, .. } = &mut c.guest {
+        *net = None;
+    }
+    assert_ne!(b.canonical(), c.canonical());
     // Whether a disk is writable is the guest's business on every node.
     if let GuestImage::Linux { disks, .. } = &mut b.guest {
         disks[0].read_only = false;

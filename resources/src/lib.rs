@@ -31,7 +31,9 @@ mod validate_tests;
 
 pub use cluster::ClusterDescription;
 pub use error::ConfigError;
-pub use layout::{Disk, GuestImage, HomeRange, Layout, NodeSpec, RamRegion, TransportKind};
+pub use layout::{
+    format_mac, Disk, GuestImage, HomeRange, Layout, NetDevice, NodeSpec, RamRegion, TransportKind,
+};
 pub use node_config::NodeConfig;
 
 /// Index of a node in the cluster; node ids are exactly `0..n`.

@@ -33,6 +33,16 @@ pub(crate) struct RawGuest {
     pub linux: Option<RawLinux>,
     pub home: Option<Vec<RawHome>>,
     pub disk: Option<Vec<RawDisk>>,
+    pub net: Option<RawNet>,
+}
+
+/// The `[guest.net]` table.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawNet {
+    pub tap: Option<String>,
+    pub netns: Option<String>,
+    pub mac: Option<String>,
 }
 
 /// One `[[guest.disk]]` entry.

@@ -7,10 +7,11 @@ use std::path::{Path, PathBuf};
 
 use crate::homes::validate_homes;
 use crate::layout::{default_homes, ram_regions};
-use crate::raw::{RawConfig, RawDisk, RawGuest, RawLinux, RawNode};
+use crate::raw::{RawConfig, RawDisk, RawGuest, RawLinux, RawNet, RawNode};
 use crate::{
-    node_index, ConfigError, Disk, GuestImage, Layout, NodeId, NodeSpec, TransportKind, VcpuId,
-    MAX_CMDLINE_LEN, MAX_DISKS, MAX_MEMORY_MIB, MAX_VCPUS, MIB, MIN_MEMORY_MIB, MIN_SECRET_LEN,
+    node_index, ConfigError, Disk, GuestImage, Layout, NetDevice, NodeId, NodeSpec, TransportKind,
+    VcpuId, MAX_CMDLINE_LEN, MAX_DISKS, MAX_MEMORY_MIB, MAX_VCPUS, MIB, MIN_MEMORY_MIB,
+    MIN_SECRET_LEN,
 };
 
 /// Which of the two file forms is being validated.
@@ -187,6 +188,11 @@ fn validate_image(path: &Path, guest: &RawGuest) -> Result<GuestImage, ConfigErr
                 "given for a probe guest; disks are virtio-blk devices for a Linux guest, remove them",
             ))
         }
+        (Some(_), None) if guest.net.is_some() => Err(ConfigError::invalid(
+            path,
+            "guest.net",
+            "given for a probe guest; the network card is a virtio-net device for a Linux guest, remove it",
+        )),
         (Some(name), None) => {
             let valid = !name.is_empty()
                 && name.bytes().all(|b| {
@@ -220,7 +226,13 @@ fn validate_image(path: &Path, guest: &RawGuest) -> Result<GuestImage, ConfigErr
             "guest.probe_arg",
             "given for a Linux guest; it only applies to probe guests, remove it",
         )),
-        (None, Some(linux)) => validate_linux(path, linux, guest.disk.as_deref().unwrap_or(&[])),
+        (None, Some(linux)) => {
+            let mut image = validate_linux(path, linux, guest.disk.as_deref().unwrap_or(&[]))?;
+            if let (GuestImage::Linux { net, .. }, Some(raw)) = (&mut image, &guest.net) {
+                *net = Some(validate_net(path, raw)?);
+            }
+            Ok(image)
+        }
     }
 }
 
@@ -252,6 +264,102 @@ fn validate_disks(path: &Path, raw: &[RawDisk]) -> Result<Vec<Disk>, ConfigError
         });
     }
     Ok(disks)
+}
+
+/// Longest network interface name Linux accepts (`IFNAMSIZ` - 1).
+const MAX_IFNAME_LEN: usize = 15;
+
+fn validate_net(path: &Path, raw: &RawNet) -> Result<NetDevice, ConfigError> {
+    if let Some(tap) = &raw.tap {
+        let bad = if tap.is_empty() {
+            Some("empty; give the tap device's name".to_string())
+        } else if tap.len() > MAX_IFNAME_LEN {
+            Some(format!(
+                "{tap:?} is {} bytes long; Linux interface names have at most {MAX_IFNAME_LEN}",
+                tap.len()
+            ))
+        } else if tap == "."
+            || tap == ".."
+            || tap.bytes().any(|b| b == b'/' || b <= b' ' || b == b':')
+        {
+            Some(format!(
+                "{tap:?} is not an interface name (no '/', ':', spaces or control characters; not . or ..)"
+            ))
+        } else {
+            None
+        };
+        if let Some(detail) = bad {
+            return Err(ConfigError::invalid(path, "guest.net.tap", detail));
+        }
+    }
+    if let Some(netns) = &raw.netns {
+        let bad = if netns.is_empty() {
+            Some(
+                "empty; give the name of a namespace in /run/netns (see `ip netns list`)"
+                    .to_string(),
+            )
+        } else if netns.len() > 255 {
+            Some(format!("{} bytes long; at most 255", netns.len()))
+        } else if netns == "." || netns == ".." || netns.bytes().any(|b| b == b'/' || b == 0) {
+            Some(format!(
+                "{netns:?} is not a namespace name (a file name in /run/netns: no '/', not . or ..)"
+            ))
+        } else {
+            None
+        };
+        if let Some(detail) = bad {
+            return Err(ConfigError::invalid(path, "guest.net.netns", detail));
+        }
+    }
+    let (tap, netns) = match (&raw.tap, &raw.netns) {
+        (None, None) => {
+            return Err(ConfigError::invalid(
+                path,
+                "guest.net",
+                "has neither `tap` nor `netns`; give `tap = \"<existing tap device>\"` or \
+                 `netns = \"<namespace in /run/netns>\"` for spanvm to create its tap there",
+            ))
+        }
+        (tap, netns) => (
+            tap.clone()
+                .unwrap_or_else(|| NetDevice::DEFAULT_NETNS_TAP.to_string()),
+            netns.clone(),
+        ),
+    };
+    let mac = match &raw.mac {
+        Some(text) => {
+            parse_mac(text).map_err(|detail| ConfigError::invalid(path, "guest.net.mac", detail))?
+        }
+        None => NetDevice::default_mac(&tap, netns.as_deref()),
+    };
+    Ok(NetDevice { mac, tap, netns })
+}
+
+/// A unicast MAC written `aa:bb:cc:dd:ee:ff`.
+fn parse_mac(text: &str) -> Result<[u8; 6], String> {
+    let shape =
+        || format!("{text:?} is not a MAC address; write six hex bytes like \"52:54:00:12:34:56\"");
+    let parts: Vec<&str> = text.split(':').collect();
+    if parts.len() != 6 {
+        return Err(shape());
+    }
+    let mut mac = [0u8; 6];
+    for (byte, part) in mac.iter_mut().zip(&parts) {
+        if part.len() != 2 {
+            return Err(shape());
+        }
+        *byte = u8::from_str_radix(part, 16).map_err(|_| shape())?;
+    }
+    if mac[0] & 1 != 0 {
+        return Err(format!(
+            "{text} is a multicast address (lowest bit of the first byte set); a card needs a \
+             unicast one, e.g. 52:54:00:12:34:56"
+        ));
+    }
+    if mac == [0; 6] {
+        return Err("00:00:00:00:00:00 is not a usable MAC address".to_string());
+    }
+    Ok(mac)
 }
 
 fn validate_linux(
@@ -287,6 +395,7 @@ fn validate_linux(
         initrd,
         cmdline,
         disks: validate_disks(path, disks)?,
+        net: None,
     })
 }
 

@@ -546,3 +546,111 @@ fn probe_arg_is_handed_to_the_probe_and_must_not_be_negative() {
         "negative",
     );
 }
+
+fn linux_with_net(t: &TestDir, net: &str) -> String {
+    linux_guest(t, &format!("kernel = \"vmlinux\"\n[guest.net]\n{net}"))
+}
+
+fn net_of(config: &NodeConfig) -> crate::NetDevice {
+    let crate::GuestImage::Linux { net, .. } = &config.layout.guest else {
+        panic!("expected a Linux guest");
+    };
+    net.clone().expect("a network card")
+}
+
+#[test]
+fn net_on_an_existing_tap_with_a_given_mac() {
+    let t = TestDir::new();
+    let text = linux_with_net(&t, "tap = \"tap0\"\nmac = \"52:54:00:AB:cd:0f\"");
+    let net = net_of(&t.parse(&text).unwrap());
+    assert_eq!(
+        net,
+        crate::NetDevice {
+            mac: [0x52, 0x54, 0x00, 0xab, 0xcd, 0x0f],
+            tap: "tap0".into(),
+            netns: None,
+        }
+    );
+    assert_eq!(net.mac_string(), "52:54:00:ab:cd:0f");
+}
+
+#[test]
+fn net_in_a_namespace_defaults_its_tap_and_mac() {
+    let t = TestDir::new();
+    let net = net_of(&t.parse(&linux_with_net(&t, "netns = \"lab\"")).unwrap());
+    assert_eq!(net.tap, "spanvm0");
+    assert_eq!(net.netns.as_deref(), Some("lab"));
+    // Deterministic, unicast, locally administered.
+    assert_eq!(
+        net.mac,
+        crate::NetDevice::default_mac("spanvm0", Some("lab"))
+    );
+    assert_eq!(net.mac[0] & 0b11, 0b10);
+    let again = net_of(&t.parse(&linux_with_net(&t, "netns = \"lab\"")).unwrap());
+    assert_eq!(net.mac, again.mac);
+    let other = net_of(&t.parse(&linux_with_net(&t, "netns = \"lab2\"")).unwrap());
+    assert_ne!(net.mac, other.mac);
+    let named = net_of(
+        &t.parse(&linux_with_net(&t, "netns = \"lab\"\ntap = \"vm1\""))
+            .unwrap(),
+    );
+    assert_eq!(named.tap, "vm1");
+    assert_eq!(named.netns.as_deref(), Some("lab"));
+}
+
+#[test]
+fn bad_net() {
+    let t = TestDir::new();
+    let cases = [
+        (
+            "mac = \"52:54:00:12:34:56\"",
+            "guest.net",
+            "neither `tap` nor `netns`",
+        ),
+        ("tap = \"\"", "guest.net.tap", "empty"),
+        ("tap = \"a-very-long-tap-0\"", "guest.net.tap", "at most 15"),
+        ("tap = \"a/b\"", "guest.net.tap", "not an interface name"),
+        ("netns = \"\"", "guest.net.netns", "empty"),
+        (
+            "netns = \"../x\"",
+            "guest.net.netns",
+            "not a namespace name",
+        ),
+        (
+            "tap = \"t\"\nmac = \"52:54:00:12:34\"",
+            "guest.net.mac",
+            "not a MAC address",
+        ),
+        (
+            "tap = \"t\"\nmac = \"52:54:00:12:34:5g\"",
+            "guest.net.mac",
+            "not a MAC address",
+        ),
+        (
+            "tap = \"t\"\nmac = \"52-54-00-12-34-56\"",
+            "guest.net.mac",
+            "not a MAC address",
+        ),
+        (
+            "tap = \"t\"\nmac = \"01:00:5e:00:00:01\"",
+            "guest.net.mac",
+            "multicast",
+        ),
+        (
+            "tap = \"t\"\nmac = \"00:00:00:00:00:00\"",
+            "guest.net.mac",
+            "not a usable",
+        ),
+    ];
+    for (net, field, detail) in cases {
+        invalid_field(&t, &linux_with_net(&t, net), field, detail);
+    }
+    // Exactly 15 bytes is fine.
+    assert!(t
+        .parse(&linux_with_net(&t, "tap = \"a-very-long-tap\""))
+        .is_ok());
+    let text = with_guest_extra("[guest.net]\ntap = \"tap0\"");
+    invalid_field(&t, &text, "guest.net", "given for a probe guest");
+    let text = linux_with_net(&t, "tap = \"t\"\nbridge = \"br0\"");
+    assert!(t.parse(&text).is_err());
+}

@@ -38,6 +38,11 @@ impl NetNs {
         ns
     }
 
+    /// Its name (a file in `/run/netns`).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
     /// `ip netns exec NAME`: a prefix that runs a command inside (it execs the command, so a
     /// child's pid is the command's).
     pub fn wrapper(&self) -> [&str; 4] {

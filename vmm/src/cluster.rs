@@ -66,6 +66,7 @@ fn default_linux() -> Result<GuestImage, ClusterError> {
         initrd: Some(initrd),
         cmdline: format!("console=ttyS0 spanvm.run=\"{DEFAULT_WORKLOAD}\""),
         disks: Vec::new(),
+        net: None,
     })
 }
 /// How long the others may take to stop after one node ended with an error.

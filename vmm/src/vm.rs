@@ -108,6 +108,8 @@ pub struct NodeVm {
     /// The threads of [`NodeVm::run`], until they are joined.
     vcpu_threads: Vec<JoinHandle<()>>,
     timer_threads: Vec<JoinHandle<()>>,
+    /// The master's virtio devices (their threads stop with the vCPUs); `None` elsewhere.
+    virtio: Option<crate::virtio::VirtioDevices>,
 }
 
 impl NodeVm {
@@ -169,14 +171,16 @@ impl NodeVm {
             forwarder.clone(),
         )?;
         // The devices are the master's; the others forward every access to them.
-        if is_master {
-            crate::virtio::attach_virtio_devices(
+        let virtio = if is_master {
+            Some(crate::virtio::attach_virtio_devices(
                 layout,
                 &platform,
                 &memory,
                 distributed.as_ref().map(|d| d.dsm.clone()),
-            )?;
-        }
+            )?)
+        } else {
+            None
+        };
         if let Some(d) = &distributed {
             d.attach_forwarder(forwarder);
             d.attach(&platform);
@@ -203,6 +207,7 @@ impl NodeVm {
             tsc_khz,
             vcpu_threads: Vec::new(),
             timer_threads: Vec::new(),
+            virtio,
         })
     }
 
@@ -376,6 +381,7 @@ impl NodeVm {
         let reason = platform.stop().reason().unwrap_or(StopReason::PowerOff);
         platform.flush_console();
         self.stop_vcpus();
+        self.stop_devices();
         if let Some(d) = &self.distributed {
             d.leave(&reason);
         }
@@ -389,7 +395,9 @@ impl NodeVm {
     ///    serves: a vCPU waiting for a page can still get it and leave. A vCPU that stays
     ///    blocked in a fault is given up on; it holds its own reference to guest memory, and so
     ///    to the userfaultfd registration, which keeps its fault pending until the process
-    ///    exits (exit kills the thread before any descriptor or mapping is released).
+    ///    exits (exit kills the thread before any descriptor or mapping is released). Then the
+    ///    devices' own threads (a network card's receive thread) stop, also while the DSM
+    ///    serves the pages they may be writing.
     /// 2. The DSM stops serving, then the transport stops ([`Distributed::shutdown`]), while
     ///    guest memory is still mapped: their threads install, read and drop guest pages.
     /// 3. The KVM VM fd closes: its memory slots point into guest memory, which must not be
@@ -400,6 +408,7 @@ impl NodeVm {
     /// Idempotent; `Drop` runs it.
     pub fn teardown(&mut self) {
         self.stop_vcpus();
+        self.stop_devices();
         // vCPU fds that never ran (the node failed before `run`, or `run` failed part way).
         self.fds.clear();
         if let Some(distributed) = self.distributed.take() {
@@ -408,6 +417,13 @@ impl NodeVm {
         }
         drop(self.vm.take());
         drop(self.memory.take());
+    }
+
+    /// Stops the threads of the master's devices (a network card stops receiving).
+    fn stop_devices(&mut self) {
+        if let Some(devices) = &mut self.virtio {
+            devices.stop();
+        }
     }
 
     /// Stops the local vCPUs for good and joins their threads; gives up (with a line on stderr)

@@ -6,11 +6,12 @@
 //! pinned through the DSM for the time of a request, so a device reads what another node last
 //! wrote and a page it writes is invalid everywhere else before the guest hears of it.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use devices::bus::{Bus, BusDevice};
 use devices::virtio::block::{Block, BlockBackend, BlockError};
 use devices::virtio::mmio::IrqLineInterrupt;
+use devices::virtio::net::{Net, RX_QUEUE};
 use devices::virtio::pins::pin_pages_in_order;
 use devices::virtio::rng::Rng;
 use devices::virtio::{
@@ -21,6 +22,7 @@ use resources::Layout;
 use vm_memory::GuestMemoryMmap;
 
 use super::placement::{placed_devices, VirtioKind, VIRTIO_MMIO_SIZE};
+use super::tap::{RxThread, TapBackend, TapError};
 use crate::boot::{BootError, SharedVmMemory};
 use crate::memory::GuestMemory;
 use crate::platform::Platform;
@@ -38,6 +40,9 @@ pub enum VirtioSetupError {
         /// Why.
         source: BlockError,
     },
+    /// The network card's tap cannot be used.
+    #[error("network card: {0}")]
+    Tap(#[from] TapError),
     /// Guest memory could not be described to the device models.
     #[error("guest memory for the virtio devices: {0}")]
     Memory(#[from] BootError),
@@ -83,14 +88,43 @@ impl BusDevice for VirtioSlot {
     }
 }
 
+/// The master's virtio devices once on the bus: what must stop before the VM goes away.
+pub struct VirtioDevices {
+    count: usize,
+    rx_threads: Vec<RxThread>,
+}
+
+impl VirtioDevices {
+    /// How many devices are on the bus.
+    pub fn count(&self) -> usize {
+        self.count
+    }
+
+    /// Stops the devices' own threads (a network card's receive thread); idempotent, and run
+    /// by `Drop`.
+    pub fn stop(&mut self) {
+        for thread in &mut self.rx_threads {
+            thread.stop();
+        }
+        self.rx_threads.clear();
+    }
+}
+
+impl Drop for VirtioDevices {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
 /// Builds the virtio devices of `layout` (master only) and puts them on `platform`'s MMIO bus;
-/// `dsm` is the node's DSM on a cluster, `None` on one node.
+/// `dsm` is the node's DSM on a cluster, `None` on one node. A network card's receive thread
+/// runs until the returned value is stopped or dropped.
 pub fn attach_virtio_devices(
     layout: &Layout,
     platform: &Arc<Platform>,
     memory: &Arc<GuestMemory>,
     dsm: Option<Arc<Dsm>>,
-) -> Result<usize, VirtioSetupError> {
+) -> Result<VirtioDevices, VirtioSetupError> {
     let placed = placed_devices(&layout.guest);
     let pins: Arc<dyn DmaPins> = match dsm {
         Some(dsm) => Arc::new(DsmPins(dsm)),
@@ -98,7 +132,9 @@ pub fn attach_virtio_devices(
     };
     let mut bus = Bus::new();
     let mut disk_index = 0;
+    let mut rx_threads = Vec::new();
     for device in &placed {
+        let mut tap = None;
         let model: Box<dyn VirtioDevice<GuestMemoryMmap>> = match &device.kind {
             VirtioKind::Entropy => Box::new(Rng::new()),
             VirtioKind::Block(disk) => {
@@ -113,6 +149,12 @@ pub fn attach_virtio_devices(
                 })?;
                 Box::new(Block::new(backend, &format!("spanvm-disk{index}")))
             }
+            VirtioKind::Net(net) => {
+                let backend = TapBackend::open(&net.tap, net.netns.as_deref())?;
+                let model = Box::new(Net::new(Box::new(backend.clone()), net.mac));
+                tap = Some(backend);
+                model
+            }
         };
         let shared = SharedVmMemory::new(memory.clone(), layout)?;
         let irq = platform.irq_line(crate::convert::usize_from(u64::from(device.gsi)));
@@ -122,13 +164,28 @@ pub fn attach_virtio_devices(
             pins.clone(),
             Arc::new(IrqLineInterrupt(irq)),
         );
-        let slot = VirtioSlot {
+        let slot = Arc::new(VirtioSlot {
             transport: Mutex::new(transport),
             _memory: shared,
-        };
-        bus.insert(device.base, VIRTIO_MMIO_SIZE, Arc::new(slot))?;
+        });
+        if let Some(tap) = tap {
+            let slot = slot.clone();
+            rx_threads.push(tap.spawn_rx_thread(Box::new(move || {
+                slot.transport
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .kick(RX_QUEUE);
+            }))?);
+        }
+        bus.insert(device.base, VIRTIO_MMIO_SIZE, slot)?;
     }
-    let count = placed.len();
-    platform.set_mmio_devices(bus)?;
-    Ok(count)
+    let mut devices = VirtioDevices {
+        count: placed.len(),
+        rx_threads,
+    };
+    if let Err(e) = platform.set_mmio_devices(bus) {
+        devices.stop();
+        return Err(e.into());
+    }
+    Ok(devices)
 }

@@ -10,4 +10,8 @@ pub use placement::{
 
 mod attach;
 
-pub use attach::{attach_virtio_devices, VirtioSetupError};
+pub use attach::{attach_virtio_devices, VirtioDevices, VirtioSetupError};
+
+mod tap;
+
+pub use tap::{RxThread, TapBackend, TapError};

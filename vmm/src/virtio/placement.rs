@@ -2,7 +2,7 @@
 //! function decides it, for the DSDT the master writes and the bus the master serves alike, so
 //! the guest finds every device where the VMM answers.
 
-use resources::{Disk, GuestImage};
+use resources::{Disk, GuestImage, NetDevice};
 
 use crate::boot::VirtioMmioDevice;
 
@@ -22,6 +22,8 @@ pub enum VirtioKind {
     Entropy,
     /// virtio-blk over a raw image.
     Block(Disk),
+    /// virtio-net on a tap device.
+    Net(NetDevice),
 }
 
 /// A virtio device and where the guest finds it.
@@ -49,13 +51,15 @@ impl PlacedDevice {
 }
 
 /// The virtio devices of `guest`, in the order the guest enumerates them: a Linux guest gets
-/// an entropy device, then one block device per disk (`vda`, `vdb`, ...); a probe guest none.
+/// an entropy device, then one block device per disk (`vda`, `vdb`, ...), then its network
+/// card if it has one; a probe guest none.
 pub fn placed_devices(guest: &GuestImage) -> Vec<PlacedDevice> {
-    let GuestImage::Linux { disks, .. } = guest else {
+    let GuestImage::Linux { disks, net, .. } = guest else {
         return Vec::new();
     };
     let kinds = std::iter::once(VirtioKind::Entropy)
         .chain(disks.iter().cloned().map(VirtioKind::Block))
+        .chain(net.iter().cloned().map(VirtioKind::Net))
         .take(VIRTIO_MAX_DEVICES);
     kinds
         .zip(0u32..)
@@ -82,6 +86,7 @@ mod tests {
             initrd: None,
             cmdline: String::new(),
             disks: vec![disk("/a.img"), disk("/b.img")],
+            net: None,
         };
         let placed = placed_devices(&guest);
         assert_eq!(placed.len(), 3);
@@ -93,6 +98,46 @@ mod tests {
             let end = device.base + VIRTIO_MMIO_SIZE;
             assert!(device.base >= resources::MMIO_GAP_START && end <= resources::IOAPIC_GPA);
         }
+    }
+
+    fn card() -> NetDevice {
+        NetDevice {
+            mac: [0x52, 0x54, 0, 0x12, 0x34, 0x56],
+            tap: "spanvm0".into(),
+            netns: Some("lab".into()),
+        }
+    }
+
+    #[test]
+    fn the_network_card_comes_after_entropy_and_disks() {
+        let guest = GuestImage::Linux {
+            kernel: "/k".into(),
+            initrd: None,
+            cmdline: String::new(),
+            disks: vec![Disk {
+                path: "/a.img".into(),
+                read_only: true,
+            }],
+            net: Some(card()),
+        };
+        let placed = placed_devices(&guest);
+        assert_eq!(placed.len(), 3);
+        assert_eq!(placed[0].kind, VirtioKind::Entropy);
+        assert!(matches!(placed[1].kind, VirtioKind::Block(_)));
+        assert_eq!(placed[2].kind, VirtioKind::Net(card()));
+        assert_eq!(placed[2].gsi, 18);
+        // Without disks the card is the second device.
+        let guest = GuestImage::Linux {
+            kernel: "/k".into(),
+            initrd: None,
+            cmdline: String::new(),
+            disks: Vec::new(),
+            net: Some(card()),
+        };
+        let placed = placed_devices(&guest);
+        assert_eq!(placed.len(), 2);
+        assert_eq!(placed[1].kind, VirtioKind::Net(card()));
+        assert_eq!(placed[1].base, VIRTIO_MMIO_BASE + VIRTIO_MMIO_SIZE);
     }
 
     #[test]
@@ -108,9 +153,15 @@ mod tests {
             initrd: None,
             cmdline: String::new(),
             disks,
+            net: Some(card()),
         };
         let placed = placed_devices(&guest);
-        assert_eq!(placed.len(), resources::MAX_DISKS + 1);
+        assert_eq!(placed.len(), resources::MAX_DISKS + 2);
+        assert!(placed.len() <= VIRTIO_MAX_DEVICES);
+        assert_eq!(
+            placed.last().map(|d| &d.kind),
+            Some(&VirtioKind::Net(card()))
+        );
         let last = placed.last().map(|d| d.gsi).unwrap_or(0);
         assert!(usize::try_from(last).unwrap() < devices::ioapic::IOAPIC_PINS);
     }

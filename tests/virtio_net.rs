@@ -1,0 +1,466 @@
+//! The network card's host side without a guest: spanvm's `TapBackend` creates its tap inside a
+//! network namespace the test makes (and removes), the namespace's own kernel stack sends to an
+//! address behind the tap, and the test plays the guest's side by hand (answers ARP, echoes UDP
+//! datagrams) through `receive` and `send`, with spanvm's `virtio-net-rx` thread telling it when
+//! frames wait. Nothing leaves the namespace.
+
+mod common;
+
+use std::fs::File;
+use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::netns::NetNs;
+use devices::virtio::net::{NetBackend, MAX_FRAME_LEN};
+use vmm::virtio::TapBackend;
+
+/// The "guest" behind the tap.
+const GUEST_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
+const GUEST_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 15);
+/// The namespace's end of the tap.
+const HOST_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
+const ETH_ARP: u16 = 0x0806;
+const ETH_IPV4: u16 = 0x0800;
+const UDP_PORT: u16 = 7777;
+
+/// Runs `f` on a thread inside the namespace `ns`; a socket made there stays in that namespace.
+fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let file = File::open(format!("/run/netns/{ns}")).unwrap();
+    std::thread::spawn(move || {
+        // SAFETY: `file` is an open namespace file that outlives the call; only this thread
+        // moves, and it ends after `f`.
+        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+        f()
+    })
+    .join()
+    .unwrap()
+}
+
+/// A namespace with IPv6 off for new interfaces (no router solicitations on the tap), and
+/// spanvm's tap `spanvm0` inside it at 10.0.2.2/24.
+fn namespace_with_tap() -> (NetNs, TapBackend) {
+    let ns = NetNs::new();
+    let off = ns.exec(&["sysctl", "-qw", "net.ipv6.conf.default.disable_ipv6=1"]);
+    assert!(off.status.success(), "{off:?}");
+    let tap = TapBackend::open("spanvm0", Some(ns.name())).unwrap();
+    assert_eq!(tap.name(), "spanvm0");
+    let added = ns.exec(&["ip", "addr", "add", "10.0.2.2/24", "dev", "spanvm0"]);
+    assert!(added.status.success(), "{added:?}");
+    // spanvm brought the tap up.
+    let link = ns.exec(&["ip", "link", "show", "spanvm0"]);
+    let text = String::from_utf8_lossy(&link.stdout).to_string();
+    assert!(text.contains("UP"), "{text}");
+    (ns, tap)
+}
+
+fn ethertype(frame: &[u8]) -> u16 {
+    u16::from_be_bytes([frame[12], frame[13]])
+}
+
+/// What the guest answers to `frame`: an ARP reply for its address, or a UDP datagram to it
+/// echoed back; `None` for anything else.
+fn answer(frame: &[u8]) -> Option<Vec<u8>> {
+    if frame.len() >= 42 && ethertype(frame) == ETH_ARP && frame[21] == 1 {
+        let arp = &frame[14..42];
+        if arp[24..28] != GUEST_IP.octets() {
+            return None;
+        }
+        let mut reply = Vec::with_capacity(42);
+        reply.extend_from_slice(&arp[8..14]); // to the asker
+        reply.extend_from_slice(&GUEST_MAC);
+        reply.extend_from_slice(&ETH_ARP.to_be_bytes());
+        reply.extend_from_slice(&arp[..6]); // Ethernet, IPv4, 6, 4
+        reply.extend_from_slice(&2u16.to_be_bytes()); // reply
+        reply.extend_from_slice(&GUEST_MAC);
+        reply.extend_from_slice(&GUEST_IP.octets());
+        reply.extend_from_slice(&arp[8..18]); // the asker's MAC and address
+        return Some(reply);
+    }
+    if frame.len() < 42 || ethertype(frame) != ETH_IPV4 || frame[23] != 17 {
+        return None;
+    }
+    let ihl = usize::from(frame[14] & 0x0f) * 4;
+    if frame[30..34] != GUEST_IP.octets() || ihl != 20 {
+        return None;
+    }
+    let mut reply = frame.to_vec();
+    reply[..6].copy_from_slice(&frame[6..12]);
+    reply[6..12].copy_from_slice(&GUEST_MAC);
+    // Swap the addresses (the IP checksum stays right) and the ports; no UDP checksum.
+    reply[26..30].copy_from_slice(&frame[30..34]);
+    reply[30..34].copy_from_slice(&frame[26..30]);
+    reply[34..36].copy_from_slice(&frame[36..38]);
+    reply[36..38].copy_from_slice(&frame[34..36]);
+    reply[40..42].copy_from_slice(&[0, 0]);
+    Some(reply)
+}
+
+/// A UDP socket of the namespace at 10.0.2.2, connected to the guest.
+fn host_socket(ns: &NetNs) -> UdpSocket {
+    let socket = in_netns(ns.name(), || {
+        let s = UdpSocket::bind(SocketAddrV4::new(HOST_IP, UDP_PORT)).unwrap();
+        s.connect(SocketAddrV4::new(GUEST_IP, UDP_PORT)).unwrap();
+        s
+    });
+    socket
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    socket
+}
+
+#[test]
+fn frames_cross_a_tap_created_in_a_namespace_both_ways() {
+    let (ns, tap) = namespace_with_tap();
+    // The receive thread drives the "guest": every kick drains the tap, as a card with plenty
+    // of receive buffers does, and answers what asks for an answer.
+    let kicks = Arc::new(AtomicUsize::new(0));
+    let seen = Arc::new(Mutex::new(Vec::<Vec<u8>>::new()));
+    let mut guest = tap.clone();
+    let (k, s) = (kicks.clone(), seen.clone());
+    let rx = tap
+        .spawn_rx_thread(Box::new(move || {
+            k.fetch_add(1, Ordering::Relaxed);
+            let mut buf = vec![0u8; MAX_FRAME_LEN];
+            while let Some(n) = guest.receive(&mut buf).unwrap() {
+                let frame = &buf[..n];
+                s.lock().unwrap().push(frame.to_vec());
+                if let Some(reply) = answer(frame) {
+                    guest.send(&reply).unwrap();
+                }
+            }
+        }))
+        .unwrap();
+
+    let socket = host_socket(&ns);
+    let start = Instant::now();
+    let mut round_trips = Vec::new();
+    for size in [1usize, 100, 1400, 1472] {
+        let payload: Vec<u8> = (0..size)
+            .map(|i| u8::try_from((i * 7 + size) % 256).unwrap())
+            .collect();
+        let sent = Instant::now();
+        socket.send(&payload).unwrap();
+        let mut back = vec![0u8; 2048];
+        let n = socket.recv(&mut back).expect("no echo from the guest side");
+        round_trips.push(sent.elapsed());
+        assert_eq!(&back[..n], &payload[..], "echo of {size} bytes");
+    }
+    eprintln!(
+        "4 UDP round trips through the tap in {:?} (each: {round_trips:?}), {} kicks",
+        start.elapsed(),
+        kicks.load(Ordering::Relaxed)
+    );
+    let frames = seen.lock().unwrap().clone();
+    // The ARP request came out of the tap as a broadcast, and every datagram as a frame to the
+    // guest's MAC.
+    assert!(frames
+        .iter()
+        .any(|f| ethertype(f) == ETH_ARP && f[..6] == [0xff; 6]));
+    let udp = frames
+        .iter()
+        .filter(|f| ethertype(f) == ETH_IPV4 && f[..6] == GUEST_MAC)
+        .count();
+    assert_eq!(udp, 4, "{frames:?}");
+    assert!(frames.iter().any(|f| f.len() == 14 + 20 + 8 + 1472));
+
+    // The thread stops, and the tap spanvm made goes away with its last descriptor.
+    drop(rx);
+    drop(tap);
+    let link = ns.exec(&["ip", "link", "show", "spanvm0"]);
+    assert!(!link.status.success(), "the tap outlived its backend");
+}
+
+#[test]
+fn frames_wait_in_the_tap_while_the_guest_has_no_buffers() {
+    let (ns, tap) = namespace_with_tap();
+    let neigh = ns.exec(&[
+        "ip",
+        "neigh",
+        "add",
+        "10.0.2.15",
+        "lladdr",
+        "52:54:00:12:34:56",
+        "dev",
+        "spanvm0",
+        "nud",
+        "permanent",
+    ]);
+    assert!(neigh.status.success(), "{neigh:?}");
+    // A card without receive buffers: a kick takes one frame into the card and no more (as
+    // `Net` keeps one pending frame); the rest must stay in the tap.
+    let kicks = Arc::new(AtomicUsize::new(0));
+    let held = Arc::new(Mutex::new(Vec::<Vec<u8>>::new()));
+    let mut card = tap.clone();
+    let (k, h) = (kicks.clone(), held.clone());
+    let rx = tap
+        .spawn_rx_thread(Box::new(move || {
+            k.fetch_add(1, Ordering::Relaxed);
+            let mut held = h.lock().unwrap();
+            if held.is_empty() {
+                let mut buf = vec![0u8; MAX_FRAME_LEN];
+                if let Some(n) = card.receive(&mut buf).unwrap() {
+                    held.push(buf[..n].to_vec());
+                }
+            }
+        }))
+        .unwrap();
+
+    let socket = host_socket(&ns);
+    for i in 0..10u8 {
+        socket.send(&[i; 32]).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let while_full = kicks.load(Ordering::Relaxed);
+    assert_eq!(held.lock().unwrap().len(), 1);
+    // Nine frames wait in the readable tap, and the thread does not spin on it.
+    assert!(
+        (1..=2).contains(&while_full),
+        "{while_full} kicks while the card had no buffers"
+    );
+
+    // The guest posts buffers: its notify runs the receive queue, which delivers the held
+    // frame and drains the tap; nothing was lost, in order.
+    let mut got = held.lock().unwrap().drain(..).collect::<Vec<_>>();
+    let mut guest = tap.clone();
+    let mut buf = vec![0u8; MAX_FRAME_LEN];
+    while let Some(n) = guest.receive(&mut buf).unwrap() {
+        got.push(buf[..n].to_vec());
+    }
+    let payloads: Vec<u8> = got
+        .iter()
+        .filter(|f| ethertype(f) == ETH_IPV4)
+        .map(|f| f[42])
+        .collect();
+    assert_eq!(payloads, (0..10).collect::<Vec<u8>>());
+
+    // Drained by the guest: the thread watches the tap again and kicks for the next frame.
+    socket.send(&[42; 32]).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while held.lock().unwrap().is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(held.lock().unwrap().first().map(|f| f[42]), Some(42));
+    assert!(kicks.load(Ordering::Relaxed) > while_full);
+    eprintln!(
+        "{while_full} kick(s) for 10 frames while the card was full, {} in all",
+        kicks.load(Ordering::Relaxed)
+    );
+    drop(rx);
+}
+
+#[test]
+fn a_tap_that_does_not_exist_is_named_in_the_error() {
+    let err = TapBackend::open("spvm-absent0", None)
+        .err()
+        .expect("no such tap");
+    let text = err.to_string();
+    assert!(text.contains("tap spvm-absent0 does not exist"), "{text}");
+    assert!(text.contains("ip tuntap add"), "{text}");
+}
+
+#[test]
+fn an_existing_tap_is_attached_not_created() {
+    let ns = NetNs::new();
+    let made = ns.exec(&["ip", "tuntap", "add", "dev", "tapx", "mode", "tap"]);
+    assert!(made.status.success(), "{made:?}");
+    // Attach from inside the namespace (the tap exists there), as a user's spanvm would.
+    let name = ns.name().to_string();
+    let opened = in_netns(&name, || TapBackend::open("tapx", None).map(|_| ()));
+    opened.unwrap();
+    // A tun device is not a tap: refused with the reason.
+    let made = ns.exec(&["ip", "tuntap", "add", "dev", "tunx", "mode", "tun"]);
+    assert!(made.status.success(), "{made:?}");
+    let err = in_netns(&name, || {
+        TapBackend::open("tunx", None).err().map(|e| e.to_string())
+    })
+    .expect("a tun device was accepted as a tap");
+    assert!(err.contains("cannot open tap tunx"), "{err}");
+}
+
+/// Bytes of each stream between guest and namespace.
+const STREAM_LEN: usize = 16 << 20;
+
+/// The byte at `i` of the stream the namespace sends the guest.
+fn pattern(i: usize) -> u8 {
+    u8::try_from((i ^ (i >> 11) ^ (i >> 19)) & 0xff).unwrap()
+}
+
+fn hex(digest: &[u8]) -> String {
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The value after `key` on the console line that has it.
+fn console_value<'a>(console: &'a str, key: &str) -> Option<&'a str> {
+    console
+        .lines()
+        .find_map(|l| l.split_once(key).map(|(_, rest)| rest.trim()))
+}
+
+/// Linux on 2 nodes x 1 vCPU with the network card on a tap spanvm creates in the test's
+/// namespace (10.0.2.2 there, 10.0.2.15 in the guest): from the CPU on node 1 the guest pings
+/// the namespace and streams 16 MiB each way through `nc`, checksummed on both ends.
+#[test]
+fn linux_on_two_nodes_talks_to_the_namespace_from_node_1() {
+    use sha2::{Digest, Sha256};
+    use std::io::{Read, Write};
+    use std::net::{Shutdown, TcpListener};
+    use std::process::{Command, Stdio};
+    use std::sync::mpsc;
+
+    let ns = NetNs::new();
+    let off = ns.exec(&["sysctl", "-qw", "net.ipv6.conf.default.disable_ipv6=1"]);
+    assert!(off.status.success(), "{off:?}");
+    // Listeners of the namespace (any address: 10.0.2.2 comes with the tap).
+    let (upload, download) = in_netns(ns.name(), || {
+        (
+            TcpListener::bind("0.0.0.0:5000").unwrap(),
+            TcpListener::bind("0.0.0.0:5001").unwrap(),
+        )
+    });
+    let (up_tx, up_rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let (mut conn, _) = upload.accept().unwrap();
+        let mut hash = Sha256::new();
+        let mut buf = vec![0u8; 1 << 16];
+        let mut total = 0usize;
+        let start = Instant::now();
+        loop {
+            let n = conn.read(&mut buf).unwrap();
+            if n == 0 {
+                break;
+            }
+            hash.update(&buf[..n]);
+            total += n;
+        }
+        let _ = up_tx.send((total, hex(&hash.finalize()), start.elapsed()));
+    });
+    let (down_tx, down_rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let (mut conn, _) = download.accept().unwrap();
+        let data: Vec<u8> = (0..STREAM_LEN).map(pattern).collect();
+        let start = Instant::now();
+        conn.write_all(&data).unwrap();
+        conn.shutdown(Shutdown::Write).unwrap();
+        // Until the guest closes its end: everything was read.
+        let mut rest = Vec::new();
+        let _ = conn.read_to_end(&mut rest);
+        let _ = down_tx.send((hex(&Sha256::digest(&data)), start.elapsed()));
+    });
+
+    let run = "taskset -c 1 sh -c '\
+        grep Cpus_allowed_list /proc/self/status; \
+        ip -4 addr show eth0 | grep inet; \
+        ping -c 10 -i 0.2 10.0.2.2; echo PING-STATUS $?; \
+        nc 10.0.2.2 5001 < /dev/null > /tmp/in; echo NET-DOWN-NC $?; \
+        echo NET-DOWN-SUM $(sha256sum < /tmp/in) $(wc -c < /tmp/in); \
+        nc 10.0.2.2 5000 < /tmp/in; echo NET-UP-NC $?'";
+    let dir = tempfile::tempdir().unwrap();
+    let addrs = common::free_addrs(2);
+    let text = format!(
+        "[guest]\nvcpus = 2\nmemory_mib = 256\n[guest.linux]\nkernel = \"{}\"\ninitrd = \"{}\"\n\
+         cmdline = '''console=ttyS0 ip=10.0.2.15::10.0.2.2:255.255.255.0::eth0:off spanvm.run=\"{run}\"'''\n\
+         [guest.net]\nnetns = \"{}\"\n\
+         [[nodes]]\nid = 0\naddress = \"{}\"\nvcpus = [0]\n\
+         [[nodes]]\nid = 1\naddress = \"{}\"\nvcpus = [1]\n",
+        common::image("minimal.vmlinux").display(),
+        common::image("initramfs.cpio").display(),
+        ns.name(),
+        addrs[0],
+        addrs[1],
+    );
+    let config = dir.path().join("cluster.toml");
+    std::fs::write(&config, text).unwrap();
+    let child = Command::new(common::spanvm())
+        .args(["cluster", "--config", config.to_str().unwrap(), "--dir"])
+        .arg(dir.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The namespace's end gets its address once the master made the tap.
+    let ns_name = ns.name().to_string();
+    let addressed = std::thread::spawn(move || {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while Instant::now() < deadline {
+            let added = Command::new("ip")
+                .args([
+                    "-n",
+                    &ns_name,
+                    "addr",
+                    "add",
+                    "10.0.2.2/24",
+                    "dev",
+                    "spanvm0",
+                ])
+                .stdin(Stdio::null())
+                .output()
+                .unwrap();
+            if added.status.success() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        false
+    });
+    // wait_with_limit kills `spanvm cluster` on timeout, which takes its nodes with it. A boot
+    // takes about 4 minutes here, and each 16 MiB stream about 7 (some 38 KB/s).
+    let out = common::wait_with_limit(child, Duration::from_secs(1800));
+    let console = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let context = format!("console:\n{console}\nstderr:\n{stderr}");
+    assert!(
+        addressed.join().unwrap(),
+        "the tap never appeared\n{context}"
+    );
+    assert!(out.status.success(), "{context}");
+    assert_eq!(
+        console_value(&console, "Cpus_allowed_list:"),
+        Some("1"),
+        "{context}"
+    );
+    assert_eq!(
+        console_value(&console, "PING-STATUS "),
+        Some("0"),
+        "{context}"
+    );
+    let rtt = console_value(&console, "round-trip min/avg/max = ").unwrap_or("?");
+    let pings = console_value(&console, "packets transmitted, ").unwrap_or("?");
+    assert_eq!(
+        console_value(&console, "NET-UP-NC "),
+        Some("0"),
+        "{context}"
+    );
+    assert_eq!(
+        console_value(&console, "NET-DOWN-NC "),
+        Some("0"),
+        "{context}"
+    );
+
+    let (up_len, up_sum, up_time) = up_rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the upload never ended");
+    assert_eq!(up_len, STREAM_LEN, "{context}");
+    let (down_sum, down_time) = down_rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the download never ended");
+    let guest_down = console_value(&console, "NET-DOWN-SUM ").unwrap_or("");
+    assert!(
+        guest_down.starts_with(&down_sum) && guest_down.ends_with(&STREAM_LEN.to_string()),
+        "{guest_down} vs {down_sum}\n{context}"
+    );
+    // What the guest received, it sent back unchanged.
+    assert_eq!(up_sum, down_sum, "{context}");
+    let mib_s = |t: Duration| 16.0 / t.as_secs_f64();
+    eprintln!(
+        "from node 1's CPU: ping {pings}, round trip min/avg/max {rtt}; 16 MiB namespace->guest \
+         in {down_time:?} ({:.2} MiB/s), guest->namespace in {up_time:?} ({:.2} MiB/s), \
+         sha256 equal at both ends",
+        mib_s(down_time),
+        mib_s(up_time)
+    );
+}
