@@ -305,9 +305,14 @@ fn linux_on_2_nodes_typed_input_and_virtio_from_node_1_powers_off_from_the_maste
     b.assert_healthy(2, 1);
     // virtio-blk: every file of the image read back right, fileio ran with fsyncs, and the
     // file written from node 1 is on the host's image with the checksum the guest computed.
-    let checked = b.console().filter(|l| l.trim_end().ends_with(": OK")).count();
+    let checked = b
+        .console()
+        .filter(|l| l.trim_end().ends_with(": OK"))
+        .count();
     if checked < 4 || b.console().any(|l| l.contains("FAILED")) {
-        b.fail(&format!("the image's files did not all check out ({checked} OK)"));
+        b.fail(&format!(
+            "the image's files did not all check out ({checked} OK)"
+        ));
     }
     if !b.console().any(|l| l.trim_start().starts_with("fsyncs/s:")) {
         b.fail("no sysbench fileio result with fsyncs");

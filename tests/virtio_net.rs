@@ -304,6 +304,7 @@ fn console_value<'a>(console: &'a str, key: &str) -> Option<&'a str> {
 /// namespace (10.0.2.2 there, 10.0.2.15 in the guest): from the CPU on node 1 the guest pings
 /// the namespace and streams 16 MiB each way through `nc`, checksummed on both ends.
 #[test]
+#[ignore = "a 2-node Linux boot plus 2 x 16 MiB through the DSM at ~35 KB/s: 20-25 minutes here, over the CI budget; run with --ignored"]
 fn linux_on_two_nodes_talks_to_the_namespace_from_node_1() {
     use sha2::{Digest, Sha256};
     use std::io::{Read, Write};

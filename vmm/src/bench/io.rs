@@ -77,7 +77,9 @@ fn host_anchor(dir: &Path) -> Result<HashMap<&'static str, Figures>, CommandErro
         run("cleanup")?;
         let text = String::from_utf8_lossy(&result.stdout);
         let figures = parse(&text, figure).ok_or_else(|| {
-            CommandError::Bench(format!("host sysbench fileio {mode} printed no figures:\n{text}"))
+            CommandError::Bench(format!(
+                "host sysbench fileio {mode} printed no figures:\n{text}"
+            ))
         })?;
         out.insert(mode, figures);
     }
