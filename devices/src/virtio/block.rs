@@ -384,27 +384,7 @@ impl<M: GuestMemory> VirtioDevice<M> for Block {
         queue: &mut Queue,
         ctx: &DeviceContext<M>,
     ) -> Result<bool, VirtioError> {
-        let mut used = false;
-        while let Some(chain) = ctx.next_chain(index, queue)? {
-            let head = chain.head_index();
-            let mut guard = None;
-            let len = match ChainBuffers::parse(chain, ctx.memory()) {
-                Ok(req) => match ctx.pins().pin(&req.dma_ranges()) {
-                    Ok(g) => {
-                        guard = Some(g);
-                        self.serve(&req, ctx.memory())
-                    }
-                    Err(_) => 0,
-                },
-                Err(_) => 0,
-            };
-            // Unpin first: the used ring may share a page with a buffer pinned for reading, and
-            // writing it under that pin would wait for a remote request that waits for the pin.
-            drop(guard);
-            ctx.add_used(index, queue, head, len)?;
-            used = true;
-        }
-        Ok(used)
+        Ok(ctx.serve_chains(index, queue, |req, memory| self.serve(req, memory))? > 0)
     }
 
     fn reset(&mut self) {}

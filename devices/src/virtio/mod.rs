@@ -96,6 +96,39 @@ impl<M: GuestMemory> DeviceContext<M> {
         Ok(avail.next())
     }
 
+    /// Serves every chain available on `queue` (queue number `index`): each is parsed into
+    /// checked buffers, its buffers are pinned, `serve` runs on them and says how many bytes it
+    /// wrote, and the chain goes back to the driver with that length (0 for a chain that could
+    /// not be parsed or pinned; `serve` does not run then). Returns how many chains were used.
+    pub fn serve_chains(
+        &self,
+        index: usize,
+        queue: &mut Queue,
+        mut serve: impl FnMut(&chain::ChainBuffers, &M) -> u32,
+    ) -> Result<u64, VirtioError> {
+        let mut used = 0;
+        while let Some(chain) = self.next_chain(index, queue)? {
+            let head = chain.head_index();
+            let mut guard = None;
+            let len = match chain::ChainBuffers::parse(chain, &self.memory) {
+                Ok(buffers) => match self.pins.pin(&buffers.dma_ranges()) {
+                    Ok(pinned) => {
+                        guard = Some(pinned);
+                        serve(&buffers, &self.memory)
+                    }
+                    Err(_) => 0,
+                },
+                Err(_) => 0,
+            };
+            // Unpin first: the used ring may share a page with a buffer pinned for reading, and
+            // writing it under that pin would wait for a remote request that waits for the pin.
+            drop(guard);
+            self.add_used(index, queue, head, len)?;
+            used += 1;
+        }
+        Ok(used)
+    }
+
     /// Returns the chain with head `head` to the driver on `queue` (queue number `index`),
     /// with `len` bytes written into its device-writable buffers.
     pub fn add_used(

@@ -89,32 +89,17 @@ impl Net {
         queue: &mut Queue,
         ctx: &DeviceContext<M>,
     ) -> Result<bool, VirtioError> {
-        let mut used = false;
         let mut frame = Vec::new();
-        while let Some(chain) = ctx.next_chain(TX_QUEUE, queue)? {
-            let head = chain.head_index();
-            let mut guard = None;
-            let sent = match ChainBuffers::parse(chain, ctx.memory()) {
-                Ok(bufs) => match ctx.pins().pin(&bufs.dma_ranges()) {
-                    Ok(g) => {
-                        guard = Some(g);
-                        self.read_frame(&bufs, ctx.memory(), &mut frame)
-                    }
-                    Err(_) => false,
-                },
-                Err(_) => false,
-            };
-            let delivered = sent && self.backend.send(&frame).is_ok();
-            if !delivered {
-                self.dropped += 1;
+        let mut delivered = 0u64;
+        let used = ctx.serve_chains(TX_QUEUE, queue, |bufs, memory| {
+            if self.read_frame(bufs, memory, &mut frame) && self.backend.send(&frame).is_ok() {
+                delivered += 1;
             }
-            // Unpin first: the used ring may share a page with a buffer pinned for reading, and
-            // writing it under that pin would wait for a remote request that waits for the pin.
-            drop(guard);
-            ctx.add_used(TX_QUEUE, queue, head, 0)?;
-            used = true;
-        }
-        Ok(used)
+            0
+        })?;
+        // Chains that could not be parsed or pinned count as dropped frames too.
+        self.dropped += used.saturating_sub(delivered);
+        Ok(used > 0)
     }
 
     /// The frame of a transmit chain (after its header) into `frame`; false if the chain is

@@ -100,27 +100,7 @@ impl<M: GuestMemory> VirtioDevice<M> for Rng {
         queue: &mut Queue,
         ctx: &DeviceContext<M>,
     ) -> Result<bool, VirtioError> {
-        let mut used = false;
-        while let Some(chain) = ctx.next_chain(index, queue)? {
-            let head = chain.head_index();
-            let mut guard = None;
-            let len = match ChainBuffers::parse(chain, ctx.memory()) {
-                Ok(buffers) => match ctx.pins().pin(&buffers.dma_ranges()) {
-                    Ok(g) => {
-                        guard = Some(g);
-                        Self::fill(&buffers, ctx.memory())
-                    }
-                    Err(_) => 0,
-                },
-                Err(_) => 0,
-            };
-            // Unpin first: the used ring may share a page with a buffer pinned for reading, and
-            // writing it under that pin would wait for a remote request that waits for the pin.
-            drop(guard);
-            ctx.add_used(index, queue, head, len)?;
-            used = true;
-        }
-        Ok(used)
+        Ok(ctx.serve_chains(index, queue, |buffers, memory| Self::fill(buffers, memory))? > 0)
     }
 
     fn reset(&mut self) {}
