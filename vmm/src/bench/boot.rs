@@ -118,23 +118,7 @@ pub(super) fn cluster_boot(
     if let Some(disk) = disk {
         text.push_str(&format!("[[guest.disk]]\npath = \"{}\"\n", disk.display()));
     }
-    let listeners = (0..nodes)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| CommandError::Bench(format!("no free loopback port: {e}")))?;
-    for (i, l) in listeners.iter().enumerate() {
-        let addr = l
-            .local_addr()
-            .map_err(|e| CommandError::Bench(e.to_string()))?;
-        let list: Vec<String> = (i * per_node..(i + 1) * per_node)
-            .map(|v| v.to_string())
-            .collect();
-        text.push_str(&format!(
-            "\n[[nodes]]\nid = {i}\naddress = \"{addr}\"\nvcpus = [{}]\n",
-            list.join(", ")
-        ));
-    }
-    drop(listeners);
+    text.push_str(&super::node_tables(nodes, per_node)?);
     let config = dir.join(format!("{name}.toml"));
     std::fs::write(&config, text)
         .map_err(|e| CommandError::Bench(format!("{}: {e}", config.display())))?;

@@ -8,6 +8,30 @@ pub mod sharing;
 
 use std::collections::HashMap;
 
+/// The `[[nodes]]` tables of `nodes` nodes with `per_node` consecutive vCPUs each, every node
+/// on a free loopback port.
+fn node_tables(nodes: usize, per_node: usize) -> Result<String, crate::commands::CommandError> {
+    use crate::commands::CommandError;
+    let listeners = (0..nodes)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| CommandError::Bench(format!("no free loopback port: {e}")))?;
+    let mut text = String::new();
+    for (i, listener) in listeners.iter().enumerate() {
+        let addr = listener
+            .local_addr()
+            .map_err(|e| CommandError::Bench(e.to_string()))?;
+        let list: Vec<String> = (i * per_node..(i + 1) * per_node)
+            .map(|v| v.to_string())
+            .collect();
+        text.push_str(&format!(
+            "\n[[nodes]]\nid = {i}\naddress = \"{addr}\"\nvcpus = [{}]\n",
+            list.join(", ")
+        ));
+    }
+    Ok(text)
+}
+
 /// Every `PROBE vcpu=N KEY=VALUE` line of a node's or cluster's output, by (vCPU, key).
 fn probe_reports(output: &str) -> HashMap<(usize, String), u64> {
     let mut reports = HashMap::new();

@@ -32,23 +32,7 @@ fn hotpage_rates(
     let mut text = format!(
         "[guest]\nvcpus = {vcpus}\nmemory_mib = 64\nprobe = \"hotpage\"\nprobe_arg = {arg}\n"
     );
-    let listeners = (0..nodes)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| CommandError::Bench(format!("no free loopback port: {e}")))?;
-    for (i, listener) in listeners.iter().enumerate() {
-        let addr = listener
-            .local_addr()
-            .map_err(|e| CommandError::Bench(e.to_string()))?;
-        let list: Vec<String> = (i * per_node..(i + 1) * per_node)
-            .map(|v| v.to_string())
-            .collect();
-        text.push_str(&format!(
-            "\n[[nodes]]\nid = {i}\naddress = \"{addr}\"\nvcpus = [{}]\n",
-            list.join(", ")
-        ));
-    }
-    drop(listeners);
+    text.push_str(&super::node_tables(nodes, per_node)?);
     let name = format!("hotpage-{nodes}x{per_node}-{arg}");
     let config = dir.join(format!("{name}.toml"));
     let exe = std::env::current_exe()
