@@ -62,15 +62,15 @@ enum BenchWhat {
     /// DSM fault latency (read, write with invalidation, upgrade) and throughput between two
     /// nodes on loopback, against a local fault and a raw TCP round trip.
     Dsm,
-    /// Time to each Linux boot milestone for the minimal and the Debian kernel (QEMU as the
-    /// anchor where it can use hardware KVM), then on 1 x 2, 2 x 1, 1 x 4 and 4 x 1 nodes with
-    /// sysbench cpu's events/s.
     /// The virtio disk from a CPU on the master and on another node, against the host's own
     /// file I/O (sysbench fileio, O_DIRECT).
     Io,
     /// A page written by vCPUs on different nodes (sysbench's per-thread statistics) against
     /// the same guest on one node, at two event sizes.
     Sharing,
+    /// Time to each Linux boot milestone for the minimal and the Debian kernel (QEMU as the
+    /// anchor where it can use hardware KVM), then on 1 x 2, 2 x 1, 1 x 4 and 4 x 1 nodes with
+    /// sysbench cpu's events/s.
     Boot {
         /// Only the node-topology table (the one-node kernel comparison takes the longest).
         #[arg(long)]

@@ -87,7 +87,8 @@ fn host_anchor(dir: &Path) -> Result<HashMap<&'static str, Figures>, CommandErro
 }
 
 /// The guest's workload: every test on CPU 0, then on CPU 1, each between markers. A loop, to
-/// stay short on the kernel command line, and without double quotes, which end the value.
+/// stay short on the kernel command line, without double quotes, which end the value, and
+/// without a lone `--`, after which the kernel hands the rest of its command line to init.
 fn guest_run() -> String {
     let tests: Vec<String> = TESTS
         .iter()
@@ -95,7 +96,7 @@ fn guest_run() -> String {
         .collect();
     format!(
         "\"mount -t ext4 /dev/vda /mnt && cd /mnt && for c in 0 1; do for t in {}; do m=${{t%%/*}}; r=${{t#*/}}; \
-         set -- fileio --file-num=1 --file-extra-flags=direct --time={SECONDS} --file-test-mode=$m --file-block-size=${{r%/*}} --file-total-size=${{r#*/}}; \
+         set x fileio --file-num=1 --file-extra-flags=direct --time={SECONDS} --file-test-mode=$m --file-block-size=${{r%/*}} --file-total-size=${{r#*/}}; shift; \
          sysbench $@ prepare >/dev/null; echo IO-BEGIN $c $m; taskset -c $c sysbench $@ run; echo IO-END; sysbench $@ cleanup >/dev/null; \
          done; done; cd /; umount /mnt\"",
         tests.join(" ")
@@ -232,5 +233,6 @@ mod tests {
         let run = guest_run();
         assert!(run.len() < 1500, "{} bytes", run.len());
         assert_eq!(run.matches('"').count(), 2);
+        assert!(!run.split_whitespace().any(|w| w == "--"), "{run}");
     }
 }
