@@ -7,7 +7,10 @@
 //! the client's business: `spanvm stats --interval` and the cluster's summary lines take two
 //! answers and divide by the time between them; a single answer gives averages since start.
 
+pub mod control_socket;
 pub mod report;
+pub mod server;
+pub mod sources;
 pub mod wire;
 
 use std::path::{Path, PathBuf};
