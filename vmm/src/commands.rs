@@ -33,6 +33,9 @@ pub enum CommandError {
     /// Another node answers on this node's control socket.
     #[error(transparent)]
     ControlSocket(#[from] ClaimError),
+    /// `spanvm stats` could not show a node's figures.
+    #[error(transparent)]
+    Stats(#[from] crate::stats::command::StatsCommandError),
 }
 
 /// Claims the control socket of the node of `cfg` (see `crate::stats`). A live node on it is an

@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
@@ -41,6 +42,16 @@ enum Command {
         /// Where to write the per-node config files (default: a fresh directory in /tmp).
         #[arg(long)]
         dir: Option<PathBuf>,
+    },
+    /// Show a running node's live statistics (asked over its control socket).
+    Stats {
+        /// The config file the node runs from.
+        #[arg(long)]
+        config: PathBuf,
+        /// Take two answers SECS seconds apart and show the rates between them (default: one
+        /// answer, with averages since the node started).
+        #[arg(long, value_name = "SECS", value_parser = vmm::stats::command::parse_seconds)]
+        interval: Option<Duration>,
     },
     /// Validate a node config and print the guest layout it describes.
     Check {
@@ -90,6 +101,9 @@ fn main() -> ExitCode {
             };
             vmm::cluster::run(guest, dir.as_deref()).map_err(vmm::commands::CommandError::from)
         }
+        Command::Stats { config, interval } => vmm::stats::command::run(&config, interval)
+            .map(|()| StopReason::PowerOff)
+            .map_err(vmm::commands::CommandError::from),
         Command::Check { config } => vmm::commands::check(&config).map(|()| StopReason::PowerOff),
         Command::Bench {
             what: BenchWhat::Exits,

@@ -7,7 +7,10 @@
 //! the client's business: `spanvm stats --interval` and the cluster's summary lines take two
 //! answers and divide by the time between them; a single answer gives averages since start.
 
+pub mod client;
+pub mod command;
 pub mod control_socket;
+pub mod render;
 pub mod report;
 pub mod server;
 pub mod sources;
