@@ -8,6 +8,7 @@
 //! answers and divide by the time between them; a single answer gives averages since start.
 
 pub mod client;
+pub mod cluster_watch;
 pub mod command;
 pub mod control_socket;
 pub mod render;
