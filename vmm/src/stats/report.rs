@@ -103,15 +103,6 @@ impl NodeReport {
         self.vcpus.iter().map(VcpuReport::total_exits).sum()
     }
 
-    /// Exits of every local vCPU for `reason`.
-    pub fn exits_for(&self, reason: ExitReason) -> u64 {
-        let i = ExitReason::ALL
-            .iter()
-            .position(|&r| r == reason)
-            .unwrap_or_default();
-        self.vcpus.iter().map(|v| v.exits[i]).sum()
-    }
-
     /// Interrupts this node's vCPUs sent to vCPUs of other nodes.
     pub fn interrupts_out(&self) -> u64 {
         self.vcpus.iter().map(|v| v.interrupts.sent).sum()

@@ -107,8 +107,9 @@ impl StatsServer {
 
 impl Drop for StatsServer {
     fn drop(&mut self) {
-        // If the write fails the thread cannot be told to stop; leave it (it holds nothing of
-        // the VM strongly, and the socket file goes with the process's next start at worst).
+        // If the write fails the thread cannot be told to stop: it is left to end with the
+        // process (it holds nothing of the VM strongly), and its socket file, then stale, is
+        // replaced by the node's next start.
         if self.stop.write(1).is_ok() {
             if let Some(thread) = self.thread.take() {
                 // The thread owns the socket: joining it removes the file.
