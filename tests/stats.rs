@@ -66,6 +66,23 @@ fn running_stats(config: &Path, args: &[&str]) -> String {
     }
 }
 
+/// The first answer of a running node for which `ready` holds (the guest's work begins after
+/// the node says it runs: its vCPUs meet at a barrier first).
+fn stats_once(config: &Path, ready: impl Fn(&str) -> bool) -> String {
+    let start = Instant::now();
+    loop {
+        let page = running_stats(config, &[]);
+        if ready(&page) {
+            return page;
+        }
+        assert!(
+            start.elapsed() < LIMIT,
+            "the guest never got going:\n{page}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 #[test]
 fn stats_of_a_running_node_grow_while_its_guest_faults_across_nodes() {
     let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
@@ -86,6 +103,8 @@ fn stats_of_a_running_node_grow_while_its_guest_faults_across_nodes() {
         );
     }
 
+    // Once the counter's page moves, every answer must show more faults than the one before.
+    stats_once(&configs[1], |page| figure(page, "remote requests") > 0);
     let mut faults = Vec::new();
     for round in 0..3 {
         let page = running_stats(&configs[1], &[]);
@@ -179,7 +198,10 @@ fn stats_count_each_vcpus_ipis_across_nodes_and_its_exits_by_reason() {
     );
     wait_until_running(&nodes);
     let config = dir.path().join("node-1.toml");
-    let first = running_stats(&config, &[]);
+    let first = stats_once(&config, |page| {
+        let (received, sent, mmio) = vcpu_figures(page, 1);
+        received > 0 && sent > 0 && mmio > 0
+    });
     std::thread::sleep(Duration::from_millis(700));
     let second = running_stats(&config, &[]);
     let (in_1, out_1, mmio_1) = vcpu_figures(&first, 1);
