@@ -377,8 +377,12 @@ fn linux_on_2_nodes_typed_input_and_virtio_from_node_1_powers_off_from_the_maste
     // virtio-rng seeds the kernel's CRNG while it boots: ready before /init runs, so no
     // reader of getrandom() waits for entropy.
     let console: Vec<&str> = b.console().collect();
-    let crng = console.iter().position(|l| l.contains("random: crng init done"));
-    let init = console.iter().position(|l| l.contains("Run /init as init process"));
+    let crng = console
+        .iter()
+        .position(|l| l.contains("random: crng init done"));
+    let init = console
+        .iter()
+        .position(|l| l.contains("Run /init as init process"));
     if !matches!((crng, init), (Some(c), Some(i)) if c < i) {
         b.fail("the kernel's CRNG was not initialised before /init ran");
     }
