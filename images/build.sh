@@ -26,7 +26,7 @@ declare -A title=(
     [kernel-config]="kernel config (allnoconfig + kernel/spanvm-minimal.config)"
     [kernel-build]="minimal kernel (vmlinux, bzImage)"
     [cloud-kernel]="Debian cloud kernel"
-    [initramfs]="initramfs (busybox, sysbench, /init)"
+    [initramfs]="initramfs (busybox, sysbench, stress-ng, /init)"
     [data-disk]="data disk (data.ext4, mkfs.ext4 -d)"
 )
 # Which step makes each output, so that an output that no longer matches SHA256SUMS is rebuilt.

@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
-# Step: the guest initramfs: busybox (static), sysbench with every shared library it loads,
-# and images/initramfs/init, written as an UNCOMPRESSED newc cpio (a guest kernel running under
-# instruction emulation takes minutes to gunzip; copying is cheap).
+# Step: the guest initramfs: busybox (static), sysbench and stress-ng with every shared library
+# they load, and images/initramfs/init, written as an UNCOMPRESSED newc cpio (a guest kernel
+# running under instruction emulation takes minutes to gunzip; copying is cheap).
 set -euo pipefail
 # shellcheck source-path=SCRIPTDIR source=lib.sh
 . "$(dirname "$0")/lib.sh"
-require_packages busybox-static sysbench libc6
+require_packages busybox-static sysbench stress-ng libc6
 
 init="$IMAGES_DIR/initramfs/init"
 output="$OUT/initramfs.cpio"
 key="$(stamp_key "$0" "$IMAGES_DIR/scripts/lib.sh" "$init" \
     "busybox-static $(pkg_version busybox-static)" "sysbench $(pkg_version sysbench)" \
-    "libc6 $(pkg_version libc6)" "$(ldd /usr/bin/sysbench | sed 's/ (0x[0-9a-f]*)$//' | sort)")"
+    "stress-ng $(pkg_version stress-ng)" "libc6 $(pkg_version libc6)" \
+    "$(ldd /usr/bin/sysbench /usr/bin/stress-ng | sed 's/ (0x[0-9a-f]*)$//' | sort)")"
 
 if stamp_fresh initramfs "$key" "$output"; then
     log "cached: $output"
@@ -31,24 +32,34 @@ install -m 755 /bin/busybox "$root/bin/busybox"
     [ -e "$root/$applet" ] || ln -s /bin/busybox "$root/$applet"
 done
 
+# Copies the executable $1 to the same path under $root with every library ldd resolves for it,
+# plus the dynamic loader, at the path the loader looks for it.
+install_with_libraries() {
+    local program="$1" library libraries
+    if ldd "$program" | grep -q 'not found'; then
+        die "ldd cannot resolve every library of $program: $(ldd "$program" | grep 'not found')"
+    fi
+    install -D -m 755 "$program" "$root$program"
+    libraries="$(ldd "$program" | awk '$2 == "=>" && $3 ~ /^\// { print $3 } $1 ~ /^\// { print $1 }' | sort -u)"
+    for library in $libraries; do
+        [ -e "$library" ] || die "$program needs $library, which is not on this machine"
+        mkdir -p "$root$(dirname "$library")"
+        cp -L "$library" "$root$library"
+    done
+}
+
 log "sysbench $(pkg_version sysbench) and the shared libraries it links"
-install -m 755 /usr/bin/sysbench "$root/usr/bin/sysbench"
+install_with_libraries /usr/bin/sysbench
 cp -a /usr/share/sysbench "$root/usr/share/"
-# Every library ldd resolves, plus the dynamic loader, at the path the loader looks for it.
 # libgcc_s is loaded with dlopen by glibc when a thread exits or is cancelled, so ldd may not
 # list it; it goes in either way.
-libraries="$( {
-    ldd /usr/bin/sysbench | awk '$2 == "=>" && $3 ~ /^\// { print $3 } $1 ~ /^\// { print $1 }'
-    echo /lib/x86_64-linux-gnu/libgcc_s.so.1
-} | sort -u)"
-for library in $libraries; do
-    [ -e "$library" ] || die "sysbench needs $library, which is not on this machine"
-    mkdir -p "$root$(dirname "$library")"
-    cp -L "$library" "$root$library"
-done
-if ldd /usr/bin/sysbench | grep -q 'not found'; then
-    die "ldd cannot resolve every library of /usr/bin/sysbench: $(ldd /usr/bin/sysbench | grep 'not found')"
-fi
+mkdir -p "$root/lib/x86_64-linux-gnu"
+cp -L /lib/x86_64-linux-gnu/libgcc_s.so.1 "$root/lib/x86_64-linux-gnu/libgcc_s.so.1"
+
+# stress-ng: the CPU methods of `spanvm bench sysbench` (GiantVM's section 5.3). It links about
+# 16 MB of libraries sysbench does not (libIPSec_MB alone is 12 MB).
+log "stress-ng $(pkg_version stress-ng) and the shared libraries it links"
+install_with_libraries /usr/bin/stress-ng
 
 install -m 755 "$init" "$root/init"
 printf 'root:x:0:0:root:/root:/bin/sh\n' >"$root/etc/passwd"
