@@ -5,6 +5,7 @@ pub mod dsm;
 pub mod exits;
 pub mod io;
 pub mod sharing;
+pub mod sysbench;
 
 use std::collections::HashMap;
 
