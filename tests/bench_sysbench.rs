@@ -8,7 +8,8 @@
 //! `<svg>` root). The images must have been built (`images/build.sh`: `minimal.vmlinux` and
 //! `initramfs-bench.cpio`); the test fails, naming what is missing, when they are not.
 //!
-//! Two boots and sixteen program starts in a kvm_pvm guest take 15-30 minutes here.
+//! Two boots and sixteen program starts in a kvm_pvm guest take 15-40 minutes here, depending
+//! on what else runs on the host.
 
 mod common;
 
@@ -19,8 +20,9 @@ use std::time::{Duration, Instant};
 
 use vmm::bench::sysbench::workload::workloads;
 
-/// Far above what a run takes on a quiet host (about 20 minutes); bounds a hang.
-const LIMIT: Duration = Duration::from_secs(45 * 60);
+/// Bounds a hang. A run takes about 20 minutes on a quiet host; with other Linux boots on the
+/// same 2 cores the 1x2 boot alone took 11 minutes to reach /init (2026-12-04).
+const LIMIT: Duration = Duration::from_secs(60 * 60);
 
 /// The bench child, killed and reaped on every path (its guests die with it).
 struct KillOnDrop(Child);
