@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::netns::NetNs;
-use devices::virtio::net::{NetBackend, MAX_FRAME_LEN};
+use devices::virtio::net::{GuestOffloads, NetBackend, MAX_FRAME_LEN, NET_HDR_LEN};
 use vmm::virtio::TapBackend;
 
 /// The "guest" behind the tap.
@@ -125,11 +125,12 @@ fn frames_cross_a_tap_created_in_a_namespace_both_ways() {
         .spawn_rx_thread(Box::new(move || {
             k.fetch_add(1, Ordering::Relaxed);
             let mut buf = vec![0u8; MAX_FRAME_LEN];
-            while let Some(n) = guest.receive(&mut buf).unwrap() {
+            let mut header = [0u8; NET_HDR_LEN];
+            while let Some(n) = guest.receive(&mut header, &mut buf).unwrap() {
                 let frame = &buf[..n];
                 s.lock().unwrap().push(frame.to_vec());
                 if let Some(reply) = answer(frame) {
-                    guest.send(&reply).unwrap();
+                    guest.send(&[0; NET_HDR_LEN], &reply).unwrap();
                 }
             }
         }))
@@ -202,7 +203,7 @@ fn frames_wait_in_the_tap_while_the_guest_has_no_buffers() {
             let mut held = h.lock().unwrap();
             if held.is_empty() {
                 let mut buf = vec![0u8; MAX_FRAME_LEN];
-                if let Some(n) = card.receive(&mut buf).unwrap() {
+                if let Some(n) = card.receive(&mut [0; NET_HDR_LEN], &mut buf).unwrap() {
                     held.push(buf[..n].to_vec());
                 }
             }
@@ -227,7 +228,7 @@ fn frames_wait_in_the_tap_while_the_guest_has_no_buffers() {
     let mut got = held.lock().unwrap().drain(..).collect::<Vec<_>>();
     let mut guest = tap.clone();
     let mut buf = vec![0u8; MAX_FRAME_LEN];
-    while let Some(n) = guest.receive(&mut buf).unwrap() {
+    while let Some(n) = guest.receive(&mut [0; NET_HDR_LEN], &mut buf).unwrap() {
         got.push(buf[..n].to_vec());
     }
     let payloads: Vec<u8> = got
@@ -250,6 +251,72 @@ fn frames_wait_in_the_tap_while_the_guest_has_no_buffers() {
         kicks.load(Ordering::Relaxed)
     );
     drop(rx);
+}
+
+/// Waits up to 5 s for the next frame on `tap`, with its header.
+fn next_frame(tap: &mut TapBackend) -> ([u8; NET_HDR_LEN], Vec<u8>) {
+    let mut buf = vec![0u8; MAX_FRAME_LEN];
+    let mut header = [0u8; NET_HDR_LEN];
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if let Some(n) = tap.receive(&mut header, &mut buf).unwrap() {
+            return (header, buf[..n].to_vec());
+        }
+        assert!(Instant::now() < deadline, "no frame came out of the tap");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn the_offloads_the_guest_accepts_reach_the_host_stack() {
+    let (ns, mut tap) = namespace_with_tap();
+    let neigh = ns.exec(&[
+        "ip",
+        "neigh",
+        "add",
+        "10.0.2.15",
+        "lladdr",
+        "52:54:00:12:34:56",
+        "dev",
+        "spanvm0",
+        "nud",
+        "permanent",
+    ]);
+    assert!(neigh.status.success(), "{neigh:?}");
+    assert!(tap.carries_offloads());
+    let socket = host_socket(&ns);
+    // No offloads accepted (the state after opening and after a reset): complete frames, an
+    // empty header.
+    socket.send(&[1; 600]).unwrap();
+    let (header, frame) = next_frame(&mut tap);
+    assert_eq!(ethertype(&frame), ETH_IPV4);
+    assert_eq!(header[0], 0, "flags without checksum offload: {header:?}");
+    // The guest takes partial checksums: the host stack leaves the UDP checksum to it and
+    // says so in the header (flags NEEDS_CSUM, where the sum starts and goes).
+    tap.set_guest_offloads(GuestOffloads {
+        csum: true,
+        tso4: true,
+        tso6: false,
+    })
+    .unwrap();
+    socket.send(&[2; 600]).unwrap();
+    let (header, frame) = next_frame(&mut tap);
+    assert_eq!(frame[42], 2);
+    assert_eq!(header[0] & 1, 1, "NEEDS_CSUM: {header:?}");
+    assert_eq!(
+        u16::from_le_bytes([header[6], header[7]]),
+        14 + 20,
+        "csum_start"
+    );
+    assert_eq!(u16::from_le_bytes([header[8], header[9]]), 6, "csum_offset");
+    // A header asking for a segmentation type that does not exist is refused, not sent.
+    let mut bogus = [0u8; NET_HDR_LEN];
+    bogus[1] = 0x33;
+    assert!(tap.send(&bogus, &frame).is_err());
+    tap.set_guest_offloads(GuestOffloads::default()).unwrap();
+    socket.send(&[3; 600]).unwrap();
+    let (header, frame) = next_frame(&mut tap);
+    assert_eq!((header[0], frame[42]), (0, 3));
 }
 
 #[test]

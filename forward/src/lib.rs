@@ -171,6 +171,23 @@ impl std::fmt::Display for ForwardStats {
     }
 }
 
+/// Interrupts one vCPU exchanged with vCPUs of other nodes.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct VcpuInterrupts {
+    /// Interrupts this vCPU raised (IPIs, INIT, SIPI, NMI) for vCPUs of other nodes, counted
+    /// once per remote destination vCPU.
+    pub sent: u64,
+    /// Interrupts from other nodes (their vCPUs' IPIs, the master's devices) delivered to this
+    /// vCPU.
+    pub received: u64,
+}
+
+#[derive(Default)]
+struct VcpuCounters {
+    sent: AtomicU64,
+    received: AtomicU64,
+}
+
 #[derive(Default)]
 struct Counters {
     interrupts_sent: AtomicU64,
@@ -216,6 +233,8 @@ pub struct Forwarder {
     next_seq: AtomicU64,
     workers: Mutex<HashMap<NodeId, mpsc::Sender<Job>>>,
     counters: Counters,
+    /// Per vCPU (by index): its interrupts across nodes.
+    vcpu_counters: Box<[VcpuCounters]>,
     /// Set (once) to what made a worker give up, for the caller's diagnostics.
     worker_error: OnceLock<String>,
 }
@@ -229,6 +248,11 @@ impl Forwarder {
     /// master the devices) before frames can arrive.
     pub fn new(config: ForwardConfig, link: Arc<dyn ForwardLink>) -> Arc<Self> {
         let replicas = RwLock::new(config.initial.clone());
+        let vcpu_counters = config
+            .vcpu_owner
+            .iter()
+            .map(|_| VcpuCounters::default())
+            .collect();
         Arc::new(Self {
             config,
             link,
@@ -242,6 +266,7 @@ impl Forwarder {
             next_seq: AtomicU64::new(1),
             workers: Mutex::new(HashMap::new()),
             counters: Counters::default(),
+            vcpu_counters,
             worker_error: OnceLock::new(),
         })
     }
@@ -306,6 +331,17 @@ impl Forwarder {
         }
     }
 
+    /// What every vCPU (by index) exchanged with other nodes so far; only local vCPUs count.
+    pub fn vcpu_interrupts(&self) -> Vec<VcpuInterrupts> {
+        self.vcpu_counters
+            .iter()
+            .map(|c| VcpuInterrupts {
+                sent: c.sent.load(Ordering::Relaxed),
+                received: c.received.load(Ordering::Relaxed),
+            })
+            .collect()
+    }
+
     fn send(&self, to: NodeId, msg: &ForwardMessage) -> Result<(), ForwardError> {
         self.link
             .send(to, &msg.encode())
@@ -345,6 +381,9 @@ impl Forwarder {
             self.counters
                 .interrupts_sent
                 .fetch_add(1, Ordering::Relaxed);
+            if let Some(c) = source.and_then(|s| self.vcpu_counters.get(s)) {
+                c.sent.fetch_add(targets.len() as u64, Ordering::Relaxed);
+            }
             let frame = ForwardMessage::Interrupt {
                 source,
                 msg: *msg,
@@ -574,6 +613,9 @@ impl Forwarder {
                     self.counters
                         .interrupts_received
                         .fetch_add(1, Ordering::Relaxed);
+                    if let Some(c) = self.vcpu_counters.get(t) {
+                        c.received.fetch_add(1, Ordering::Relaxed);
+                    }
                     self.accept_local(t, &msg);
                 }
                 Ok(())

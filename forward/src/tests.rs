@@ -234,6 +234,13 @@ fn a_multicast_to_several_vcpus_of_one_node_is_one_frame() {
     assert_eq!(targets, vec![(0, 1), (1, 2), (1, 3), (1, 4)]);
     // One frame to node 1 (three targets), none to node 2.
     assert_eq!(c.frames_sent(), 1);
+    // Per vCPU: the sender counts its three remote destinations (not the local one), and each
+    // remote destination counts one interrupt in.
+    assert_eq!(c.nodes[0].vcpu_interrupts()[0].sent, 3);
+    assert_eq!(c.nodes[0].vcpu_interrupts()[1].received, 0);
+    let on_node_1 = c.nodes[1].vcpu_interrupts();
+    let received: Vec<u64> = on_node_1.iter().map(|v| v.received).collect();
+    assert_eq!(received, vec![0, 0, 1, 1, 1, 0]);
 }
 
 #[test]

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use resources::{ClusterDescription, ConfigError, GuestImage};
 
+use crate::stats::cluster_watch::ClusterWatch;
 use crate::stop::StopReason;
 use crate::vm::handle_signals;
 
@@ -104,6 +105,9 @@ pub enum ClusterError {
     /// Signal handling could not be set up.
     #[error("cannot set up signal handling: {0}")]
     Signals(std::io::Error),
+    /// The statistics watch could not start.
+    #[error(transparent)]
+    Watch(#[from] crate::stats::cluster_watch::WatchError),
     /// The default Linux guest's images are not built.
     #[error("the default guest needs {missing}: run `bash images/build.sh` first (or set SPANVM_IMAGES_DIR), or run a probe guest with `spanvm cluster --probe counter`")]
     NoImages {
@@ -188,7 +192,13 @@ fn relay(
 
 /// Runs the cluster of `config` (or the default) until every node has stopped; returns the
 /// reason the guest stopped, judged from the nodes' exit codes.
-pub fn run(guest: Guest, dir: Option<&Path>) -> Result<StopReason, ClusterError> {
+/// With `stats_interval`, prints a statistics line per node at that interval (see
+/// `crate::stats::cluster_watch`).
+pub fn run(
+    guest: Guest,
+    dir: Option<&Path>,
+    stats_interval: Option<Duration>,
+) -> Result<StopReason, ClusterError> {
     let desc = match guest {
         Guest::Described(path) => ClusterDescription::load(&path)?,
         Guest::Probe(name) => ClusterDescription::default_cluster(
@@ -300,6 +310,12 @@ pub fn run(guest: Guest, dir: Option<&Path>) -> Result<StopReason, ClusterError>
             .push(child);
     }
 
+    // Started after handle_signals, like every thread here; stopped when the nodes are done.
+    let watch = match stats_interval {
+        Some(every) => Some(ClusterWatch::start(files.clone(), every)?),
+        None => None,
+    };
+
     // Wait for every node; once one fails, the others get a grace period, then are killed.
     let mut codes: Vec<Option<i32>> = vec![None; files.len()];
     let mut first_failure: Option<Instant> = None;
@@ -328,6 +344,7 @@ pub fn run(guest: Guest, dir: Option<&Path>) -> Result<StopReason, ClusterError>
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+    drop(watch);
     for r in relays {
         let _ = r.join();
     }

@@ -2,9 +2,13 @@
 
 use std::path::Path;
 use std::sync::{Arc, Mutex, Weak};
+use std::time::Instant;
 
 use resources::{ConfigError, NodeConfig};
 
+use crate::stats::control_socket::{ClaimError, ControlSocket};
+use crate::stats::server::StatsServer;
+use crate::stats::sources::NodeSources;
 use crate::stop::StopReason;
 use crate::vm::{handle_signals, NodeVm, VmError};
 
@@ -26,6 +30,33 @@ pub enum CommandError {
     /// A benchmark could not run.
     #[error("benchmark: {0}")]
     Bench(String),
+    /// Another node answers on this node's control socket.
+    #[error(transparent)]
+    ControlSocket(#[from] ClaimError),
+    /// `spanvm stats` could not show a node's figures.
+    #[error(transparent)]
+    Stats(#[from] crate::stats::command::StatsCommandError),
+}
+
+/// Claims the control socket of the node of `cfg` (see `crate::stats`). A live node on it is an
+/// error (two nodes from one config file); any other problem only costs `spanvm stats` its
+/// answers, so the node says so and runs on.
+fn claim_control_socket(cfg: &NodeConfig) -> Result<Option<ControlSocket>, CommandError> {
+    let path = match crate::stats::socket_path(&cfg.path) {
+        Ok(path) => path,
+        Err(e) => {
+            eprintln!("spanvm: node {}: no statistics socket: {e}", cfg.node);
+            return Ok(None);
+        }
+    };
+    match ControlSocket::claim(&path) {
+        Ok(socket) => Ok(Some(socket)),
+        Err(e @ ClaimError::InUse { .. }) => Err(e.into()),
+        Err(e) => {
+            eprintln!("spanvm: node {}: no statistics socket: {e}", cfg.node);
+            Ok(None)
+        }
+    }
 }
 
 /// `spanvm check`: validate and describe.
@@ -39,7 +70,12 @@ pub fn check(config: &Path) -> Result<(), CommandError> {
 /// `spanvm run` / `spanvm node`: run this node until the guest stops. In a cluster the DSM
 /// statistics are printed at exit and on SIGUSR1.
 pub fn run(config: &Path) -> Result<StopReason, CommandError> {
+    let started = Instant::now();
     let cfg = NodeConfig::load(config)?;
+    // Claimed before anything else, so that a second node from the same file stops here, before
+    // it binds the cluster's ports.
+    let control_socket = claim_control_socket(&cfg)?;
+    let socket_file = control_socket.as_ref().map(|s| s.path().to_path_buf());
     // Signals are taken before NodeVm::build starts the DSM's and the transport's threads
     // (which inherit the mask); until the VM exists, Ctrl-C simply ends the process.
     type SignalAction = Box<dyn Fn(i32) + Send>;
@@ -52,11 +88,28 @@ pub fn run(config: &Path) -> Result<StopReason, CommandError> {
             None if sig == libc::SIGUSR1 => {}
             None => {
                 eprintln!("spanvm: interrupted while the node was starting");
+                // process::exit skips destructors: the control socket's file goes by hand.
+                if let Some(path) = &socket_file {
+                    let _ = std::fs::remove_file(path);
+                }
                 std::process::exit(i32::from(StopReason::Interrupted.exit_code()));
             }
         }
     })
     .map_err(CommandError::Signals)?;
+    // After handle_signals, like every thread of the node (it inherits the blocked signals).
+    let stats_server = match control_socket {
+        Some(socket) => {
+            match StatsServer::start(socket, cfg.node, cfg.layout.node_count(), started) {
+                Ok(server) => Some(server),
+                Err(e) => {
+                    eprintln!("spanvm: node {}: no statistics socket: {e}", cfg.node);
+                    None
+                }
+            }
+        }
+        None => None,
+    };
     let mut vm = match NodeVm::build(&cfg) {
         Ok(vm) => vm,
         Err(VmError::Stopped(reason)) => {
@@ -68,6 +121,9 @@ pub fn run(config: &Path) -> Result<StopReason, CommandError> {
         }
         Err(e) => return Err(e.into()),
     };
+    if let Some(server) = &stats_server {
+        server.attach(NodeSources::of(&vm));
+    }
     let platform = vm.platform().clone();
     let dsm = vm.dsm();
     // Weak: the handler lives as long as the process, and a strong reference would keep the DSM
@@ -106,7 +162,11 @@ pub fn run(config: &Path) -> Result<StopReason, CommandError> {
         }
         None => None,
     };
-    let reason = vm.run()?;
+    let reason = vm.run();
+    // The socket closes with the guest, before the teardown: an answer in progress must not
+    // hold a part of the VM while it is taken down.
+    drop(stats_server);
+    let reason = reason?;
     if let Some(stats) = vm.pvm_repair_stats() {
         if stats.total() > 0 {
             eprintln!("spanvm: {stats}");

@@ -13,6 +13,7 @@ pub mod hypervisor;
 pub mod memory;
 pub mod platform;
 pub mod probe;
+pub mod stats;
 pub mod stop;
 pub mod tsc;
 pub mod vcpu;

@@ -373,6 +373,8 @@ impl<M: GuestMemory> MmioTransport<M> {
             if new & DRIVER_OK != 0 {
                 return;
             }
+        } else if added & FEATURES_OK != 0 {
+            self.device.features_accepted(self.driver_features);
         }
         self.status = new;
     }

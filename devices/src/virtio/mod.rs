@@ -145,6 +145,51 @@ impl<M: GuestMemory> DeviceContext<M> {
                 source,
             })
     }
+
+    /// Returns the chains `used` (head, bytes written) to the driver on `queue` (queue number
+    /// `index`) in one step: the used index moves once, after every element is in place, so a
+    /// driver polling the ring never sees part of them (a frame over several receive buffers).
+    pub fn add_used_together(
+        &self,
+        index: usize,
+        queue: &mut Queue,
+        used: &[(u16, u32)],
+    ) -> Result<(), VirtioError> {
+        use std::sync::atomic::Ordering;
+        use vm_memory::{Bytes, GuestAddress};
+        let broken = |source| VirtioError::BrokenQueue {
+            queue: index,
+            source,
+        };
+        let size = queue.size();
+        let ring = queue.used_ring();
+        let mut next = queue.next_used();
+        for &(head, len) in used {
+            if head >= size {
+                return Err(broken(virtio_queue::Error::InvalidDescriptorIndex));
+            }
+            // used ring: flags (2), idx (2), then size elements of (id: u32, len: u32).
+            let slot = 4 + 8 * u64::from(next % size);
+            let mut elem = [0u8; 8];
+            elem[..4].copy_from_slice(&u32::from(head).to_le_bytes());
+            elem[4..].copy_from_slice(&len.to_le_bytes());
+            let at = ring
+                .checked_add(slot)
+                .ok_or(broken(virtio_queue::Error::AddressOverflow))?;
+            self.memory
+                .write_slice(&elem, GuestAddress(at))
+                .map_err(|e| broken(virtio_queue::Error::GuestMemory(e)))?;
+            next = next.wrapping_add(1);
+        }
+        let idx = ring
+            .checked_add(2)
+            .ok_or(broken(virtio_queue::Error::AddressOverflow))?;
+        self.memory
+            .store(next.to_le(), GuestAddress(idx), Ordering::Release)
+            .map_err(|e| broken(virtio_queue::Error::GuestMemory(e)))?;
+        queue.set_next_used(next);
+        Ok(())
+    }
 }
 
 /// A virtio device model behind a transport.
@@ -160,6 +205,9 @@ pub trait VirtioDevice<M: GuestMemory>: Send {
     fn read_config(&self, offset: u64, data: &mut [u8]);
     /// The driver writes its configuration space.
     fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// The driver accepted `features` (FEATURES_OK set and kept): a device whose host side
+    /// depends on them sets it up now.
+    fn features_accepted(&mut self, _features: u64) {}
     /// Processes every chain available on queue `index`; returns whether the used ring
     /// changed (the transport then interrupts the driver). An error means the queue is broken
     /// and the device needs a reset.

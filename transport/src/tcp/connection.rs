@@ -3,6 +3,7 @@
 use std::io::{self, Read};
 use std::net::{Shutdown, TcpStream};
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread;
 
@@ -56,14 +57,21 @@ struct Outbox {
     /// done, nobody else may write to the socket or frames would interleave.
     writing: bool,
     closed: bool,
-    /// Frames handed to this connection.
-    frames: u64,
-    /// Frames that found the socket full (or a queue before them) and were queued.
-    queued: u64,
-    /// The most bytes ever waiting in `pending`.
-    peak_backlog: usize,
     /// Where a frame is encoded for a direct write, without a fresh allocation per frame.
     scratch: Vec<u8>,
+}
+
+/// What went through a connection. Updated under the outbox lock, but atomics so that a
+/// statistics reader (`spanvm stats`, SIGUSR1) never takes that lock and so never makes a
+/// sender wait.
+#[derive(Default)]
+struct SendCounters {
+    /// Frames handed to this connection.
+    frames: AtomicU64,
+    /// Frames that found the socket full (or a queue before them) and were queued.
+    queued: AtomicU64,
+    /// The most bytes ever waiting in `pending`.
+    peak_backlog: AtomicUsize,
 }
 
 /// An authenticated connection of one channel to one peer.
@@ -76,6 +84,7 @@ struct Outbox {
 pub(crate) struct Connection {
     stream: TcpStream,
     outbox: Mutex<Outbox>,
+    counters: SendCounters,
     /// Wakes the writer thread when `pending` fills or the connection closes.
     wake: Condvar,
 }
@@ -88,11 +97,9 @@ impl Connection {
                 pending: Vec::new(),
                 writing: false,
                 closed: false,
-                frames: 0,
-                queued: 0,
-                peak_backlog: 0,
                 scratch: Vec::with_capacity(HEADER_LEN + MAX_PAYLOAD),
             }),
+            counters: SendCounters::default(),
             wake: Condvar::new(),
         }
     }
@@ -113,7 +120,7 @@ impl Connection {
         if outbox.closed {
             return Err(SendError::Closed);
         }
-        outbox.frames += 1;
+        self.counters.frames.fetch_add(1, Relaxed);
         if !outbox.writing && outbox.pending.is_empty() {
             let Outbox {
                 scratch, pending, ..
@@ -132,8 +139,10 @@ impl Connection {
             }
             frame.encode_into(&mut outbox.pending);
         }
-        outbox.queued += 1;
-        outbox.peak_backlog = outbox.peak_backlog.max(outbox.pending.len());
+        self.counters.queued.fetch_add(1, Relaxed);
+        self.counters
+            .peak_backlog
+            .fetch_max(outbox.pending.len(), Relaxed);
         drop(outbox);
         self.wake.notify_one();
         Ok(())
@@ -174,13 +183,12 @@ impl Connection {
         }
     }
 
-    /// What went through this connection so far.
+    /// What went through this connection so far (without the outbox lock).
     pub(crate) fn stats(&self) -> TransportStats {
-        let outbox = self.outbox();
         TransportStats {
-            frames_sent: outbox.frames,
-            frames_queued: outbox.queued,
-            peak_backlog_bytes: outbox.peak_backlog,
+            frames_sent: self.counters.frames.load(Relaxed),
+            frames_queued: self.counters.queued.load(Relaxed),
+            peak_backlog_bytes: self.counters.peak_backlog.load(Relaxed),
         }
     }
 

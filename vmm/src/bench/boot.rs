@@ -94,12 +94,29 @@ fn topology_boot(
     let vcpus = nodes * per_node;
     let run = format!("sysbench+cpu+--threads={vcpus}+--time=5+run");
     let name = format!("topology-{nodes}x{per_node}");
-    cluster_boot(kernel, initrd, dir, &name, (nodes, per_node), &run, None)
+    cluster_boot(
+        kernel,
+        initrd,
+        dir,
+        &name,
+        (nodes, per_node),
+        &run,
+        &GuestDevices::default(),
+    )
+}
+
+/// The virtio devices of a benchmark's guest besides the entropy source.
+#[derive(Default)]
+pub(super) struct GuestDevices<'a> {
+    /// The guest's first disk.
+    pub(super) disk: Option<&'a Path>,
+    /// A network card on a tap spanvm creates in this namespace; the guest is 10.0.2.15 there.
+    pub(super) netns: Option<&'a str>,
 }
 
 /// Boots `kernel` on `shape.0` nodes with `shape.1` vCPUs each (one node: `spanvm run`,
-/// several: `spanvm cluster`), `/init` running `run` (a `spanvm.run=` value), with `disk` as
-/// the guest's first virtio disk. The console goes to `<dir>/<name>.console.log`.
+/// several: `spanvm cluster`), `/init` running `run` (a `spanvm.run=` value), with `devices`.
+/// The console goes to `<dir>/<name>.console.log`.
 pub(super) fn cluster_boot(
     kernel: &Path,
     initrd: &Path,
@@ -107,16 +124,24 @@ pub(super) fn cluster_boot(
     name: &str,
     (nodes, per_node): (usize, usize),
     run: &str,
-    disk: Option<&Path>,
+    devices: &GuestDevices<'_>,
 ) -> Result<(Vec<Option<Duration>>, Option<f64>), CommandError> {
     let vcpus = nodes * per_node;
+    let ip = if devices.netns.is_some() {
+        format!(" {}", super::netns::GUEST_IP_ARG)
+    } else {
+        String::new()
+    };
     let mut text = format!(
-        "[guest]\nvcpus = {vcpus}\nmemory_mib = 256\n[guest.linux]\nkernel = \"{}\"\ninitrd = \"{}\"\ncmdline = '''console=ttyS0 spanvm.run={run}'''\n",
+        "[guest]\nvcpus = {vcpus}\nmemory_mib = 256\n[guest.linux]\nkernel = \"{}\"\ninitrd = \"{}\"\ncmdline = '''console=ttyS0{ip} spanvm.run={run}'''\n",
         kernel.display(),
         initrd.display()
     );
-    if let Some(disk) = disk {
+    if let Some(disk) = devices.disk {
         text.push_str(&format!("[[guest.disk]]\npath = \"{}\"\n", disk.display()));
+    }
+    if let Some(netns) = devices.netns {
+        text.push_str(&format!("[guest.net]\nnetns = \"{netns}\"\n"));
     }
     text.push_str(&super::node_tables(nodes, per_node)?);
     let config = dir.join(format!("{name}.toml"));

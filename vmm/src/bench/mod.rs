@@ -4,6 +4,7 @@ pub mod boot;
 pub mod dsm;
 pub mod exits;
 pub mod io;
+mod netns;
 pub mod sharing;
 pub mod sysbench;
 

@@ -11,6 +11,7 @@ use crate::memory::GuestMemory;
 use crate::platform::Platform;
 use crate::stop::StopReason;
 use crate::tsc;
+use crate::vcpu::exit_counters::ExitReason;
 use crate::vcpu::pvm_repair::{PvmRepair, RepairError};
 use crate::vcpu::{kick, RunState, VcpuShared};
 
@@ -166,6 +167,7 @@ impl VcpuLoop {
             self.prepare_injection()?;
             let exit = self.fd.run();
             self.shared.set_state(RunState::InVmm);
+            self.shared.exits.record(exit_reason(&exit));
             match exit {
                 Ok(exit) => match exit {
                     VcpuExit::IoOut(port, data) => self.platform.port_write(index, port, data),
@@ -380,6 +382,27 @@ impl VcpuLoop {
             rip,
             data: internal.data[..n].to_vec(),
         }
+    }
+}
+
+/// What `spanvm stats` counts an exit (or a failed `KVM_RUN`) as.
+fn exit_reason(exit: &Result<VcpuExit<'_>, kvm_ioctls::Error>) -> ExitReason {
+    match exit {
+        Ok(VcpuExit::IoIn(..)) => ExitReason::IoIn,
+        Ok(VcpuExit::IoOut(..)) => ExitReason::IoOut,
+        Ok(VcpuExit::MmioRead(..)) => ExitReason::MmioRead,
+        Ok(VcpuExit::MmioWrite(..)) => ExitReason::MmioWrite,
+        Ok(VcpuExit::X86Rdmsr(_)) => ExitReason::MsrRead,
+        Ok(VcpuExit::X86Wrmsr(_)) => ExitReason::MsrWrite,
+        Ok(VcpuExit::Hlt) => ExitReason::Halt,
+        Ok(VcpuExit::IrqWindowOpen) => ExitReason::IrqWindow,
+        Ok(VcpuExit::Intr) => ExitReason::Signal,
+        Ok(VcpuExit::Shutdown) => ExitReason::Shutdown,
+        Ok(VcpuExit::SystemEvent(..)) => ExitReason::SystemEvent,
+        Ok(VcpuExit::InternalError) => ExitReason::InternalError,
+        Ok(_) => ExitReason::Other,
+        Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => ExitReason::Kicked,
+        Err(_) => ExitReason::Other,
     }
 }
 

@@ -1,6 +1,7 @@
 //! vCPUs: the state other threads see (`VcpuShared`), the exit loop, the APIC timer thread and
 //! the kick.
 
+pub mod exit_counters;
 pub mod exit_loop;
 pub mod kick;
 pub mod pvm_repair;
@@ -10,6 +11,8 @@ use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard, OnceLock};
 
 use devices::apic::LocalApic;
+
+use crate::vcpu::exit_counters::ExitCounters;
 
 /// Where a vCPU thread is, so that an interrupt sender knows how to wake it.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -33,6 +36,8 @@ pub struct VcpuShared {
     pub wakeup: Condvar,
     /// Signalled when the APIC timer is re-programmed (used with `apic` by the timer thread).
     pub timer_changed: Condvar,
+    /// Why the vCPU left the guest, by reason (written by its thread, read by `spanvm stats`).
+    pub exits: ExitCounters,
     state: AtomicU8,
     thread: OnceLock<libc::pthread_t>,
     finished: AtomicBool,
@@ -50,6 +55,7 @@ impl VcpuShared {
             )),
             wakeup: Condvar::new(),
             timer_changed: Condvar::new(),
+            exits: ExitCounters::default(),
             state: AtomicU8::new(RunState::InVmm as u8),
             thread: OnceLock::new(),
             finished: AtomicBool::new(false),

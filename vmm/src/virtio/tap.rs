@@ -2,7 +2,10 @@
 //! wait on it.
 //!
 //! [`TapBackend`] reads and writes whole Ethernet frames on a non-blocking tap file descriptor
-//! (`IFF_TAP | IFF_NO_PI`: no packet-information prefix, no virtio header). Either the tap
+//! (`IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`: no packet-information prefix; every frame behind the
+//! 12-byte `virtio_net_hdr_v1` the card uses, so checksum and segmentation requests pass
+//! between the guest and the host's network stack untouched, and `TUNSETOFFLOAD` tells the
+//! host which of them the guest accepts on received frames). Either the tap
 //! exists already (`ip tuntap add dev NAME mode tap`) and spanvm attaches to it, or spanvm
 //! creates it inside a named network namespace: a short-lived helper thread enters the
 //! namespace with `setns`, opens the tap there and hands back the descriptor, which keeps the
@@ -24,7 +27,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use devices::virtio::net::{NetBackend, NetError};
+use devices::virtio::net::{GuestOffloads, NetBackend, NetError, NET_HDR_LEN};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// `TUNSETIFF`: `_IOW('T', 202, int)`.
@@ -33,6 +36,16 @@ const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const IFF_TAP: libc::c_short = 0x0002;
 /// No packet-information prefix on frames.
 const IFF_NO_PI: libc::c_short = 0x1000;
+/// A virtio-net header in front of every frame.
+const IFF_VNET_HDR: libc::c_short = 0x4000;
+/// `TUNSETOFFLOAD`: `_IOW('T', 208, unsigned int)`.
+const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
+/// `TUNSETVNETHDRSZ`: `_IOW('T', 216, int)`.
+const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
+/// `TUNSETOFFLOAD` bits: the reader takes partial checksums, TCP/IPv4 and TCP/IPv6 segments.
+const TUN_F_CSUM: libc::c_uint = 0x01;
+const TUN_F_TSO4: libc::c_uint = 0x02;
+const TUN_F_TSO6: libc::c_uint = 0x04;
 /// `IFNAMSIZ`: interface names are at most 15 bytes plus a NUL.
 const IFNAMSIZ: usize = 16;
 
@@ -223,23 +236,49 @@ impl TapBackend {
 }
 
 impl NetBackend for TapBackend {
-    fn send(&mut self, frame: &[u8]) -> Result<(), NetError> {
-        // A tap takes a frame whole or not at all.
-        let n = (&*self.file).write(frame)?;
-        if n != frame.len() {
+    fn carries_offloads(&self) -> bool {
+        true
+    }
+
+    fn set_guest_offloads(&mut self, offloads: GuestOffloads) -> Result<(), NetError> {
+        set_offload(&self.file, offloads).map_err(NetError::Io)
+    }
+
+    fn send(&mut self, header: &[u8; NET_HDR_LEN], frame: &[u8]) -> Result<(), NetError> {
+        let parts = [std::io::IoSlice::new(header), std::io::IoSlice::new(frame)];
+        // A tap takes a frame whole or not at all; it refuses a header that asks for something
+        // impossible (the guest's to get wrong) with EINVAL, and the frame is lost.
+        let n = (&*self.file).write_vectored(&parts)?;
+        if n != NET_HDR_LEN + frame.len() {
             return Err(NetError::Io(std::io::Error::other(format!(
-                "the tap took {n} of a {}-byte frame",
+                "the tap took {n} of a {}-byte frame and its header",
                 frame.len()
             ))));
         }
         Ok(())
     }
 
-    fn receive(&mut self, buf: &mut [u8]) -> Result<Option<usize>, NetError> {
-        match (&*self.file).read(buf) {
-            Ok(n) => {
+    fn receive(
+        &mut self,
+        header: &mut [u8; NET_HDR_LEN],
+        buf: &mut [u8],
+    ) -> Result<Option<usize>, NetError> {
+        // The tap writes the 10 bytes of the legacy header and skips num_buffers: start clean.
+        *header = [0; NET_HDR_LEN];
+        let mut parts = [
+            std::io::IoSliceMut::new(header),
+            std::io::IoSliceMut::new(buf),
+        ];
+        match (&*self.file).read_vectored(&mut parts) {
+            Ok(n) if n >= NET_HDR_LEN => {
                 self.shared.record(LastRead::Frame);
-                Ok(Some(n))
+                Ok(Some(n - NET_HDR_LEN))
+            }
+            Ok(n) => {
+                self.shared.record(LastRead::Failed);
+                Err(NetError::Io(std::io::Error::other(format!(
+                    "the tap gave {n} bytes, less than a frame's header"
+                ))))
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 self.shared.record(LastRead::Drained);
@@ -408,7 +447,7 @@ fn open_tap(tap: &str, name: &[u8; IFNAMSIZ]) -> Result<File, TapError> {
         .map_err(TapError::OpenTun)?;
     let mut req = IfReqFlags {
         name: *name,
-        flags: IFF_TAP | IFF_NO_PI,
+        flags: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR,
         _pad: [0; 22],
     };
     // SAFETY: TUNSETIFF reads and writes one `struct ifreq`, which `req` is laid out as (name,
@@ -421,7 +460,43 @@ fn open_tap(tap: &str, name: &[u8; IFNAMSIZ]) -> Result<File, TapError> {
             source: std::io::Error::last_os_error(),
         });
     }
+    // The card's header is virtio_net_hdr_v1 (with num_buffers), not the 10-byte legacy one.
+    let size = libc::c_int::try_from(NET_HDR_LEN).unwrap_or(12);
+    // SAFETY: TUNSETVNETHDRSZ reads one int, `size` lives through the call, and the descriptor
+    // is the tap opened above.
+    let rc = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETVNETHDRSZ, &size) };
+    if rc < 0 {
+        return Err(TapError::Attach {
+            tap: tap.to_string(),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    set_offload(&file, GuestOffloads::default()).map_err(|source| TapError::Attach {
+        tap: tap.to_string(),
+        source,
+    })?;
     Ok(file)
+}
+
+/// Tells the tap which offloads its reader (the guest) accepts on the frames it gives.
+fn set_offload(file: &File, offloads: GuestOffloads) -> std::io::Result<()> {
+    let mut flags: libc::c_uint = 0;
+    if offloads.csum {
+        flags |= TUN_F_CSUM;
+        if offloads.tso4 {
+            flags |= TUN_F_TSO4;
+        }
+        if offloads.tso6 {
+            flags |= TUN_F_TSO6;
+        }
+    }
+    // SAFETY: TUNSETOFFLOAD takes its unsigned int argument by value, and the descriptor is a
+    // tap.
+    let rc = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETOFFLOAD, libc::c_ulong::from(flags)) };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Sets `IFF_UP` on the interface `name` of the calling thread's network namespace.
