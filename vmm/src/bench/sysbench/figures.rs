@@ -1,40 +1,32 @@
 //! Per-workload DSM and forwarding figures of the nodes of a running guest.
 //!
 //! [`node_figures`] takes one snapshot of every node's cumulative counters; a workload's figures
-//! are the difference of the snapshots at its begin and end markers. On main the snapshot is
-//! taken the way a user takes one: SIGUSR1 to `spanvm cluster`, which passes it to every node,
-//! and each node prints its DSM, forwarding and transport statistics on stderr (see
-//! `commands::run`); the stderr reader hands each node's printed block to [`DumpBoard`], and
-//! [`node_figures`] waits for one new block per node. A single-node guest (`spanvm run`) has no
-//! DSM and forwards nothing: its snapshot is all zeros without asking.
+//! are the difference of the snapshots at the start and the end of its measured run. Each node
+//! answers on its control socket (`<node config>.stats.sock`, see `crate::stats`), the way
+//! `spanvm stats --config FILE` asks it. A single-node guest answers too, without a DSM: its
+//! DSM figures are zero.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Condvar, Mutex};
-use std::time::{Duration, Instant};
+use std::path::PathBuf;
+use std::time::Instant;
 
-/// How long a node may take to print its statistics after SIGUSR1.
-const DUMP_WAIT: Duration = Duration::from_secs(10);
+use crate::stats::client::{query_config, QueryError};
+use crate::stats::report::{remote_requests, NodeReport};
 
 /// Why a snapshot could not be taken.
 #[derive(Debug, thiserror::Error)]
 pub enum FiguresError {
-    /// The signal could not be sent.
-    #[error("cannot send SIGUSR1 to the cluster (pid {pid}): {source}")]
-    Signal {
-        /// The `spanvm cluster` process.
-        pid: u32,
-        /// The OS error.
-        source: std::io::Error,
-    },
-    /// Some node printed nothing in time.
-    #[error("node {node} printed no statistics within {DUMP_WAIT:?} of SIGUSR1")]
-    Timeout {
-        /// The first silent node.
+    /// A node did not answer.
+    #[error("node {node}: {source}")]
+    Query {
+        /// The node, by its position in the guest's node list.
         node: usize,
+        /// What went wrong.
+        source: QueryError,
     },
 }
 
-/// One node's cumulative counters, as it printed them.
+/// One node's cumulative counters.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct NodeCounters {
     /// Local accesses that needed the DSM (read + write faults, pins included).
@@ -49,200 +41,59 @@ pub struct NodeCounters {
     pub top_pages: Vec<(u64, u64)>,
 }
 
+impl From<&NodeReport> for NodeCounters {
+    fn from(report: &NodeReport) -> NodeCounters {
+        let mut counters = NodeCounters::default();
+        if let Some(dsm) = &report.dsm {
+            counters.faults = dsm.faults();
+            counters.remote_requests = remote_requests(dsm);
+            counters.top_pages = dsm
+                .top_pages
+                .iter()
+                .map(|&(page, faults)| (page << dsm::PAGE_SHIFT, faults))
+                .collect();
+        }
+        if let Some(forward) = &report.forward {
+            counters.interrupts_sent = forward.interrupts_sent;
+            counters.io_forwarded = forward.io_forwarded;
+        }
+        counters
+    }
+}
+
 /// Every node's counters at one moment.
 #[derive(Debug, Clone)]
 pub struct NodeFigures {
-    /// When the last node's block arrived.
+    /// When the last node answered.
     pub taken: Instant,
-    /// Per node, in node order (empty for a single-node guest).
+    /// Per node, in node order.
     pub nodes: Vec<NodeCounters>,
 }
 
-/// Reads the statistics blocks a node prints (one line at a time, `[node N] ` prefix removed).
-#[derive(Debug, Default)]
-struct BlockReader {
-    current: Option<NodeCounters>,
-    in_top_pages: bool,
-}
-
-/// The first unsigned number after `key` in `line`.
-fn count_after(line: &str, key: &str) -> Option<u64> {
-    let (_, rest) = line.split_once(key)?;
-    rest.trim_start()
-        .split(|c: char| !c.is_ascii_digit())
-        .next()?
-        .parse()
-        .ok()
-}
-
-impl BlockReader {
-    /// Takes one line; returns a block once its last line (`forwarding: ...`) came.
-    fn line(&mut self, line: &str) -> Option<NodeCounters> {
-        let text = line.trim();
-        if text.starts_with("DSM statistics of node") {
-            self.current = Some(NodeCounters::default());
-            self.in_top_pages = false;
-            return None;
-        }
-        let current = self.current.as_mut()?;
-        if text.starts_with("faults:") {
-            current.faults = count_after(text, "faults:").unwrap_or(0);
-        } else if let Some(rest) = ["read ", "write ", "upgrade "]
-            .iter()
-            .find_map(|k| text.strip_prefix(k))
-        {
-            // "read   <local> <remote>" in the requests table.
-            let numbers: Vec<u64> = rest
-                .split_whitespace()
-                .filter_map(|w| w.parse().ok())
-                .collect();
-            if let [_, remote] = numbers[..] {
-                current.remote_requests += remote;
-            }
-        } else if text.starts_with("most-faulted pages:") {
-            self.in_top_pages = true;
-        } else if self.in_top_pages && text.starts_with("gpa ") {
-            // "gpa 0x000000005000: 3 faults"
-            let page = text
-                .strip_prefix("gpa ")
-                .and_then(|r| r.split_once(':'))
-                .and_then(|(a, rest)| {
-                    let addr = u64::from_str_radix(a.trim().trim_start_matches("0x"), 16).ok()?;
-                    let faults = rest.split_whitespace().next()?.parse().ok()?;
-                    Some((addr, faults))
-                });
-            if let Some(page) = page {
-                current.top_pages.push(page);
-            }
-        } else if text.starts_with("forwarding:") {
-            current.interrupts_sent = count_after(text, "interrupt frames sent").unwrap_or(0);
-            current.io_forwarded = count_after(text, "accesses forwarded").unwrap_or(0);
-            self.in_top_pages = false;
-            return self.current.take();
-        }
-        None
-    }
-}
-
-/// Where the stderr reader leaves each node's statistics blocks, and [`node_figures`] waits for
-/// them.
-#[derive(Debug)]
-pub struct DumpBoard {
-    state: Mutex<BoardState>,
-    arrived: Condvar,
-}
-
-#[derive(Debug)]
-struct BoardState {
-    readers: HashMap<usize, BlockReader>,
-    blocks: Vec<Vec<(Instant, NodeCounters)>>,
-}
-
-impl DumpBoard {
-    /// A board for `nodes` nodes.
-    pub fn new(nodes: usize) -> Arc<DumpBoard> {
-        Arc::new(DumpBoard {
-            state: Mutex::new(BoardState {
-                readers: HashMap::new(),
-                blocks: vec![Vec::new(); nodes],
-            }),
-            arrived: Condvar::new(),
-        })
-    }
-
-    /// One line of the cluster's stderr, with its `[node N] ` prefix.
-    pub fn line(&self, line: &str) {
-        let Some((node, text)) = line
-            .strip_prefix("[node ")
-            .and_then(|r| r.split_once("] "))
-            .and_then(|(n, t)| Some((n.parse::<usize>().ok()?, t)))
-        else {
-            return;
-        };
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let block = state.readers.entry(node).or_default().line(text);
-        if let Some(block) = block {
-            if let Some(list) = state.blocks.get_mut(node) {
-                list.push((Instant::now(), block));
-                self.arrived.notify_all();
-            }
-        }
-    }
-
-    /// How many blocks each node printed so far.
-    fn counts(&self) -> Vec<usize> {
-        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        state.blocks.iter().map(Vec::len).collect()
-    }
-
-    /// Waits until every node printed more than `before[node]` blocks; returns the newest.
-    fn wait_past(&self, before: &[usize]) -> Result<NodeFigures, FiguresError> {
-        let deadline = Instant::now() + DUMP_WAIT;
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        loop {
-            let behind = state
-                .blocks
-                .iter()
-                .zip(before)
-                .position(|(list, &n)| list.len() <= n);
-            let Some(node) = behind else { break };
-            let now = Instant::now();
-            if now >= deadline {
-                return Err(FiguresError::Timeout { node });
-            }
-            state = self
-                .arrived
-                .wait_timeout(state, deadline - now)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
-        }
-        let mut taken = None::<Instant>;
-        let mut nodes = Vec::new();
-        for list in &state.blocks {
-            if let Some((when, block)) = list.last() {
-                taken = Some(taken.map_or(*when, |t| t.max(*when)));
-                nodes.push(block.clone());
-            }
-        }
-        Ok(NodeFigures {
-            taken: taken.unwrap_or_else(Instant::now),
-            nodes,
-        })
-    }
-}
-
-/// How to reach the nodes of one running guest.
+/// How to reach the nodes of one running guest: their config files, in node order (a
+/// single-node guest: its one config).
 #[derive(Debug, Clone)]
 pub struct StatsSource {
-    /// The `spanvm cluster` process (which passes SIGUSR1 on to every node); `None` for a
-    /// single-node guest, which has no DSM.
-    pub cluster_pid: Option<u32>,
-    /// Where its nodes' statistics blocks arrive.
-    pub board: Arc<DumpBoard>,
+    /// Each node's config file; its control socket sits next to it.
+    pub configs: Vec<PathBuf>,
 }
 
 /// A snapshot of every node's cumulative DSM and forwarding counters.
 pub fn node_figures(source: &StatsSource) -> Result<NodeFigures, FiguresError> {
-    let Some(pid) = source.cluster_pid else {
-        return Ok(NodeFigures {
-            taken: Instant::now(),
-            nodes: Vec::new(),
-        });
-    };
-    let before = source.board.counts();
-    let target = libc::pid_t::try_from(pid).map_err(|_| FiguresError::Signal {
-        pid,
-        source: std::io::Error::from(std::io::ErrorKind::InvalidInput),
-    })?;
-    // SAFETY: kill(2) on the pid of a child this process started and has not reaped (the caller
-    // holds its `Child` until after the last snapshot).
-    if unsafe { libc::kill(target, libc::SIGUSR1) } != 0 {
-        return Err(FiguresError::Signal {
-            pid,
-            source: std::io::Error::last_os_error(),
-        });
-    }
-    source.board.wait_past(&before)
+    let nodes = source
+        .configs
+        .iter()
+        .enumerate()
+        .map(|(node, config)| {
+            query_config(config)
+                .map(|report| NodeCounters::from(&report))
+                .map_err(|source| FiguresError::Query { node, source })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(NodeFigures {
+        taken: Instant::now(),
+        nodes,
+    })
 }
 
 /// What the nodes did between two snapshots.
@@ -322,82 +173,60 @@ impl Delta {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    // What a node prints on SIGUSR1 (dsm::StatsSnapshot, ZapStats, ForwardStats,
-    // TransportStats), as `spanvm cluster` relays it.
-    const NODE1: &str = "[node 1] DSM statistics of node 1
-[node 1]   faults: 1523 (read 1000, write 523); joined an in-flight request: 3; already resolved: 1; pages pinned by the VMM: 0
-[node 1]   requests completed    local   remote
-[node 1]     read                     10      900
-[node 1]     write                     5      400
-[node 1]     upgrade                   2       60
-[node 1]   served as home: 700; as data source: 650; copies invalidated: 410; waits for a pin: 0
-[node 1]   traffic: sent 4000 messages (900 pages, 3686400 bytes), received 4100 messages (950 pages, 3891200 bytes); zero pages by flag: 12; rejected frames: 0
-[node 1]   fault service time (µs):
-[node 1]     [       64,       128)       800 ####################
-[node 1]   most-faulted pages:
-[node 1]     gpa 0x000001bdb000: 400 faults
-[node 1]     gpa 0x000007a20000: 300 faults
-[node 1] shadow zap: 10 drops, 2 with a zap, 2 re-protections over 2 pages, 0 tables read, 0.1 ms in all
-[node 1] forwarding: interrupt frames sent 77, interrupts received 80, accesses forwarded 1234, accesses served 0, addressing changes 1, EOIs sent 5
-[node 1]   transport: sent 5000 frames; queued behind a full socket: 0; largest backlog: 4 KiB
-";
+    use std::time::Duration;
 
     #[test]
-    fn a_node_block_is_read_whole() {
-        let board = DumpBoard::new(2);
-        for line in NODE1.lines() {
-            board.line(line);
+    fn counters_of_a_node_report() {
+        let stats = dsm::NodeStats::new(16, 2);
+        for _ in 0..3 {
+            stats.record_fault(5, true);
         }
-        board.line("[node 0] spanvm: node 0 running 1 of the guest's 2 vCPUs");
-        assert_eq!(board.counts(), vec![0, 1]);
-        let state = board.state.lock().unwrap();
-        let block = &state.blocks[1][0].1;
-        assert_eq!(
-            *block,
-            NodeCounters {
-                faults: 1523,
-                remote_requests: 1360,
-                interrupts_sent: 77,
-                io_forwarded: 1234,
-                top_pages: vec![(0x1bdb000, 400), (0x7a20000, 300)],
-            }
+        stats.record_fault(7, false);
+        stats.record_completed(
+            dsm::stats::RequestKind::Write,
+            true,
+            Duration::from_micros(90),
         );
-    }
-
-    #[test]
-    fn a_snapshot_waits_for_every_node_and_times_out_naming_the_silent_one() {
-        let board = DumpBoard::new(2);
-        for line in NODE1.lines() {
-            board.line(line);
-        }
-        let b2 = board.clone();
-        let feeder = std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(50));
-            for line in NODE1.replace("node 1", "node 0").lines() {
-                b2.line(line);
-            }
+        stats.record_completed(
+            dsm::stats::RequestKind::Read,
+            false,
+            Duration::from_micros(2),
+        );
+        let mut report = NodeReport::starting(1, 2, Duration::from_secs(9));
+        report.dsm = Some(stats.snapshot(1));
+        report.forward = Some(forward::ForwardStats {
+            interrupts_sent: 77,
+            io_forwarded: 12,
+            ..Default::default()
         });
-        let figures = board.wait_past(&[0, 0]).unwrap();
-        feeder.join().unwrap();
-        assert_eq!(figures.nodes.len(), 2);
-        assert_eq!(figures.nodes[0].faults, 1523);
+        assert_eq!(
+            NodeCounters::from(&report),
+            NodeCounters {
+                faults: 4,
+                remote_requests: 1,
+                interrupts_sent: 77,
+                io_forwarded: 12,
+                top_pages: vec![(0x5000, 3), (0x7000, 1)],
+            }
+        );
+        // A node without a DSM (a single-node guest, or one still starting).
+        let alone = NodeReport::starting(0, 1, Duration::from_secs(1));
+        assert_eq!(NodeCounters::from(&alone), NodeCounters::default());
     }
 
     #[test]
-    fn single_node_guests_have_no_figures() {
+    fn a_node_that_is_not_running_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("node-1.toml");
+        std::fs::write(&config, "").unwrap();
         let source = StatsSource {
-            cluster_pid: None,
-            board: DumpBoard::new(1),
+            configs: vec![config],
         };
-        let figures = node_figures(&source).unwrap();
-        assert!(figures.nodes.is_empty());
-        let d = Delta::between(&figures, &node_figures(&source).unwrap());
-        assert_eq!(
-            (d.faults, d.remote_requests, d.interrupts, d.io),
-            (0, 0, 0, 0)
+        let err = node_figures(&source).unwrap_err();
+        assert!(
+            err.to_string().starts_with("node 0: no node is running"),
+            "{err}"
         );
-        assert!(d.top_pages.is_empty());
     }
 
     #[test]

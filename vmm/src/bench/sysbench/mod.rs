@@ -6,7 +6,8 @@
 //! boots once with `initramfs-bench.cpio` (the initramfs plus stress-ng) and its `/init` runs
 //! every workload in turn between markers (see [`workload`]). The host reads the console as it
 //! comes: each workload's figure is parsed from its output, and the nodes' DSM and forwarding
-//! counters are snapshot (see [`figures::node_figures`]) when sysbench says "Threads started!"
+//! counters are read from their control sockets (see [`figures::node_figures`]) when sysbench
+//! says "Threads started!"
 //! (stress-ng "dispatching hogs") and at its next line, so that a workload's figures cover its
 //! measured run and not the seconds the guest spends loading the program. The results go to
 //! one directory: the table (also on stdout), `results.csv`, `ratios.svg` and `ratios.png`,
@@ -27,7 +28,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::commands::CommandError;
-use figures::{node_figures, Delta, DumpBoard, NodeFigures, StatsSource};
+use figures::{node_figures, Delta, NodeFigures, StatsSource};
 use layout::{Layout, LayoutError};
 use report::{HotPage, Outcome, Results, Row};
 use symbols::KernelSymbols;
@@ -262,13 +263,22 @@ fn start_guest(
         source,
     })?;
     let done = Arc::new(AtomicBool::new(false));
-    let board = DumpBoard::new(boot.layout.nodes);
     let stdout = child.stdout.take();
     let stderr = child.stderr.take();
-    let source = StatsSource {
-        cluster_pid: (boot.layout.nodes > 1).then(|| child.id()),
-        board: board.clone(),
+    // Each node's control socket sits next to its config file: the one config of a single
+    // node, the files `spanvm cluster` writes into its --dir for several.
+    let configs = if boot.layout.nodes == 1 {
+        vec![config.clone()]
+    } else {
+        (0..boot.layout.nodes)
+            .map(|i| {
+                boot.dir
+                    .join(format!("{name}.nodes"))
+                    .join(format!("node-{i}.toml"))
+            })
+            .collect()
     };
+    let source = StatsSource { configs };
     let guest = GuestProcess { child, done };
     let Some(stdout) = stdout else {
         return Err(SysbenchError::Spawn {
@@ -276,16 +286,14 @@ fn start_guest(
             source: std::io::Error::other("stdout not piped"),
         });
     };
-    // Node output (statistics blocks among it) to the board and a log file.
+    // What the nodes print on stderr, to a log file.
     let log = boot.dir.join(format!("{name}.nodes.log"));
     let mut log = std::fs::File::create(&log).map_err(io_err("cannot create", &log))?;
     if let Some(stderr) = stderr {
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).split(b'\n') {
                 let Ok(line) = line else { break };
-                let text = String::from_utf8_lossy(&line);
-                let _ = writeln!(log, "{text}");
-                board.line(&text);
+                let _ = writeln!(log, "{}", String::from_utf8_lossy(&line));
             }
         });
     }
