@@ -99,7 +99,7 @@ enum BenchWhat {
         /// Layouts to boot, NODESxVCPUS each (the 1xN baselines are added when missing).
         #[arg(long, default_value = vmm::bench::sysbench::layout::DEFAULT_LAYOUTS)]
         layouts: String,
-        /// The shortest runs (2 s each), one mutex case and two stress-ng methods.
+        /// The shortest runs (5 s each), one mutex case and two stress-ng methods.
         #[arg(long)]
         quick: bool,
         /// Where the results go (default: a fresh directory under /tmp, printed).

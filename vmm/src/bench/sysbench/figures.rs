@@ -110,15 +110,16 @@ pub struct Delta {
     /// Accesses forwarded to the master.
     pub io: u64,
     /// The most-faulted pages in the interval, `(gpa, faults, exact)`, most first; `exact` is
-    /// false where the page was not among a node's listed pages at the begin snapshot, so that
-    /// its count then is known only to be at most the smallest listed one (the figure is then
-    /// a lower bound).
+    /// false where the page was not among a node's full list of pages at the begin snapshot,
+    /// so that its count then is known only to be at most the smallest listed one (the figure
+    /// is then a lower bound).
     pub top_pages: Vec<(u64, u64, bool)>,
 }
 
 impl Delta {
-    /// Between `begin` and `end` (of the same guest).
-    pub fn between(begin: &NodeFigures, end: &NodeFigures) -> Delta {
+    /// Between `begin` and `end` (of the same guest), whose nodes list at most `listed`
+    /// most-faulted pages.
+    pub fn between(begin: &NodeFigures, end: &NodeFigures, listed: usize) -> Delta {
         let seconds = end
             .taken
             .saturating_duration_since(begin.taken)
@@ -135,13 +136,15 @@ impl Delta {
             delta.remote_requests += e.remote_requests.saturating_sub(b.remote_requests);
             delta.interrupts += e.interrupts_sent.saturating_sub(b.interrupts_sent);
             delta.io += e.io_forwarded.saturating_sub(b.io_forwarded);
+            let full = b.top_pages.len() >= listed;
             let floor = b.top_pages.iter().map(|p| p.1).min().unwrap_or(0);
             for &(gpa, count) in &e.top_pages {
                 let (before, exact) = match b.top_pages.iter().find(|p| p.0 == gpa) {
                     Some(&(_, c)) => (c, true),
-                    // Not listed at the begin: it had at most the smallest listed count (none
-                    // at all if the list was empty).
-                    None => (floor, b.top_pages.is_empty()),
+                    // Not listed at the begin: from a full list it had at most the smallest
+                    // listed count; from a list with room, none.
+                    None if full => (floor, false),
+                    None => (0, true),
                 };
                 let entry = pages.entry(gpa).or_insert((0, true));
                 entry.0 += count.saturating_sub(before);
@@ -254,7 +257,8 @@ mod tests {
                 node(700, vec![(0x3000, 200)]),
             ],
         };
-        let d = Delta::between(&begin, &end);
+        // Node 0's list of 2 was full: 0x3000 had at most 300 there; node 1's was empty.
+        let d = Delta::between(&begin, &end, 2);
         assert_eq!(d.faults, 2600);
         assert_eq!(d.remote_requests, 1300);
         assert!((d.per_second(d.faults) - 1300.0).abs() < 1e-6);

@@ -39,6 +39,8 @@ use workload::{Durations, Marker, Workload};
 const BOOT_LIMIT: Duration = Duration::from_secs(1800);
 /// Guest memory.
 const MEMORY_MIB: u64 = 256;
+/// How many most-faulted pages each node lists (`SPANVM_DSM_HOT_PAGES`).
+const HOT_PAGES: usize = 256;
 
 /// Why the benchmark could not run or finish.
 #[derive(Debug, thiserror::Error)]
@@ -254,7 +256,10 @@ fn start_guest(
             .arg("--dir")
             .arg(boot.dir.join(format!("{name}.nodes")));
     }
-    cmd.stdin(Stdio::null())
+    // The nodes list their most-faulted pages since boot: enough of them that a page hot in one
+    // workload makes the list.
+    cmd.env("SPANVM_DSM_HOT_PAGES", HOT_PAGES.to_string())
+        .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     crate::cluster::die_with_this_process(&mut cmd);
@@ -357,8 +362,9 @@ fn hot_pages(delta: &Delta, symbols: Option<&KernelSymbols>) -> Vec<HotPage> {
         .collect()
 }
 
-/// Boots one layout and runs every workload in it; returns a row per workload.
-fn run_layout(boot: &Boot<'_>) -> Result<Vec<Row>, SysbenchError> {
+/// Boots one layout and runs every workload in it; returns a row per workload and the seconds
+/// the guest took to reach `/init`.
+fn run_layout(boot: &Boot<'_>) -> Result<(Vec<Row>, Option<f64>), SysbenchError> {
     let name = boot.layout.to_string();
     let limit = BOOT_LIMIT
         + Duration::from_secs(u64::from(boot.durations.limit_seconds))
@@ -370,7 +376,7 @@ fn run_layout(boot: &Boot<'_>) -> Result<Vec<Row>, SysbenchError> {
     let mut log = std::fs::File::create(&console).map_err(io_err("cannot create", &console))?;
     let mut rows: Vec<Option<Row>> = vec![None; boot.workloads.len()];
     let mut running: Option<Running> = None;
-    let mut init_started = false;
+    let mut init_started: Option<f64> = None;
     let mut why_stopped = format!(
         "the guest stopped before it (console: {})",
         console.display()
@@ -382,14 +388,13 @@ fn run_layout(boot: &Boot<'_>) -> Result<Vec<Row>, SysbenchError> {
         let _ = writeln!(log, "{:>9.3} {raw}", booted.elapsed().as_secs_f64());
         match workload::marker(text) {
             Marker::InitStarted => {
-                init_started = true;
+                let up = booted.elapsed().as_secs_f64();
+                init_started = Some(up);
                 progress(
                     boot.start,
                     &format!(
-                        "{name}: guest up ({} x {} vCPU), /init started {:.1} s after boot",
-                        boot.layout.nodes,
-                        boot.layout.per_node,
-                        booted.elapsed().as_secs_f64()
+                        "{name}: guest up ({} x {} vCPU), /init started {up:.1} s after boot",
+                        boot.layout.nodes, boot.layout.per_node
                     ),
                 );
             }
@@ -450,7 +455,7 @@ fn run_layout(boot: &Boot<'_>) -> Result<Vec<Row>, SysbenchError> {
             }
         }
     }
-    if !init_started {
+    if init_started.is_none() {
         why_stopped = format!(
             "the guest did not reach /init (limit {} s; console: {})",
             limit.as_secs(),
@@ -463,7 +468,7 @@ fn run_layout(boot: &Boot<'_>) -> Result<Vec<Row>, SysbenchError> {
         .zip(boot.workloads)
         .map(|(row, w)| row.unwrap_or_else(|| failed_row(boot, w, &why_stopped)))
         .collect();
-    Ok(rows)
+    Ok((rows, init_started))
 }
 
 fn failed_row(boot: &Boot<'_>, w: &Workload, why: &str) -> Row {
@@ -502,7 +507,7 @@ fn finish(boot: &Boot<'_>, r: &Running, status: i32) -> Row {
         }
     };
     let delta = match (&r.begin, &r.end) {
-        (Some(b), Some(e)) => Delta::between(b, e),
+        (Some(b), Some(e)) => Delta::between(b, e, HOT_PAGES),
         _ => Delta::default(),
     };
     let hot_pages = hot_pages(&delta, boot.symbols);
@@ -600,7 +605,9 @@ pub fn run(opts: &Options) -> Result<(), SysbenchError> {
                 layout.nodes, layout.per_node
             ),
         );
-        results.rows.extend(run_layout(&boot)?);
+        let (rows, up) = run_layout(&boot)?;
+        results.rows.extend(rows);
+        results.boots.push((layout, up));
     }
     let how = format!(
         "Layouts {} (each multi-node layout with its `1xN` baseline); {} workloads per boot, \
@@ -619,7 +626,9 @@ pub fn run(opts: &Options) -> Result<(), SysbenchError> {
     print!("{table}");
     println!();
     print!("{goals}");
-    report::write(&dir, "table.txt", &table)?;
+    let boots = report::boot_times(&results);
+    print!("{boots}");
+    report::write(&dir, "table.txt", &format!("{table}\n{goals}{boots}"))?;
     report::write(&dir, "results.csv", &report::csv(&results))?;
     report::write(&dir, "summary.md", &report::summary(&results, &how))?;
     let (svg, png) = plot::write(&results, "spanvm bench sysbench", &dir)?;

@@ -155,7 +155,13 @@ fn picture(results: &Results, title: &str) -> Picture {
             color: BLACK,
         },
     ];
-    // Grid and tick labels every 0.25.
+    // Grid and tick labels: 0.25 apart up to 2, then wider, about ten in all.
+    let step = match axis_max {
+        m if m <= 2.0 => 0.25,
+        m if m <= 4.0 => 0.5,
+        m if m <= 10.0 => 1.0,
+        m => (m / 10.0).ceil(),
+    };
     let mut tick = 0.0;
     while tick <= axis_max + 1e-9 {
         let x = x_of(tick);
@@ -175,7 +181,7 @@ fn picture(results: &Results, title: &str) -> Picture {
             anchor: Anchor::Middle,
             color: BLACK,
         });
-        tick += 0.25;
+        tick += step;
     }
     for (i, w) in workloads.iter().enumerate() {
         let y0 = TOP + px(i) * group + ROW_GAP / 2.0;

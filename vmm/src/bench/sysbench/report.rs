@@ -87,6 +87,8 @@ impl Row {
 pub struct Results {
     /// The rows.
     pub rows: Vec<Row>,
+    /// Per boot, the seconds its guest took to reach `/init` (none: it never did).
+    pub boots: Vec<(Layout, Option<f64>)>,
 }
 
 impl Results {
@@ -271,6 +273,43 @@ fn compared_layouts(results: &Results) -> Vec<Layout> {
         .collect()
 }
 
+/// How long each boot took to reach `/init`, and a warning when a layout's boot was far slower
+/// or faster than its baseline's: the same kernel boots in about the same time whatever the
+/// layout (1.0-1.5x on 2 nodes, see README), so a larger difference says the host's load
+/// changed between the boots, and the ratios compare different hosts.
+pub fn boot_times(results: &Results) -> String {
+    let mut out = String::new();
+    let cells: Vec<String> = results
+        .boots
+        .iter()
+        .map(|(l, s)| {
+            format!(
+                "{l} {}",
+                s.map_or_else(|| "never".to_string(), |s| format!("{s:.0} s"))
+            )
+        })
+        .collect();
+    let _ = writeln!(out, "guest reached /init after: {}", cells.join(", "));
+    for &(layout, up) in &results.boots {
+        let base = results
+            .boots
+            .iter()
+            .find(|(l, _)| *l == layout.baseline() && !layout.is_baseline())
+            .and_then(|(_, s)| *s);
+        if let (Some(up), Some(base)) = (up, base) {
+            let r = up / base;
+            if !(0.5..=2.5).contains(&r) {
+                let _ = writeln!(
+                    out,
+                    "  warning: {layout} booted in {r:.2}x the time of {}: the host's load changed between the boots; its ratios are unreliable",
+                    layout.baseline()
+                );
+            }
+        }
+    }
+    out
+}
+
 /// The goals of the issue, judged against the baseline of the same run.
 pub fn goals(results: &Results) -> String {
     let mut out = String::new();
@@ -373,20 +412,26 @@ pub fn slower_is_faster(results: &Results, layout: Layout) -> String {
     } else {
         "no remote request counted".to_string()
     };
+    let hottest = row
+        .hot_pages
+        .first()
+        .map_or_else(String::new, |p| format!("; most-faulted page {p}"));
     if ratio > 1.0 {
         format!(
-            "{layout}: REPRODUCED, {ratio:.2}x the baseline: {writes:.0} writes/s against the baseline's {:.0}, \
-             {moves:.0} remote DSM requests/s ({per_move}): while a node holds the page its vCPU writes \
-             at full speed, where on one node the vCPUs fight over 64-byte cache lines at every write",
+            "{layout}: REPRODUCED, {ratio:.2}x the baseline: {writes:.0} block writes/s against the \
+             baseline's {:.0}, {moves:.0} remote DSM requests/s ({per_move}){hottest}. While a node \
+             holds the page its vCPU writes it at full speed, where on one node the vCPUs contend \
+             for its 64-byte cache lines at every write",
             writes / ratio
         )
     } else {
         format!(
-            "{layout}: not reproduced, {ratio:.2}x the baseline: {writes:.0} writes/s against the baseline's {:.0}, \
-             {moves:.0} remote DSM requests/s ({per_move}). A transfer here costs a loopback TCP round \
-             trip, a uffd fault and the vCPU's exit (hundreds of µs on this host against GiantVM's ~15 µs \
-             RDMA miss), and sysbench's per-thread counters sit in pages that move at every event too, \
-             so the time the page is away outweighs the cache-line contention the baseline pays",
+            "{layout}: not reproduced, {ratio:.2}x the baseline: {writes:.0} block writes/s against \
+             the baseline's {:.0}, {moves:.0} remote DSM requests/s ({per_move}){hottest}. A page \
+             transfer here is a loopback TCP round trip, a userfaultfd fault and the vCPU's exit \
+             and re-entry, hundreds of µs on this 2-core kvm_pvm host (GiantVM's RDMA miss: \
+             ~15 µs), and the DSM's threads compete with the vCPUs for the cores: too few writes \
+             between transfers to beat the cache-line contention the baseline pays",
             writes / ratio
         )
     }
@@ -452,6 +497,7 @@ pub fn summary(results: &Results, how: &str) -> String {
         let _ = writeln!(out, "{line}");
     }
     let _ = writeln!(out, "\n## Goals\n\n```\n{}```\n", goals(results));
+    let _ = writeln!(out, "```\n{}```\n", boot_times(results));
     let _ = writeln!(
         out,
         "The stress-ng methods are the bench's choice ({}): the paper's text says only \"CPU methods of stress-ng\".",
@@ -587,6 +633,16 @@ pub(crate) mod tests {
         assert!(s.contains("| cpu |") && s.contains("2x1 / 1x2"), "{s}");
         assert!(s.contains("1.34x slower"), "{s}");
         assert_eq!(results.failures(), 1);
+        let mut r = results.clone();
+        let (one, two) = (r.layouts()[0], r.layouts()[1]);
+        r.boots = vec![(one, Some(100.0)), (two, Some(140.0))];
+        assert!(!boot_times(&r).contains("warning"), "{}", boot_times(&r));
+        r.boots = vec![(one, Some(600.0)), (two, Some(150.0))];
+        assert!(
+            boot_times(&r).contains("warning: 2x1 booted in 0.25x"),
+            "{}",
+            boot_times(&r)
+        );
     }
 
     #[test]

@@ -160,16 +160,20 @@ pub struct Durations {
 }
 
 impl Durations {
-    /// `--quick`: the shortest runs that still give a figure.
+    /// `--quick`: the shortest runs that still give a figure. Not 1-2 s: sysbench counts its
+    /// per-thread start-up (each worker builds a Lua state) in its run time, and in a kvm_pvm
+    /// guest, whose kernel is emulated, that start-up took 1-2 s per thread (2 s runs measured
+    /// mostly start-up: the threads ran events 10 % of the time). The run itself is cheap next
+    /// to the program's start (30-90 s per workload here).
     pub const QUICK: Durations = Durations {
-        seconds: 2,
-        mutex_locks: 2000,
+        seconds: 5,
+        mutex_locks: 20000,
         limit_seconds: 300,
     };
     /// The default.
     pub const FULL: Durations = Durations {
-        seconds: 10,
-        mutex_locks: 20000,
+        seconds: 20,
+        mutex_locks: 100_000,
         limit_seconds: 600,
     };
 }
