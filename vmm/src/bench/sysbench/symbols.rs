@@ -5,12 +5,13 @@
 //! kernel `virt = phys + 0xffffffff80000000` (no KASLR: `CONFIG_RANDOMIZE_BASE` is off). A page
 //! inside the image is named by the symbol covering most of it; the per-CPU template
 //! (`.data..percpu`, linked at virtual 0) and the init sections are freed after boot and named
-//! as such; any other page is outside the image, in memory the kernel reaches through its
-//! direct map (page tables, per-CPU areas, slab, page cache, user pages).
+//! as such, and so is the padding between the image's sections (`kernel image gap`), which
+//! Linux frees after boot; any other page is outside the image, in memory the kernel reaches
+//! through its direct map (page tables, per-CPU areas, slab, page cache, user pages).
 
 use std::path::Path;
 
-use object::{Object, ObjectSegment, ObjectSymbol, SymbolKind};
+use object::{Object, ObjectSection, ObjectSegment, ObjectSymbol, SymbolKind};
 
 /// The start of the kernel image's virtual mapping on x86-64 (`__START_KERNEL_map`).
 const KERNEL_MAP: u64 = 0xffff_ffff_8000_0000;
@@ -64,6 +65,8 @@ pub struct KernelSymbols {
     symbols: Vec<Symbol>,
     /// `[__init_begin, __init_end)`: freed after boot.
     init: Option<(u64, u64)>,
+    /// Allocated sections: `(addr, size, name)`, for pages no symbol covers.
+    sections: Vec<(u64, u64, String)>,
 }
 
 impl KernelSymbols {
@@ -131,10 +134,16 @@ impl KernelSymbols {
         symbols.sort_by(|a, b| a.addr.cmp(&b.addr).then(b.size.cmp(&a.size)));
         let find = |name: &str| symbols.iter().find(|s| s.name == name).map(|s| s.addr);
         let init = find("__init_begin").zip(find("__init_end"));
+        let sections = file
+            .sections()
+            .filter(|s| s.address() >= KERNEL_MAP && s.size() > 0)
+            .filter_map(|s| Some((s.address(), s.size(), s.name().ok()?.to_string())))
+            .collect();
         Ok(KernelSymbols {
             segments,
             symbols,
             init,
+            sections,
         })
     }
 
@@ -154,6 +163,17 @@ impl KernelSymbols {
         }
         if self.init.is_some_and(|(b, e)| virt >= b && virt < e) {
             return "init memory (freed after boot)".to_string();
+        }
+        // Linux frees the padding between its text, rodata and data after boot
+        // ("Freeing unused kernel image (text/rodata gap) memory"): such a page is free memory
+        // again, whatever the image once held there.
+        let in_section = self.sections.is_empty()
+            || self
+                .sections
+                .iter()
+                .any(|(a, n, _)| virt >= *a && virt - *a < *n);
+        if !in_section {
+            return "kernel image gap (freed after boot)".to_string();
         }
         self.owner(virt)
             .unwrap_or_else(|| "kernel image (no symbol)".to_string())
@@ -186,10 +206,20 @@ impl KernelSymbols {
             Some((s, _)) if sharing > 1 => Some(format!("{} (+{} more)", s.name, sharing - 1)),
             Some((s, _)) => Some(s.name.clone()),
             None => {
-                // No sized symbol covers it: name the nearest one before it.
+                // No sized symbol covers it: the nearest one before it if it is close, else
+                // the section.
                 let i = self.symbols.partition_point(|s| s.addr <= virt);
-                let s = self.symbols.get(i.checked_sub(1)?)?;
-                Some(format!("{}+{:#x}", s.name, virt - s.addr))
+                let near = self
+                    .symbols
+                    .get(i.checked_sub(1)?)
+                    .filter(|s| virt - s.addr < PAGE);
+                if let Some(s) = near {
+                    return Some(format!("{}+{:#x}", s.name, virt - s.addr));
+                }
+                self.sections
+                    .iter()
+                    .find(|(a, n, _)| virt >= *a && virt - *a < *n)
+                    .map(|(_, _, name)| format!("{name} (no symbol)"))
             }
         }
     }
@@ -227,6 +257,11 @@ mod tests {
                 sym(0xffff_ffff_8100_c000, 0, "__init_end"),
             ],
             init: Some((0xffff_ffff_8100_a000, 0xffff_ffff_8100_c000)),
+            sections: vec![
+                (0xffff_ffff_8100_0000, 0x8000, ".data".to_string()),
+                (0xffff_ffff_8100_8000, 0x2000, ".rodata".to_string()),
+                (0xffff_ffff_8100_a000, 0x5000, ".init.data".to_string()),
+            ],
         }
     }
 
@@ -235,7 +270,13 @@ mod tests {
         let k = symbols();
         assert_eq!(k.describe(0x100_1234), "big_table");
         assert_eq!(k.describe(0x100_2000), "tk_core (+1 more)");
-        assert_eq!(k.describe(0x100_9000), "label+0x1000");
+        assert_eq!(k.describe(0x100_8800), "label");
+        assert_eq!(k.describe(0x100_9000), ".rodata (no symbol)");
+        assert_eq!(k.describe(0x100_e000), ".init.data (no symbol)");
+        assert_eq!(
+            k.describe(0x100_f000),
+            "kernel image gap (freed after boot)"
+        );
         assert_eq!(k.describe(0x100_b000), "init memory (freed after boot)");
         assert_eq!(
             k.describe(0x110_1000),
