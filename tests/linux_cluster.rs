@@ -4,15 +4,18 @@
 //! master and, in another run, from a CPU on another node (`reboot=s<cpu>` makes Linux power off
 //! from that CPU). The 2 x 1 run is driven from the keyboard with COM1's interrupt affine to the
 //! CPU on node 1, so every keystroke's interrupt is forwarded and the UART's registers are read
-//! from node 1 through the master; the same boot uses the virtio disk and entropy device from
-//! the CPU on node 1. Boots are slow on kvm_pvm (minutes): one boot checks many things.
+//! from node 1 through the master; the same boot uses the virtio disk, entropy device and
+//! network card from the CPU on node 1. Boots are slow on kvm_pvm (minutes): one boot checks
+//! many things.
 
 mod common;
 
 use std::io::{BufRead, Write};
 use std::process::{Command, Stdio};
 
+use common::guest_net::{StreamPeer, GUEST_IP_ARG};
 use common::image;
+use common::netns::NetNs;
 use std::time::Duration;
 
 const SYSBENCH: &str =
@@ -41,21 +44,23 @@ struct Boot {
 /// Boots `nodes` x `per_node` with `extra` kernel parameters; `run` is the workload (`shell`
 /// for a shell fed with `typed`).
 fn boot(nodes: usize, per_node: usize, extra: &str, run: &str, typed: Option<&str>) -> Boot {
-    boot_with_disk(nodes, per_node, extra, run, typed, None)
+    boot_with_devices(nodes, per_node, extra, run, typed, None, None)
 }
 
-/// Like [`boot`], with `disk` as the guest's virtio disk `/dev/vda`.
-fn boot_with_disk(
+/// Like [`boot`], with `disk` as the guest's virtio disk `/dev/vda` and a network card on a
+/// tap spanvm creates in namespace `netns` (the guest is 10.0.2.15 there).
+fn boot_with_devices(
     nodes: usize,
     per_node: usize,
     extra: &str,
     run: &str,
     typed: Option<&str>,
     disk: Option<&std::path::Path>,
+    netns: Option<&str>,
 ) -> Boot {
     let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let dir = tempfile::tempdir().unwrap();
-    let config = describe(dir.path(), nodes, per_node, extra, run, disk);
+    let config = describe(dir.path(), nodes, per_node, extra, run, disk, netns);
     let mut cluster = Command::new(common::spanvm());
     cluster.args([
         "cluster",
@@ -75,9 +80,15 @@ fn describe(
     extra: &str,
     run: &str,
     disk: Option<&std::path::Path>,
+    netns: Option<&str>,
 ) -> std::path::PathBuf {
     let vcpus = nodes * per_node;
     let addrs = common::free_addrs(nodes);
+    let extra = if netns.is_some() {
+        format!("{extra} {GUEST_IP_ARG}")
+    } else {
+        extra.to_string()
+    };
     let mut text = format!(
         "[guest]\nvcpus = {vcpus}\nmemory_mib = 256\n[guest.linux]\nkernel = \"{}\"\ninitrd = \"{}\"\ncmdline = '''console=ttyS0 {extra} spanvm.run=\"{}\"'''\n",
         image("minimal.vmlinux").display(),
@@ -86,6 +97,9 @@ fn describe(
     );
     if let Some(disk) = disk {
         text.push_str(&format!("[[guest.disk]]\npath = \"{}\"\n", disk.display()));
+    }
+    if let Some(netns) = netns {
+        text.push_str(&format!("[guest.net]\nnetns = \"{netns}\"\n"));
     }
     for (i, addr) in addrs.iter().enumerate() {
         let list: Vec<String> = (i * per_node..(i + 1) * per_node)
@@ -247,6 +261,16 @@ const VIRTIO_CHECKS: &str = "mount -t ext4 /dev/vda /mnt\n\
     echo hwrng-bytes-$(taskset -c 1 dd if=/dev/hwrng bs=64 count=1 2>/dev/null | wc -c)\n\
     echo hwrng-is-$(cat /sys/class/misc/hw_random/rng_current)\n";
 
+/// Bytes of each network stream of the typed-input boot: the guest kernel runs emulated here
+/// and moves a few tens of KB/s through TCP (the README says why), so the stream is short; the
+/// ignored test in tests/virtio_net.rs moves 16 MiB each way.
+const NET_STREAM_LEN: usize = 256 << 10;
+
+/// From the CPU on node 1: ping the namespace, take a stream from it and send it back.
+const NET_CHECKS: &str = "taskset -c 1 ping -c 4 -i 0.2 10.0.2.2; echo PING-STATUS $?\n\
+    taskset -c 1 nc 10.0.2.2 5001 </dev/null >/tmp/net.in; echo NET-DOWN $(sha256sum </tmp/net.in) $(wc -c </tmp/net.in)\n\
+    taskset -c 1 nc 10.0.2.2 5000 </tmp/net.in; echo NET-UP $?\n";
+
 /// The host's view of the guest's disk after power-off: `e2fsck -fn` clean, and the SHA-256 of
 /// `file` in it.
 fn host_disk_check(image: &std::path::Path, file: &str) -> Result<String, String> {
@@ -294,14 +318,26 @@ fn linux_on_2_nodes_typed_input_and_virtio_from_node_1_powers_off_from_the_maste
     // and UART reads forwarded back to the master.
     let typed = format!(
         "echo 2 > /proc/irq/$(awk '/ttyS0/ {{ sub(\":\", \"\", $1); print $1 }}' /proc/interrupts)/smp_affinity\n\
-         echo typed-$((6*7))\n{}\n{VIRTIO_CHECKS}grep -E 'ttyS0|serial' /proc/interrupts\nexit\n",
+         echo typed-$((6*7))\n{}\n{VIRTIO_CHECKS}{NET_CHECKS}grep -E 'ttyS0|serial' /proc/interrupts\nexit\n",
         SYSBENCH.replace("NCPU", "2")
     );
     // The disk is a copy: the test writes to it, and the built image stays as it was.
     let scratch = tempfile::tempdir().unwrap();
     let disk = scratch.path().join("data.ext4");
     std::fs::copy(image("data.ext4"), &disk).unwrap();
-    let b = boot_with_disk(2, 1, "", "shell", Some(&typed), Some(&disk));
+    // The network card's far end: a namespace of this test, which removes it.
+    let ns = NetNs::new();
+    let peer = StreamPeer::start(&ns, NET_STREAM_LEN, Duration::from_secs(300));
+    let b = boot_with_devices(
+        2,
+        1,
+        "",
+        "shell",
+        Some(&typed),
+        Some(&disk),
+        Some(ns.name()),
+    );
+    let streams = peer.finish();
     b.assert_healthy(2, 1);
     // virtio-blk: every file of the image read back right, fileio ran with fsyncs, and the
     // file written from node 1 is on the host's image with the checksum the guest computed.
@@ -338,6 +374,47 @@ fn linux_on_2_nodes_typed_input_and_virtio_from_node_1_powers_off_from_the_maste
     if !b.console().any(|l| l.trim() == "hwrng-is-virtio_rng.0") {
         b.fail("the guest's hwrng is not the virtio entropy device");
     }
+    // virtio-rng seeds the kernel's CRNG while it boots: ready before /init runs, so no
+    // reader of getrandom() waits for entropy.
+    let console: Vec<&str> = b.console().collect();
+    let crng = console
+        .iter()
+        .position(|l| l.contains("random: crng init done"));
+    let init = console
+        .iter()
+        .position(|l| l.contains("Run /init as init process"));
+    if !matches!((crng, init), (Some(c), Some(i)) if c < i) {
+        b.fail("the kernel's CRNG was not initialised before /init ran");
+    }
+    // virtio-net: pings answered, the stream arrived whole and came back whole.
+    if !streams.addressed {
+        b.fail("the tap never appeared in the namespace");
+    }
+    if b.markers("PING-STATUS") != vec!["0"] {
+        b.fail("the namespace did not answer the guest's pings");
+    }
+    let (down_sum, down_time) = streams
+        .down
+        .unwrap_or_else(|| b.fail("the namespace's stream to the guest did not complete"));
+    let guest_down = b.markers("NET-DOWN");
+    if guest_down != vec![format!("{down_sum} - {NET_STREAM_LEN}")] {
+        b.fail(&format!(
+            "the guest received {guest_down:?}, the namespace sent {down_sum}"
+        ));
+    }
+    let (up_len, up_sum, up_time) = streams
+        .up
+        .unwrap_or_else(|| b.fail("the guest's stream to the namespace did not complete"));
+    if b.markers("NET-UP") != vec!["0"] || (up_len, &up_sum) != (NET_STREAM_LEN, &down_sum) {
+        b.fail(&format!(
+            "the namespace got {up_len} bytes with sha256 {up_sum} back, sent {down_sum}"
+        ));
+    }
+    let rtt = b
+        .console()
+        .find_map(|l| l.strip_prefix("round-trip min/avg/max = "))
+        .unwrap_or("?")
+        .to_string();
     if !b
         .stderr
         .contains("the guest powered off (ACPI S5) from vCPU 0")
@@ -367,6 +444,10 @@ fn linux_on_2_nodes_typed_input_and_virtio_from_node_1_powers_off_from_the_maste
         println!("{line}");
     }
     println!("SPANVM-UPTIME at /init: {:?}", b.markers("SPANVM-UPTIME"));
+    println!(
+        "virtio-net from node 1: ping round trip min/avg/max {rtt}; {NET_STREAM_LEN} bytes \
+         namespace->guest in {down_time:?}, guest->namespace in {up_time:?}"
+    );
 }
 
 /// The README's main command, `spanvm cluster` with no arguments, run from the source tree as

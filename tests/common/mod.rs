@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod coherence;
+pub mod guest_net;
 pub mod netns;
 pub mod nodes;
 

@@ -851,79 +851,9 @@ mod hostile_guest {
     use crate::virtio::mmio::reg;
     use crate::virtio::testing::*;
     use proptest::prelude::*;
-    use vm_memory::mmap::{GuestRegionMmap, MmapRegion};
-    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
     const GUEST_LEN: usize = 0x10000;
-    const GUARD_LEN: usize = 0x1000;
-    const GUARD_BYTE: u8 = 0xa5;
     const QUEUE: u16 = 8;
-
-    /// Guest memory of GUEST_LEN bytes at GPA 0, placed between two guard areas of a host
-    /// mapping; dropping it unmaps everything.
-    struct GuardedMemory {
-        base: *mut u8,
-        total: usize,
-    }
-
-    impl GuardedMemory {
-        fn new() -> (Self, GuestMemoryMmap) {
-            let total = GUEST_LEN + 2 * GUARD_LEN;
-            // SAFETY: an anonymous private mapping at an address of the kernel's choosing; the
-            // result is checked before use.
-            let base = unsafe {
-                libc::mmap(
-                    std::ptr::null_mut(),
-                    total,
-                    libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                    -1,
-                    0,
-                )
-            };
-            assert_ne!(base, libc::MAP_FAILED);
-            let base = base.cast::<u8>();
-            // SAFETY: `base..base + total` is the mapping just created, readable and writable.
-            unsafe { std::ptr::write_bytes(base, GUARD_BYTE, total) };
-            // SAFETY: `base + GUARD_LEN` is page-aligned and the GUEST_LEN bytes after it lie
-            // inside the mapping above, which outlives the region (the region is dropped with
-            // the GuestMemoryMmap before `GuardedMemory` unmaps; see `run`).
-            let region = unsafe {
-                MmapRegion::build_raw(
-                    base.add(GUARD_LEN),
-                    GUEST_LEN,
-                    libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                )
-            }
-            .unwrap();
-            let region = GuestRegionMmap::new(region, GuestAddress(0)).unwrap();
-            let mem = GuestMemoryMmap::from_regions(vec![region]).unwrap();
-            mem.write_slice(&vec![0u8; GUEST_LEN], GuestAddress(0))
-                .unwrap();
-            (Self { base, total }, mem)
-        }
-
-        fn guards_intact(&self) -> bool {
-            // SAFETY: both guard areas lie inside the live mapping and nothing writes them
-            // while this shared view exists (the device ran to completion before).
-            let (front, back) = unsafe {
-                (
-                    std::slice::from_raw_parts(self.base, GUARD_LEN),
-                    std::slice::from_raw_parts(self.base.add(GUARD_LEN + GUEST_LEN), GUARD_LEN),
-                )
-            };
-            front.iter().chain(back).all(|&b| b == GUARD_BYTE)
-        }
-    }
-
-    impl Drop for GuardedMemory {
-        fn drop(&mut self) {
-            // SAFETY: unmaps exactly the mapping created in `new`; no region refers to it any
-            // more.
-            unsafe { libc::munmap(self.base.cast(), self.total) };
-        }
-    }
 
     /// Addresses a hostile driver likes: headers, data, the rings, the ends of memory, and
     /// anything at all.
@@ -969,7 +899,7 @@ mod hostile_guest {
         read_only: bool,
         used_ring: u64,
     ) -> Result<(), TestCaseError> {
-        let (guarded, mem) = GuardedMemory::new();
+        let (guarded, mem) = GuardedMemory::new(GUEST_LEN);
         {
             let mut img = tempfile::NamedTempFile::new().unwrap();
             std::io::Write::write_all(&mut img, &[0u8; 64 * 512]).unwrap();
@@ -1051,16 +981,6 @@ mod hostile_guest {
             descs.resize(QUEUE as usize, (DATA, 16, 0, 0));
             run(&descs, &vec![0; QUEUE as usize], copies, &headers, read_only, USED)?;
         }
-    }
-
-    #[test]
-    fn the_guard_check_sees_a_stray_write() {
-        let (guarded, mem) = GuardedMemory::new();
-        drop(mem);
-        assert!(guarded.guards_intact());
-        // SAFETY: the byte just past guest memory lies inside the guard area of the mapping.
-        unsafe { *guarded.base.add(GUARD_LEN + GUEST_LEN) = 0 };
-        assert!(!guarded.guards_intact());
     }
 
     #[test]

@@ -815,3 +815,159 @@ mod tests {
         assert_eq!(d.status() & status::DEVICE_NEEDS_RESET, 0);
     }
 }
+
+/// Random receive and transmit rings thrown at the network card, with and without mergeable
+/// receive buffers, while frames of every size wait: it must neither panic nor write a byte
+/// outside guest memory.
+#[cfg(test)]
+mod hostile_guest {
+    #![allow(clippy::cast_possible_truncation)]
+    use super::*;
+    use crate::virtio::mmio::{reg, status};
+    use crate::virtio::testing::*;
+    use proptest::prelude::*;
+    use std::sync::{Arc, Mutex};
+
+    /// Both queues' rings (queue 1's are QUEUE_STRIDE above queue 0's) fit below this.
+    const GUEST_LEN: usize = 0x20000;
+    const QUEUE: u16 = 8;
+
+    /// Frames waiting for the guest; what it sends is dropped.
+    struct Inbox(Arc<Mutex<Vec<Vec<u8>>>>);
+
+    impl NetBackend for Inbox {
+        fn carries_offloads(&self) -> bool {
+            true
+        }
+        fn send(&mut self, _: &[u8; NET_HDR_LEN], _: &[u8]) -> Result<(), NetError> {
+            Ok(())
+        }
+        fn receive(
+            &mut self,
+            header: &mut [u8; NET_HDR_LEN],
+            buf: &mut [u8],
+        ) -> Result<Option<usize>, NetError> {
+            Ok(self.0.lock().unwrap().pop().map(|f| {
+                *header = [0xff; NET_HDR_LEN];
+                buf[..f.len()].copy_from_slice(&f);
+                f.len()
+            }))
+        }
+    }
+
+    fn address() -> impl Strategy<Value = u64> {
+        prop_oneof![
+            (0u64..16).prop_map(|i| DATA + 0x800 * i),
+            Just(DESC),
+            Just(AVAIL),
+            Just(USED),
+            Just(USED + QUEUE_STRIDE),
+            (GUEST_LEN as u64 - 0x1100)..(GUEST_LEN as u64 + 0x100),
+            any::<u64>(),
+        ]
+    }
+
+    fn length() -> impl Strategy<Value = u32> {
+        prop_oneof![
+            Just(12u32),
+            Just(1526),
+            Just(4096),
+            0u32..0x3000,
+            any::<u32>()
+        ]
+    }
+
+    /// A queue as the driver leaves it: descriptors (address, length, flags, next), the
+    /// available ring's heads, and its index.
+    type Ring = (Vec<(u64, u32, u16, u16)>, Vec<u16>, u16);
+
+    fn ring() -> impl Strategy<Value = Ring> {
+        (
+            proptest::collection::vec(
+                (address(), length(), 0u16..8, 0u16..(QUEUE + 3)),
+                QUEUE as usize,
+            ),
+            proptest::collection::vec(0u16..(QUEUE + 2), QUEUE as usize),
+            prop_oneof![0u16..(QUEUE + 2), any::<u16>()],
+        )
+    }
+
+    fn frame_len() -> impl Strategy<Value = usize> {
+        prop_oneof![
+            0usize..64,
+            1000usize..1600,
+            Just(MAX_FRAME_LEN - 1),
+            2000usize..20_000
+        ]
+    }
+
+    fn lay_out(
+        d: &mut Driver<vm_memory::GuestMemoryMmap>,
+        queue: usize,
+        (descs, heads, avail): &Ring,
+    ) {
+        d.select(queue);
+        let base = QUEUE_STRIDE * queue as u64;
+        for (i, &(addr, len, flags, next)) in descs.iter().enumerate() {
+            d.desc(i as u16, addr, len, flags, next);
+        }
+        for (i, &head) in heads.iter().enumerate() {
+            d.write(AVAIL + base + 4 + 2 * i as u64, &head.to_le_bytes());
+        }
+        d.set_avail_idx(*avail);
+    }
+
+    fn run(rx: &Ring, tx: &Ring, frames: Vec<usize>, mergeable: bool) -> Result<(), TestCaseError> {
+        let (guarded, mem) = GuardedMemory::new(GUEST_LEN);
+        {
+            let inbox = Arc::new(Mutex::new(
+                frames
+                    .into_iter()
+                    .map(|n| vec![0x5a; n])
+                    .collect::<Vec<_>>(),
+            ));
+            let mut d = Driver::bare(
+                Box::new(Net::new(Box::new(Inbox(inbox)), [2, 0, 0, 0, 0, 1])),
+                mem.clone(),
+            );
+            let mut features = d.offered_features();
+            if !mergeable {
+                features &= !(1u64 << VIRTIO_NET_F_MRG_RXBUF);
+            }
+            prop_assert!(d.try_features(features));
+            for q in [RX_QUEUE, TX_QUEUE] {
+                d.select(q);
+                d.setup_queue(QUEUE);
+            }
+            let s = d.status();
+            w32(&mut d.t, reg::STATUS, s | status::DRIVER_OK);
+            lay_out(&mut d, RX_QUEUE, rx);
+            lay_out(&mut d, TX_QUEUE, tx);
+            d.t.kick(RX_QUEUE);
+            for q in [TX_QUEUE, RX_QUEUE, RX_QUEUE] {
+                d.select(q);
+                d.notify();
+            }
+            drop(d);
+        }
+        drop(mem);
+        prop_assert!(
+            guarded.guards_intact(),
+            "a byte outside guest memory changed"
+        );
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+        #[test]
+        fn random_rings_never_panic_or_write_outside_guest_memory(
+            rx in ring(),
+            tx in ring(),
+            frames in proptest::collection::vec(frame_len(), 0..4),
+            mergeable in any::<bool>(),
+        ) {
+            run(&rx, &tx, frames, mergeable)?;
+        }
+    }
+}

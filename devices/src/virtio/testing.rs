@@ -241,3 +241,88 @@ impl<M: GuestMemory + Clone> Driver<M> {
         self.mem.write_slice(bytes, GuestAddress(addr)).unwrap();
     }
 }
+
+/// Bytes on each side of a [`GuardedMemory`].
+const GUARD_LEN: usize = 0x1000;
+/// What the guard areas hold.
+const GUARD_BYTE: u8 = 0xa5;
+
+/// Guest memory at GPA 0 placed between two guard areas of one host mapping, so that the
+/// hostile-guest tests see any byte a device writes outside guest memory; dropping it unmaps
+/// everything.
+pub struct GuardedMemory {
+    base: *mut u8,
+    total: usize,
+}
+
+impl GuardedMemory {
+    /// `len` bytes of zeroed guest memory (a multiple of the page size) between the guards.
+    pub fn new(len: usize) -> (Self, GuestMemoryMmap) {
+        use vm_memory::mmap::{GuestRegionMmap, MmapRegion};
+        let total = len + 2 * GUARD_LEN;
+        // SAFETY: an anonymous private mapping at an address of the kernel's choosing; the
+        // result is checked before use.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                total,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(base, libc::MAP_FAILED);
+        let base = base.cast::<u8>();
+        // SAFETY: `base..base + total` is the mapping just created, readable and writable.
+        unsafe { std::ptr::write_bytes(base, GUARD_BYTE, total) };
+        // SAFETY: `base + GUARD_LEN` is page-aligned and the `len` bytes after it lie inside
+        // the mapping above, which outlives the region (callers drop the GuestMemoryMmap
+        // before the GuardedMemory that unmaps).
+        let region = unsafe {
+            MmapRegion::build_raw(
+                base.add(GUARD_LEN),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            )
+        }
+        .unwrap();
+        let region = GuestRegionMmap::new(region, GuestAddress(0)).unwrap();
+        let mem = GuestMemoryMmap::from_regions(vec![region]).unwrap();
+        mem.write_slice(&vec![0u8; len], GuestAddress(0)).unwrap();
+        (Self { base, total }, mem)
+    }
+
+    /// Whether both guard areas still hold only the guard byte.
+    pub fn guards_intact(&self) -> bool {
+        let len = self.total - 2 * GUARD_LEN;
+        // SAFETY: both guard areas lie inside the live mapping and nothing writes them while
+        // this shared view exists (the device ran to completion before).
+        let (front, back) = unsafe {
+            (
+                std::slice::from_raw_parts(self.base, GUARD_LEN),
+                std::slice::from_raw_parts(self.base.add(GUARD_LEN + len), GUARD_LEN),
+            )
+        };
+        front.iter().chain(back).all(|&b| b == GUARD_BYTE)
+    }
+}
+
+impl Drop for GuardedMemory {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping created in `new`; no region refers to it any more.
+        unsafe { libc::munmap(self.base.cast(), self.total) };
+    }
+}
+
+#[test]
+fn the_guard_check_sees_a_stray_write() {
+    let len = 0x10000;
+    let (guarded, mem) = GuardedMemory::new(len);
+    drop(mem);
+    assert!(guarded.guards_intact());
+    // SAFETY: the byte just past guest memory lies inside the guard area of the mapping.
+    unsafe { *guarded.base.add(GUARD_LEN + len) = 0 };
+    assert!(!guarded.guards_intact());
+}
