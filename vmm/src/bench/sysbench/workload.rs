@@ -407,9 +407,8 @@ pub fn strip_node_prefix(line: &str) -> &str {
 mod tests {
     use super::*;
 
-    // Real outputs: sysbench cpu, threads, mutex and memory and stress-ng from the guest (1 node
-    // x 2 vCPUs on the kvm_pvm host, --quick options), fileio from the same sysbench 1.0.20 on
-    // the host.
+    // Real outputs from the guest (1 node x 2 vCPUs on the kvm_pvm host): sysbench cpu,
+    // threads, mutex, memory and stress-ng of a 2 s trial run, fileio of `--quick --disk`.
     const CPU: &str = include_str!("samples/cpu.txt");
     const THREADS: &str = include_str!("samples/threads.txt");
     const MUTEX: &str = include_str!("samples/mutex.txt");
