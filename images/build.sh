@@ -26,7 +26,7 @@ declare -A title=(
     [kernel-config]="kernel config (allnoconfig + kernel/spanvm-minimal.config)"
     [kernel-build]="minimal kernel (vmlinux, bzImage)"
     [cloud-kernel]="Debian cloud kernel"
-    [initramfs]="initramfs (busybox, sysbench, /init)"
+    [initramfs]="initramfs (busybox, sysbench, /init; and with stress-ng for bench sysbench)"
     [data-disk]="data disk (data.ext4, mkfs.ext4 -d)"
 )
 # Which step makes each output, so that an output that no longer matches SHA256SUMS is rebuilt.
@@ -38,10 +38,11 @@ declare -A made_by=(
     [debian-cloud.vmlinux]=cloud-kernel
     [debian-cloud.config]=cloud-kernel
     [initramfs.cpio]=initramfs
+    [initramfs-bench.cpio]=initramfs
     [data.ext4]=data-disk
 )
 outputs=(minimal.vmlinux minimal.bzImage minimal.config debian-cloud.vmlinuz debian-cloud.vmlinux debian-cloud.config
-    initramfs.cpio data.ext4)
+    initramfs.cpio initramfs-bench.cpio data.ext4)
 
 if [ "$#" -gt 0 ]; then
     for wanted in "$@"; do

@@ -12,6 +12,7 @@ packages=(
   iproute2        # network namespaces for the network-fault tests (ip netns, tc)
   nftables        # partitions and segment loss injected inside those namespaces
   acpica-tools    # iasl -d: the ACPI table tests disassemble what the VMM generates
+  fonts-dejavu-core  # the font of spanvm bench sysbench's PNG plot
 )
 
 missing=()

@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Step: install, with apt, the Debian packages the images are built from and with.
-# Nothing else is ever downloaded: the kernel source, busybox, sysbench and its libraries, the
-# stock cloud kernel and mkfs.ext4 (e2fsprogs, for the data disk) all come from Debian's archive.
+# Nothing else is ever downloaded: the kernel source, busybox, sysbench, stress-ng and their
+# libraries, the stock cloud kernel and mkfs.ext4 (e2fsprogs, for the data disk) all come from
+# Debian's archive.
 set -euo pipefail
 # shellcheck source-path=SCRIPTDIR source=lib.sh
 . "$(dirname "$0")/lib.sh"
 
 packages=(
     linux-source build-essential bc bison flex libelf-dev libssl-dev xz-utils lz4 python3
-    cpio busybox-static sysbench e2fsprogs
+    cpio busybox-static sysbench stress-ng e2fsprogs
 )
 missing=()
 for package in "${packages[@]}"; do

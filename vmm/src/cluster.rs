@@ -119,7 +119,7 @@ pub enum ClusterError {
 /// Makes the kernel kill the node if this process dies first, even by SIGKILL (which no
 /// handler sees): a node left without its cluster parent would spin on, alone. The spawning
 /// thread is the main thread, which lives as long as the cluster, as PR_SET_PDEATHSIG needs.
-fn die_with_this_process(node: &mut Command) {
+pub(crate) fn die_with_this_process(node: &mut Command) {
     use std::os::unix::process::CommandExt;
     // SAFETY: getpid(2) has no preconditions.
     let parent = unsafe { libc::getpid() };

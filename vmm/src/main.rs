@@ -91,6 +91,24 @@ enum BenchWhat {
         #[arg(long)]
         topology_only: bool,
     },
+    /// GiantVM's evaluation: sysbench cpu, threads, mutex, memory (local, global, 4 KiB global
+    /// writes), stress-ng CPU methods and, with --disk, fileio, in one Linux boot per layout,
+    /// each multi-node layout against 1xN of the same run; a table, results.csv, a plot and
+    /// summary.md with GiantVM's published ratios.
+    Sysbench {
+        /// Layouts to boot, NODESxVCPUS each (the 1xN baselines are added when missing).
+        #[arg(long, default_value = vmm::bench::sysbench::layout::DEFAULT_LAYOUTS)]
+        layouts: String,
+        /// The shortest runs (5 s each), one mutex case and two stress-ng methods.
+        #[arg(long)]
+        quick: bool,
+        /// Where the results go (default: a fresh directory under /tmp, printed).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Run sysbench fileio on a copy of this ext4 image (e.g. images/out/data.ext4).
+        #[arg(long)]
+        disk: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -130,6 +148,22 @@ fn main() -> ExitCode {
         Command::Bench {
             what: BenchWhat::Boot { topology_only },
         } => vmm::bench::boot::run(topology_only).map(|()| StopReason::PowerOff),
+        Command::Bench {
+            what:
+                BenchWhat::Sysbench {
+                    layouts,
+                    quick,
+                    out,
+                    disk,
+                },
+        } => vmm::bench::sysbench::run(&vmm::bench::sysbench::Options {
+            layouts,
+            quick,
+            out,
+            disk,
+        })
+        .map(|()| StopReason::PowerOff)
+        .map_err(vmm::commands::CommandError::from),
     };
     match result {
         Ok(StopReason::PowerOff) => ExitCode::SUCCESS,

@@ -6,6 +6,7 @@ pub mod exits;
 pub mod io;
 mod netns;
 pub mod sharing;
+pub mod sysbench;
 
 use std::collections::HashMap;
 

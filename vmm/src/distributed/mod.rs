@@ -34,6 +34,22 @@ pub fn connect_timeout() -> Duration {
         .unwrap_or(CONNECT_TIMEOUT)
 }
 
+/// How many most-faulted pages a node's DSM statistics list (`SPANVM_DSM_HOT_PAGES` overrides
+/// it, up to [`MAX_HOT_PAGES`]).
+pub const HOT_PAGES: usize = 8;
+/// The most a node lists.
+pub const MAX_HOT_PAGES: usize = 1024;
+
+/// The number of most-faulted pages listed. `spanvm bench sysbench` asks for more: the lists
+/// count since boot, and a page hot only during one workload enters them only if it beats the
+/// last listed page.
+pub fn hot_pages() -> usize {
+    std::env::var("SPANVM_DSM_HOT_PAGES")
+        .ok()
+        .and_then(|s| s.parse::<usize>().ok())
+        .map_or(HOT_PAGES, |n| n.min(MAX_HOT_PAGES))
+}
+
 /// Errors of joining the cluster.
 #[derive(Debug, thiserror::Error)]
 pub enum DistributedError {
@@ -258,7 +274,7 @@ impl Distributed {
                 node_count: layout.node_count(),
                 page_count: layout.page_count(),
                 home_of: Arc::new(move |page| home_layout.home_of(page << 12).unwrap_or(0)),
-                top_pages: 8,
+                top_pages: hot_pages(),
             },
             pages.clone(),
             link.clone(),
