@@ -54,6 +54,7 @@ fn csv_fields(line: &str) -> Vec<String> {
 }
 
 #[test]
+#[ignore = "two Linux boots and sixteen guest program starts: 21 minutes here on a quiet host, which with the other boots would take CI past its hour; run with --ignored"]
 fn quick_run_on_1x2_and_2x1_writes_every_row_and_valid_plots() {
     // Fails (never skips) when the images are not built.
     common::image("minimal.vmlinux");
