@@ -42,6 +42,24 @@ fn namespace_with_tap() -> (NetNs, TapBackend) {
     (ns, tap)
 }
 
+/// The namespace knows the guest's MAC without asking (no ARP): its datagrams go straight to
+/// the tap.
+fn guest_is_a_known_neighbour(ns: &NetNs) {
+    let neigh = ns.exec(&[
+        "ip",
+        "neigh",
+        "add",
+        "10.0.2.15",
+        "lladdr",
+        "52:54:00:12:34:56",
+        "dev",
+        "spanvm0",
+        "nud",
+        "permanent",
+    ]);
+    assert!(neigh.status.success(), "{neigh:?}");
+}
+
 fn ethertype(frame: &[u8]) -> u16 {
     u16::from_be_bytes([frame[12], frame[13]])
 }
@@ -163,19 +181,7 @@ fn frames_cross_a_tap_created_in_a_namespace_both_ways() {
 #[test]
 fn frames_wait_in_the_tap_while_the_guest_has_no_buffers() {
     let (ns, tap) = namespace_with_tap();
-    let neigh = ns.exec(&[
-        "ip",
-        "neigh",
-        "add",
-        "10.0.2.15",
-        "lladdr",
-        "52:54:00:12:34:56",
-        "dev",
-        "spanvm0",
-        "nud",
-        "permanent",
-    ]);
-    assert!(neigh.status.success(), "{neigh:?}");
+    guest_is_a_known_neighbour(&ns);
     // A card without receive buffers: a kick takes one frame into the card and no more (as
     // `Net` keeps one pending frame); the rest must stay in the tap.
     let kicks = Arc::new(AtomicUsize::new(0));
@@ -255,19 +261,7 @@ fn next_frame(tap: &mut TapBackend) -> ([u8; NET_HDR_LEN], Vec<u8>) {
 #[test]
 fn the_offloads_the_guest_accepts_reach_the_host_stack() {
     let (ns, mut tap) = namespace_with_tap();
-    let neigh = ns.exec(&[
-        "ip",
-        "neigh",
-        "add",
-        "10.0.2.15",
-        "lladdr",
-        "52:54:00:12:34:56",
-        "dev",
-        "spanvm0",
-        "nud",
-        "permanent",
-    ]);
-    assert!(neigh.status.success(), "{neigh:?}");
+    guest_is_a_known_neighbour(&ns);
     assert!(tap.carries_offloads());
     let socket = host_socket(&ns);
     // No offloads accepted (the state after opening and after a reset): complete frames, an
