@@ -3,10 +3,8 @@
 //! listeners there exchange a stream with the guest (10.0.2.15): port 5001 sends it, port 5000
 //! takes it back, both checksummed. Nothing leaves the namespace.
 
-use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener};
-use std::os::fd::AsRawFd;
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
@@ -23,16 +21,7 @@ pub const TAP: &str = "spanvm0";
 
 /// Runs `f` on a thread inside the namespace `ns`; a socket made there stays in that namespace.
 pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let file = File::open(format!("/run/netns/{ns}")).unwrap();
-    std::thread::spawn(move || {
-        // SAFETY: `file` is an open namespace file that outlives the call; only this thread
-        // moves, and it ends after `f`.
-        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
-        f()
-    })
-    .join()
-    .unwrap()
+    vmm::virtio::in_netns(ns, f).unwrap()
 }
 
 /// Byte `i` of the stream.

@@ -2,10 +2,8 @@
 //! streams the guest exchanges with it, and the same streams over the host's loopback as the
 //! anchor. Nothing leaves the namespace or the loopback.
 
-use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -209,22 +207,7 @@ fn in_namespace<T: Send + 'static>(
     ns: &str,
     f: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, CommandError> {
-    let file = File::open(format!("/run/netns/{ns}"))
-        .map_err(|e| CommandError::Bench(format!("/run/netns/{ns}: {e}")))?;
-    std::thread::spawn(move || {
-        // SAFETY: `file` is an open namespace file that outlives the call; setns moves only
-        // this thread, which ends after `f`.
-        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-        if rc != 0 {
-            return Err(CommandError::Bench(format!(
-                "cannot enter the namespace: {}",
-                std::io::Error::last_os_error()
-            )));
-        }
-        Ok(f())
-    })
-    .join()
-    .map_err(|_| CommandError::Bench("the namespace thread failed".into()))?
+    crate::virtio::in_netns(ns, f).map_err(|e| CommandError::Bench(e.to_string()))
 }
 
 /// `ip ARGS`, an error with its stderr if it fails.

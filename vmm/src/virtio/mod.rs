@@ -14,4 +14,4 @@ pub use attach::{attach_virtio_devices, VirtioDevices, VirtioSetupError};
 
 mod tap;
 
-pub use tap::{RxThread, TapBackend, TapError};
+pub use tap::{in_netns, RxThread, TapBackend, TapError};

@@ -108,6 +108,14 @@ pub enum TapError {
         /// Why.
         source: std::io::Error,
     },
+    /// The thread that works inside a network namespace cannot be started, or it panicked.
+    #[error("cannot run a thread inside network namespace {netns}: {source}")]
+    NetnsThread {
+        /// The namespace.
+        netns: String,
+        /// Why.
+        source: std::io::Error,
+    },
     /// An eventfd or thread for the tap cannot be made.
     #[error("tap {tap}: {what}: {source}")]
     Resource {
@@ -535,36 +543,45 @@ fn bring_up(tap: &str, name: &[u8; IFNAMSIZ]) -> Result<(), TapError> {
 /// Creates the tap `name` inside `/run/netns/<netns>` on a helper thread that enters the
 /// namespace (the caller's threads stay where they are) and brings it up.
 fn open_in_netns(tap: &str, name: [u8; IFNAMSIZ], netns: &str) -> Result<File, TapError> {
+    let tap_name = tap.to_string();
+    in_netns(netns, move || {
+        let file = open_tap(&tap_name, &name)?;
+        bring_up(&tap_name, &name)?;
+        Ok(file)
+    })?
+}
+
+/// Runs `f` on a short-lived thread inside the network namespace `/run/netns/<netns>`: what it
+/// creates there (a tap, a socket) stays in that namespace whichever thread uses it later.
+pub fn in_netns<T: Send + 'static>(
+    netns: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, TapError> {
     let ns = File::open(format!("/run/netns/{netns}")).map_err(|source| TapError::OpenNetns {
         netns: netns.to_string(),
         source,
     })?;
-    let tap_name = tap.to_string();
     let ns_name = netns.to_string();
     let helper = std::thread::Builder::new()
         .name("spanvm-netns".into())
         .spawn(move || {
             // SAFETY: `ns` is an open namespace file that outlives the call; setns with
-            // CLONE_NEWNET moves only this thread, which ends right after opening the tap.
+            // CLONE_NEWNET moves only this thread, which ends right after `f`.
             if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } < 0 {
                 return Err(TapError::EnterNetns {
                     netns: ns_name,
                     source: std::io::Error::last_os_error(),
                 });
             }
-            let file = open_tap(&tap_name, &name)?;
-            bring_up(&tap_name, &name)?;
-            Ok(file)
+            Ok(f())
         })
-        .map_err(|source| TapError::Resource {
-            tap: tap.to_string(),
-            what: "namespace helper thread",
+        .map_err(|source| TapError::NetnsThread {
+            netns: netns.to_string(),
             source,
         })?;
     helper.join().unwrap_or_else(|_| {
-        Err(TapError::Resource {
-            tap: tap.to_string(),
-            what: "namespace helper thread",
+        Err(TapError::NetnsThread {
+            netns: netns.to_string(),
             source: std::io::Error::other("it panicked"),
         })
     })
