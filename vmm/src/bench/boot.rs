@@ -157,20 +157,13 @@ pub(super) fn cluster_boot(
     std::fs::write(&config, text)
         .map_err(|e| CommandError::Bench(format!("{}: {e}", config.display())))?;
     let exe = std::env::current_exe().map_err(|e| CommandError::Bench(e.to_string()))?;
-    let mut cmd = Command::new(exe);
     if nodes == 1 {
         let single =
             std::fs::read_to_string(&config).map_err(|e| CommandError::Bench(e.to_string()))?;
         std::fs::write(&config, format!("node = 0\n{single}"))
             .map_err(|e| CommandError::Bench(e.to_string()))?;
-        cmd.arg("run").arg("--config").arg(&config);
-    } else {
-        cmd.arg("cluster")
-            .arg("--config")
-            .arg(&config)
-            .arg("--dir")
-            .arg(dir.join(name));
     }
+    let cmd = super::layout_command(&exe, nodes, &config, &dir.join(name));
     time_milestones_and_rate(cmd, &dir.join(format!("{name}.console.log")))
 }
 

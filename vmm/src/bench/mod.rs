@@ -10,6 +10,28 @@ pub mod sysbench;
 
 use std::collections::HashMap;
 
+/// The command that runs the guest of `config` on `nodes` nodes with the `spanvm` at `exe`:
+/// `spanvm run` for one (the config then names node 0), else `spanvm cluster`, which writes its
+/// node files into `nodes_dir`.
+fn layout_command(
+    exe: &std::path::Path,
+    nodes: usize,
+    config: &std::path::Path,
+    nodes_dir: &std::path::Path,
+) -> std::process::Command {
+    let mut cmd = std::process::Command::new(exe);
+    if nodes == 1 {
+        cmd.arg("run").arg("--config").arg(config);
+    } else {
+        cmd.arg("cluster")
+            .arg("--config")
+            .arg(config)
+            .arg("--dir")
+            .arg(nodes_dir);
+    }
+    cmd
+}
+
 /// The `[[nodes]]` tables of `nodes` nodes with `per_node` consecutive vCPUs each, every node
 /// on a free loopback port.
 fn node_tables(nodes: usize, per_node: usize) -> Result<String, crate::commands::CommandError> {

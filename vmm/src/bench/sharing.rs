@@ -10,7 +10,7 @@
 //! stops mattering.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 
 use crate::commands::CommandError;
 
@@ -37,17 +37,10 @@ fn hotpage_rates(
     let config = dir.join(format!("{name}.toml"));
     let exe = std::env::current_exe()
         .map_err(|e| CommandError::Bench(format!("cannot find the spanvm binary: {e}")))?;
-    let mut cmd = Command::new(exe);
     if nodes == 1 {
         text = format!("node = 0\n{text}");
-        cmd.arg("run").arg("--config").arg(&config);
-    } else {
-        cmd.arg("cluster")
-            .arg("--config")
-            .arg(&config)
-            .arg("--dir")
-            .arg(dir.join(&name));
     }
+    let mut cmd = super::layout_command(&exe, nodes, &config, &dir.join(&name));
     std::fs::write(&config, text)
         .map_err(|e| CommandError::Bench(format!("{}: {e}", config.display())))?;
     let out = cmd

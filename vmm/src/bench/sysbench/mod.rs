@@ -22,7 +22,7 @@ pub mod workload;
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -246,16 +246,12 @@ fn start_guest(
         "cannot find the spanvm binary",
         Path::new("/proc/self/exe"),
     ))?;
-    let mut cmd = Command::new(exe);
-    if boot.layout.nodes == 1 {
-        cmd.arg("run").arg("--config").arg(&config);
-    } else {
-        cmd.arg("cluster")
-            .arg("--config")
-            .arg(&config)
-            .arg("--dir")
-            .arg(boot.dir.join(format!("{name}.nodes")));
-    }
+    let mut cmd = super::layout_command(
+        &exe,
+        boot.layout.nodes,
+        &config,
+        &boot.dir.join(format!("{name}.nodes")),
+    );
     // The nodes list their most-faulted pages since boot: enough of them that a page hot in one
     // workload makes the list.
     cmd.env("SPANVM_DSM_HOT_PAGES", HOT_PAGES.to_string())
