@@ -123,6 +123,48 @@ pub(super) struct GuestDevices<'a> {
     pub(super) netns: Option<&'a str>,
 }
 
+/// The config of a benchmark's Linux guest: 256 MiB, `kernel` and `initrd`, `/init` running
+/// `run` (a `spanvm.run=` value) with `extra` kernel parameters, `devices`, and `nodes` nodes of
+/// `per_node` vCPUs on free loopback ports (one node: a node file for `spanvm run`).
+pub(super) fn linux_config(
+    kernel: &Path,
+    initrd: &Path,
+    (nodes, per_node): (usize, usize),
+    extra: &str,
+    run: &str,
+    devices: &GuestDevices<'_>,
+) -> Result<String, CommandError> {
+    let vcpus = nodes * per_node;
+    let mut cmdline = String::from("console=ttyS0");
+    for param in [
+        extra,
+        devices.netns.map_or("", |_| super::netns::GUEST_IP_ARG),
+    ] {
+        if !param.is_empty() {
+            cmdline.push(' ');
+            cmdline.push_str(param);
+        }
+    }
+    let mut text = if nodes == 1 {
+        String::from("node = 0\n")
+    } else {
+        String::new()
+    };
+    text.push_str(&format!(
+        "[guest]\nvcpus = {vcpus}\nmemory_mib = 256\n[guest.linux]\nkernel = \"{}\"\ninitrd = \"{}\"\ncmdline = '''{cmdline} spanvm.run={run}'''\n",
+        kernel.display(),
+        initrd.display()
+    ));
+    if let Some(disk) = devices.disk {
+        text.push_str(&format!("[[guest.disk]]\npath = \"{}\"\n", disk.display()));
+    }
+    if let Some(netns) = devices.netns {
+        text.push_str(&format!("[guest.net]\nnetns = \"{netns}\"\n"));
+    }
+    text.push_str(&super::node_tables(nodes, per_node)?);
+    Ok(text)
+}
+
 /// Boots `kernel` on `shape.0` nodes with `shape.1` vCPUs each (one node: `spanvm run`,
 /// several: `spanvm cluster`), `/init` running `run` (a `spanvm.run=` value), with `devices`.
 /// The console goes to `<dir>/<name>.console.log`.
@@ -135,34 +177,11 @@ pub(super) fn cluster_boot(
     run: &str,
     devices: &GuestDevices<'_>,
 ) -> Result<(Vec<Option<Duration>>, Option<f64>), CommandError> {
-    let vcpus = nodes * per_node;
-    let ip = if devices.netns.is_some() {
-        format!(" {}", super::netns::GUEST_IP_ARG)
-    } else {
-        String::new()
-    };
-    let mut text = format!(
-        "[guest]\nvcpus = {vcpus}\nmemory_mib = 256\n[guest.linux]\nkernel = \"{}\"\ninitrd = \"{}\"\ncmdline = '''console=ttyS0{ip} spanvm.run={run}'''\n",
-        kernel.display(),
-        initrd.display()
-    );
-    if let Some(disk) = devices.disk {
-        text.push_str(&format!("[[guest.disk]]\npath = \"{}\"\n", disk.display()));
-    }
-    if let Some(netns) = devices.netns {
-        text.push_str(&format!("[guest.net]\nnetns = \"{netns}\"\n"));
-    }
-    text.push_str(&super::node_tables(nodes, per_node)?);
+    let text = linux_config(kernel, initrd, (nodes, per_node), "", run, devices)?;
     let config = dir.join(format!("{name}.toml"));
     std::fs::write(&config, text)
         .map_err(|e| CommandError::Bench(format!("{}: {e}", config.display())))?;
     let exe = std::env::current_exe().map_err(|e| CommandError::Bench(e.to_string()))?;
-    if nodes == 1 {
-        let single =
-            std::fs::read_to_string(&config).map_err(|e| CommandError::Bench(e.to_string()))?;
-        std::fs::write(&config, format!("node = 0\n{single}"))
-            .map_err(|e| CommandError::Bench(e.to_string()))?;
-    }
     let cmd = super::layout_command(&exe, nodes, &config, &dir.join(name));
     time_milestones_and_rate(cmd, &dir.join(format!("{name}.console.log")))
 }
@@ -326,4 +345,44 @@ pub fn run(topology_only: bool) -> Result<(), CommandError> {
     }
     println!("consoles, each line with its time: {}", work.display());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_node_configs_name_node_0_and_devices_reach_config_and_command_line() {
+        let (k, i) = (Path::new("/k"), Path::new("/i"));
+        let one = linux_config(k, i, (1, 2), "", "x", &GuestDevices::default()).unwrap();
+        assert!(one.starts_with("node = 0\n[guest]\nvcpus = 2\n"), "{one}");
+        assert!(
+            one.contains("cmdline = '''console=ttyS0 spanvm.run=x'''"),
+            "{one}"
+        );
+        let disk = Path::new("/d.ext4");
+        let two = linux_config(
+            k,
+            i,
+            (2, 1),
+            "irqaffinity=0",
+            "x",
+            &GuestDevices {
+                disk: Some(disk),
+                netns: Some("ns"),
+            },
+        )
+        .unwrap();
+        assert!(!two.contains("node = 0\n[guest]"), "{two}");
+        assert!(two.contains(&format!(
+            "console=ttyS0 irqaffinity=0 {} spanvm.run=x",
+            super::super::netns::GUEST_IP_ARG
+        )));
+        assert!(
+            two.contains("[[guest.disk]]\npath = \"/d.ext4\"\n"),
+            "{two}"
+        );
+        assert!(two.contains("[guest.net]\nnetns = \"ns\"\n"), "{two}");
+        assert_eq!(two.matches("[[nodes]]").count(), 2, "{two}");
+    }
 }

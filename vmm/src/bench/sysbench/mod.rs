@@ -38,6 +38,7 @@ use workload::{Durations, Marker, Workload};
 /// much longer on a busy one).
 const BOOT_LIMIT: Duration = Duration::from_secs(1800);
 /// Guest memory.
+/// The guest's memory (what `boot::linux_config` gives every benchmark guest).
 const MEMORY_MIB: u64 = 256;
 /// How many most-faulted pages each node lists (`SPANVM_DSM_HOT_PAGES`).
 const HOT_PAGES: usize = 256;
@@ -198,28 +199,18 @@ struct Boot<'a> {
 
 /// The cluster description of a boot.
 fn describe(boot: &Boot<'_>, run: &str, disk: Option<&Path>) -> Result<String, SysbenchError> {
-    let vcpus = boot.layout.vcpus();
-    let mut text = String::new();
-    if boot.layout.nodes == 1 {
-        text.push_str("node = 0\n");
-    }
-    text.push_str(&format!(
-        "[guest]\nvcpus = {vcpus}\nmemory_mib = {MEMORY_MIB}\n[guest.linux]\nkernel = \"{}\"\ninitrd = \"{}\"\n\
-         cmdline = '''console=ttyS0 irqaffinity=0 spanvm.run={run}'''\n",
-        boot.images.kernel.display(),
-        boot.images.initrd.display()
-    ));
-    if let Some(disk) = disk {
-        text.push_str(&format!("[[guest.disk]]\npath = \"{}\"\n", disk.display()));
-    }
-    let nodes = super::node_tables(boot.layout.nodes, boot.layout.per_node).map_err(|e| {
-        SysbenchError::Spawn {
-            what: "the nodes (no loopback port)".into(),
-            source: std::io::Error::other(e.to_string()),
-        }
-    })?;
-    text.push_str(&nodes);
-    Ok(text)
+    super::boot::linux_config(
+        &boot.images.kernel,
+        &boot.images.initrd,
+        (boot.layout.nodes, boot.layout.per_node),
+        "irqaffinity=0",
+        run,
+        &super::boot::GuestDevices { disk, netns: None },
+    )
+    .map_err(|e| SysbenchError::Spawn {
+        what: "the nodes (no loopback port)".into(),
+        source: std::io::Error::other(e.to_string()),
+    })
 }
 
 /// Starts the guest of `boot`; returns the process and where its nodes' statistics arrive.
