@@ -126,6 +126,35 @@ fn unknown_probe() {
     assert_one_clear_error(&["run", "--config", &p], &[], &["no-such-probe", "hello"]);
 }
 
+/// A node asking for RDMA where this build or this host cannot give it: one line that names
+/// what is missing, before anything listens or dials. (On a host with a verbs device and an
+/// `rdma` build the node gets past that point, which tests/dsm.rs covers over RDMA.)
+#[test]
+fn rdma_transport_that_cannot_start() {
+    let has_device = std::fs::read_dir("/sys/class/infiniband")
+        .map(|mut d| d.next().is_some())
+        .unwrap_or(false);
+    if cfg!(feature = "rdma") && has_device {
+        panic!(
+            "this host has an RDMA device and this build has RDMA: this test checks the \
+             refusal where one is missing; run the RDMA cluster tests instead"
+        );
+    }
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "secret", &"s".repeat(32));
+    let text = GOOD.replace("vcpus = [0, 1]", "vcpus = [0]").replace(
+        "[guest]",
+        "secret = \"secret\"\ntransport = \"rdma\"\n[guest]",
+    ) + "[[nodes]]\nid = 1\naddress = \"127.0.0.1:7902\"\nvcpus = [1]\n";
+    let p = write(dir.path(), "rdma.toml", &text);
+    let expect: &[&str] = if cfg!(feature = "rdma") {
+        &["rdma", "no RDMA device"]
+    } else {
+        &["rdma", "--features rdma", "libibverbs-dev"]
+    };
+    assert_one_clear_error(&["run", "--config", &p], &[], expect);
+}
+
 #[test]
 fn kvm_device_absent() {
     let dir = tempfile::tempdir().unwrap();

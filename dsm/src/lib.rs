@@ -42,8 +42,8 @@ pub use memory::{GuestPages, MemoryError, PageContent};
 pub use node::{Completion, LocalOutcome, NodeError, NodePages, PageState, PinOutcome};
 pub use nodeset::NodeSet;
 pub use protocol::{
-    Access, DsmMessage, Frame, GrantData, Outgoing, PageBuf, ProtocolError, RequestId, RequestIds,
-    WireLimits,
+    Access, DsmMessage, Frame, FrameView, GrantData, Outgoing, PageBuf, ProtocolError, RequestId,
+    RequestIds, WireLimits,
 };
 pub use runtime::{Dsm, DsmConfig, DsmError, DsmLink, FailureHook, LinkError, PinGuard};
 pub use stats::{NodeStats, StatsSnapshot};

@@ -437,7 +437,34 @@ pub struct Frame {
     pub payload: Vec<u8>,
 }
 
+/// A received DSM frame whose payload is lent by the transport's receive buffer: decoding
+/// copies the page bytes once, into the [`PageBuf`] the message keeps, and nothing else.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FrameView<'a> {
+    /// See [`Frame::kind`].
+    pub kind: u16,
+    /// See [`Frame::flags`].
+    pub flags: u16,
+    /// See [`Frame::id`].
+    pub id: u64,
+    /// See [`Frame::arg`].
+    pub arg: u64,
+    /// See [`Frame::payload`].
+    pub payload: &'a [u8],
+}
+
 impl Frame {
+    /// The frame with its payload borrowed.
+    pub fn view(&self) -> FrameView<'_> {
+        FrameView {
+            kind: self.kind,
+            flags: self.flags,
+            id: self.id,
+            arg: self.arg,
+            payload: &self.payload,
+        }
+    }
+
     /// Bytes of the little-endian header of [`Frame::encode_into`]:
     /// kind u16, flags u16, payload length u32, id u64, arg u64.
     pub const HEADER_LEN: usize = 24;
@@ -656,8 +683,11 @@ impl DsmMessage {
     }
 
     /// Decodes and validates a frame against the layout.
-    pub fn from_frame(frame: Frame, limits: &WireLimits) -> Result<DsmMessage, ProtocolError> {
-        let Frame {
+    pub fn from_frame(
+        frame: FrameView<'_>,
+        limits: &WireLimits,
+    ) -> Result<DsmMessage, ProtocolError> {
+        let FrameView {
             kind,
             flags,
             id,
@@ -713,8 +743,9 @@ impl DsmMessage {
         };
         let sharers = if has_sharers {
             let mut bits = [0u8; SHARERS_LEN];
-            bits.copy_from_slice(&payload[payload.len() - SHARERS_LEN..]);
-            payload.truncate(payload.len() - SHARERS_LEN);
+            let (page_part, sharer_part) = payload.split_at(payload.len() - SHARERS_LEN);
+            bits.copy_from_slice(sharer_part);
+            payload = page_part;
             let sharers = NodeSet::from_bits(u64::from_le_bytes(bits));
             // An empty set is sent as no set: one frame per message.
             if sharers.is_empty() {
@@ -733,11 +764,9 @@ impl DsmMessage {
         } else {
             NodeSet::EMPTY
         };
-        let page_buf = |payload: Vec<u8>| -> Result<PageBuf, ProtocolError> {
-            payload
-                .into_boxed_slice()
-                .try_into()
-                .map_err(|_| bad_flags())
+        let page_buf = |payload: &[u8]| -> Result<PageBuf, ProtocolError> {
+            let bytes: &[u8; PAGE_SIZE] = payload.try_into().map_err(|_| bad_flags())?;
+            Ok(Box::new(*bytes))
         };
         Ok(match kind {
             KIND_REQUEST => DsmMessage::Request { page, id, access },
@@ -965,7 +994,7 @@ mod tests {
             frame.encode_into(&mut bytes);
             let parsed = Frame::parse(&bytes).unwrap();
             prop_assert_eq!(&parsed, &frame);
-            let decoded = DsmMessage::from_frame(parsed, &LIMITS).unwrap();
+            let decoded = DsmMessage::from_frame(parsed.view(), &LIMITS).unwrap();
             prop_assert_eq!(decoded, msg);
         }
 
@@ -991,7 +1020,7 @@ mod tests {
                 payload[last..].copy_from_slice(&tail.to_le_bytes());
             }
             let frame = Frame { kind, flags, id, arg, payload };
-            if let Ok(msg) = DsmMessage::from_frame(frame.clone(), &LIMITS) {
+            if let Ok(msg) = DsmMessage::from_frame(frame.view(), &LIMITS) {
                 // Whatever decodes is in range, names nodes only in roles they can have, and
                 // encodes back to the same frame.
                 prop_assert!(msg.page() < LIMITS.page_count);
@@ -1012,7 +1041,7 @@ mod tests {
         #[test]
         fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
             if let Ok(frame) = Frame::parse(&bytes) {
-                let _ = DsmMessage::from_frame(frame, &LIMITS);
+                let _ = DsmMessage::from_frame(frame.view(), &LIMITS);
             }
         }
     }
@@ -1029,7 +1058,7 @@ mod tests {
 
     #[test]
     fn out_of_range_fields_are_rejected() {
-        let decode = |f| DsmMessage::from_frame(f, &LIMITS);
+        let decode = |f: Frame| DsmMessage::from_frame(f.view(), &LIMITS);
         assert_eq!(
             decode(frame(KIND_REQUEST, 0, 0, LIMITS.page_count << 12, 0)),
             Err(ProtocolError::AddressOutOfRange {
@@ -1189,7 +1218,7 @@ mod tests {
     #[test]
     fn impossible_roles_are_rejected() {
         let id = RequestId { node: 2, seq: 1 };
-        let decode = |msg: &DsmMessage| DsmMessage::from_frame(msg.to_frame(), &LIMITS);
+        let decode = |msg: &DsmMessage| DsmMessage::from_frame(msg.to_frame().view(), &LIMITS);
         let grant = |sharers, data| DsmMessage::Grant {
             page: 1,
             id,
@@ -1216,7 +1245,7 @@ mod tests {
         let mut beyond = grant(NodeSet::only(3), GrantData::Keep).to_frame();
         beyond.payload = (1u64 << 20).to_le_bytes().to_vec();
         assert_eq!(
-            DsmMessage::from_frame(beyond, &LIMITS),
+            DsmMessage::from_frame(beyond.view(), &LIMITS),
             Err(ProtocolError::NodeOutOfRange {
                 node: 20,
                 node_count: 16
@@ -1225,13 +1254,13 @@ mod tests {
         let mut empty = grant(NodeSet::only(3), GrantData::Keep).to_frame();
         empty.payload = 0u64.to_le_bytes().to_vec();
         assert!(matches!(
-            DsmMessage::from_frame(empty, &LIMITS),
+            DsmMessage::from_frame(empty.view(), &LIMITS),
             Err(ProtocolError::BadFlags { .. })
         ));
         let mut source_beyond = grant(NodeSet::EMPTY, GrantData::Source(3)).to_frame();
         source_beyond.flags |= 16 << SOURCE_SHIFT;
         assert!(matches!(
-            DsmMessage::from_frame(source_beyond, &LIMITS),
+            DsmMessage::from_frame(source_beyond.view(), &LIMITS),
             Err(ProtocolError::NodeOutOfRange { node: 19, .. })
         ));
         // A data grant naming sharers carries both, and decodes to both.

@@ -25,7 +25,7 @@ use thiserror::Error;
 use crate::directory::{DirectoryView, HomeDirectory};
 use crate::memory::GuestPages;
 use crate::node::{LocalOutcome, NodeError, NodePages, PageState, PinOutcome};
-use crate::protocol::{Access, DsmMessage, Frame, Outgoing, RequestIds, WireLimits};
+use crate::protocol::{Access, DsmMessage, FrameView, Outgoing, RequestIds, WireLimits};
 use crate::stats::{NodeStats, StatsSnapshot};
 use crate::uffd::{FaultSource, PageFault};
 use crate::{HomeFn, NodeId, MAX_NODES, PAGE_SHIFT};
@@ -283,7 +283,7 @@ impl Dsm {
 
     /// A frame from node `from`: decoded and validated against the layout, then handled as by
     /// [`Dsm::on_message`]. A frame that fails validation is logged, counted and dropped.
-    pub fn on_frame(&self, from: NodeId, frame: Frame) {
+    pub fn on_frame(&self, from: NodeId, frame: FrameView<'_>) {
         match DsmMessage::from_frame(frame, &self.inner.limits) {
             Ok(msg) => self.inner.receive(from, msg),
             Err(e) => self.inner.reject(from, &e),

@@ -333,7 +333,7 @@ impl Sim {
             node_count: self.work.nodes,
         };
         assert_eq!(
-            dsm::DsmMessage::from_frame(msg.to_frame(), &limits).as_ref(),
+            dsm::DsmMessage::from_frame(msg.to_frame().view(), &limits).as_ref(),
             Ok(&msg)
         );
         let mut out = Vec::new();

@@ -123,7 +123,7 @@ impl Cluster {
                 std::thread::spawn(move || {
                     while let Ok(Delivery::Frame(from, bytes)) = receiver.recv() {
                         let frame = Frame::parse(&bytes).expect("frames we encoded parse");
-                        dsm.on_frame(from, frame);
+                        dsm.on_frame(from, frame.view());
                     }
                 })
             })
@@ -604,7 +604,7 @@ fn bad_frames_and_misrouted_messages_are_rejected_and_counted() {
     .to_frame();
     truncated_page.payload.truncate(100);
     for frame in [beyond_memory, unknown_node, truncated_page] {
-        node.on_frame(0, frame);
+        node.on_frame(0, frame.view());
     }
     // Valid frames with the wrong route: page 3 is homed on node 1, but the "requester" lies
     // about who it is; and a fetch that does not come from the page's home.

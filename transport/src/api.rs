@@ -1,7 +1,8 @@
 //! The two traits between the transport and its users: what receives frames, and what sends
-//! them (the backend: TCP now, RDMA later).
+//! them (the backend: TCP, or RDMA with the `rdma` feature). Past setup, nothing outside this
+//! crate names a backend.
 
-use crate::channel::{Channel, NodeId};
+use crate::channel::{Channel, NodeId, TransportKind};
 use crate::error::TransportError;
 use crate::frame::{Frame, FrameRef};
 
@@ -42,12 +43,15 @@ impl std::fmt::Display for TransportStats {
 ///
 /// Called on the receiver thread of the (peer, channel) the frame came in on, so frames of one
 /// (peer, channel) arrive in order; keep the call short, since the connection is not read while
-/// it runs. Frames may arrive before [`crate::TcpMesh::establish`] has returned (peers start
-/// sending as soon as their own setup is done). The transport has checked the header only:
-/// validate every field against the guest layout before acting on it.
+/// it runs. Frames may arrive before [`crate::establish`] has returned (peers start sending as
+/// soon as their own setup is done). The transport has checked the header only: validate every
+/// field against the guest layout before acting on it.
 pub trait FrameHandler: Send + Sync {
-    /// A frame arrived from `from` on `channel`.
-    fn on_frame(&self, from: NodeId, channel: Channel, frame: Frame);
+    /// A frame arrived from `from` on `channel`. The payload is lent from the backend's
+    /// receive buffer (TCP's read buffer, an RDMA receive buffer) and is reused once this
+    /// returns: copy what must outlive the call ([`FrameRef::to_frame`]), so that no frame
+    /// costs an allocation the handler does not need.
+    fn on_frame(&self, from: NodeId, channel: Channel, frame: FrameRef<'_>);
 
     /// `peer` is gone: its connections broke, it sent a malformed frame, or it was silent past
     /// the liveness limit. Called exactly once per peer, never after [`Transport::shutdown`].
@@ -84,6 +88,15 @@ pub trait Transport: Send + Sync {
         channel: Channel,
         frame: FrameRef<'_>,
     ) -> Result<(), TransportError>;
+
+    /// How this node's sends went so far, over every connection.
+    fn stats(&self) -> TransportStats;
+
+    /// Whether `peer` has been declared lost.
+    fn is_lost(&self, peer: NodeId) -> bool;
+
+    /// Which backend this is.
+    fn kind(&self) -> TransportKind;
 
     /// Closes every connection and stops the transport's threads; nothing is reported lost
     /// here (the peers, though, see this node lost). Waits for the threads, except when called

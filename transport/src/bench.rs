@@ -16,7 +16,7 @@ use crate::api::{FrameHandler, Transport};
 use crate::channel::{Channel, NodeId};
 use crate::config::{Liveness, MeshConfig};
 use crate::error::TransportError;
-use crate::frame::{Frame, FrameRef, MAX_PAYLOAD};
+use crate::frame::{FrameRef, MAX_PAYLOAD};
 use crate::tcp::TcpMesh;
 
 const KIND_REQUEST: u16 = 1;
@@ -232,7 +232,7 @@ struct Responder {
 }
 
 impl FrameHandler for Responder {
-    fn on_frame(&self, from: NodeId, channel: Channel, frame: Frame) {
+    fn on_frame(&self, from: NodeId, channel: Channel, frame: FrameRef<'_>) {
         if channel != Channel::DsmRequest || frame.kind != KIND_REQUEST {
             return;
         }
@@ -292,7 +292,7 @@ impl Requester {
 }
 
 impl FrameHandler for Requester {
-    fn on_frame(&self, _from: NodeId, channel: Channel, frame: Frame) {
+    fn on_frame(&self, _from: NodeId, channel: Channel, frame: FrameRef<'_>) {
         if channel == Channel::DsmRequest && frame.kind == KIND_REPLY {
             let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
             state.last_reply = Some(frame.id);

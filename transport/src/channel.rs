@@ -5,6 +5,10 @@ use std::fmt;
 /// Identifier of a spanvm node within one cluster (node 0 is the master).
 pub use resources::NodeId;
 
+/// Which backend carries the frames (`transport = "tcp" | "rdma"` in the node config; every
+/// node of a cluster agrees on it, since it is part of the layout compared at the handshake).
+pub use resources::TransportKind;
+
 /// The class of a connection. Two nodes share one TCP connection per class, so that traffic of
 /// one class never queues behind another's (a page request never waits behind bulk data).
 #[repr(u8)]

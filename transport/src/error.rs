@@ -260,6 +260,13 @@ pub enum TransportError {
     /// The mesh was shut down.
     #[error("the transport is shut down")]
     ShutDown,
+    /// The config asks for RDMA but this binary has no RDMA backend.
+    #[error(
+        "transport = \"rdma\" needs a spanvm built with RDMA support: install libibverbs-dev, \
+         librdmacm-dev and libclang-dev (scripts/setup.sh does) and build with \
+         `--features rdma`, or set transport = \"tcp\""
+    )]
+    RdmaNotBuilt,
 }
 
 impl TransportError {

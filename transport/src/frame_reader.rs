@@ -3,7 +3,7 @@
 
 use std::io;
 
-use crate::frame::{Frame, FrameError, HEADER_LEN, MAX_PAYLOAD};
+use crate::frame::{Frame, FrameError, FrameRef, HEADER_LEN, MAX_PAYLOAD};
 
 /// Room for several frames; must hold at least one whole frame of maximal size.
 const READ_BUFFER_LEN: usize = 64 * 1024;
@@ -63,8 +63,9 @@ impl<S: ByteSource> FrameReader<S> {
         &self.source
     }
 
-    /// The next frame; its header is checked before any payload is read.
-    pub(crate) fn next_frame(&mut self) -> Result<Frame, ReceiveError> {
+    /// The next frame, its payload lent from the read buffer until the next call; its header
+    /// is checked before any payload is read.
+    pub(crate) fn next_frame(&mut self) -> Result<FrameRef<'_>, ReceiveError> {
         self.ensure(HEADER_LEN)?;
         let mut header_bytes = [0u8; HEADER_LEN];
         header_bytes.copy_from_slice(&self.buf[self.start..self.start + HEADER_LEN]);
@@ -72,13 +73,20 @@ impl<S: ByteSource> FrameReader<S> {
         let total = HEADER_LEN + header.payload_len();
         self.ensure(total)?;
         let payload_start = self.start + HEADER_LEN;
-        let payload = self.buf[payload_start..self.start + total].to_vec();
+        let payload_end = self.start + total;
+        // The bytes stay where they are until the next call, which starts by consuming them.
         self.start += total;
         if self.start == self.end {
             self.start = 0;
             self.end = 0;
         }
-        Ok(Frame::from_header(header, payload))
+        Ok(FrameRef {
+            kind: header.kind,
+            flags: header.flags,
+            id: header.id,
+            arg: header.arg,
+            payload: &self.buf[payload_start..payload_end],
+        })
     }
 
     /// Makes at least `needed` (at most one whole frame) unconsumed bytes available.
@@ -170,7 +178,7 @@ mod tests {
             }
             let mut reader = reader(bytes, chunks);
             for frame in &frames {
-                prop_assert_eq!(&reader.next_frame().unwrap(), frame);
+                prop_assert_eq!(&reader.next_frame().unwrap().to_frame(), frame);
             }
             prop_assert!(matches!(reader.next_frame(), Err(ReceiveError::Closed)));
         }
@@ -185,6 +193,7 @@ mod tests {
             loop {
                 match reader.next_frame() {
                     Ok(frame) => {
+                        let frame = frame.to_frame();
                         // Whatever the reader accepts is exactly what the one-shot decoder sees.
                         let (expected, used) = Frame::decode(&bytes[offset..]).unwrap();
                         prop_assert_eq!(frame, expected);

@@ -54,7 +54,11 @@
 //! reads instead of sleeping in the kernel, which trades one busy core per peer for latency
 //! (see [`mod@bench`] for how much).
 //!
-//! The backend sits behind the [`Transport`] trait so that an RDMA backend can come later.
+//! # Backends
+//! [`establish`] picks the backend from the config's `transport` key: [`TcpMesh`] (described
+//! above) or, in a build with the `rdma` feature, RDMA. Everything past setup holds it as
+//! `Arc<dyn Transport>`; receivers lend each payload to the [`FrameHandler`] from their own
+//! buffer instead of allocating one per frame.
 
 mod api;
 pub mod bench;
@@ -66,13 +70,15 @@ mod frame_reader;
 mod handshake;
 mod handshake_wire;
 mod layout_diff;
+mod select;
 mod tcp;
 
 pub use api::{FrameHandler, Transport, TransportStats};
-pub use channel::{Channel, NodeId};
+pub use channel::{Channel, NodeId, TransportKind};
 pub use config::{Liveness, MeshConfig};
 pub use error::{Remote, TransportError};
 pub use frame::{
     Frame, FrameError, FrameHeader, FrameRef, FIRST_RESERVED_KIND, HEADER_LEN, MAX_PAYLOAD,
 };
+pub use select::{establish, establish_on};
 pub use tcp::TcpMesh;

@@ -12,7 +12,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::{config, free_port, mesh, Recorder, PATIENCE, SECRET};
-use transport::{Channel, Frame, FrameHandler, TcpMesh, Transport, TransportError};
+use transport::{Channel, Frame, FrameHandler, FrameRef, TcpMesh, Transport, TransportError};
 
 #[test]
 fn a_dropped_mesh_is_reported_lost_once_by_each_survivor_and_the_rest_goes_on() {
@@ -253,7 +253,7 @@ fn a_peer_process_that_exits_cleanly_is_reported_lost() {
 struct PanickingHandler(Recorder);
 
 impl FrameHandler for PanickingHandler {
-    fn on_frame(&self, _: u32, _: Channel, _: Frame) {
+    fn on_frame(&self, _: u32, _: Channel, _: FrameRef<'_>) {
         panic!("handler bug (this panic is part of the test)");
     }
     fn on_peer_lost(&self, peer: u32, why: &str) {

@@ -322,7 +322,7 @@ impl NodeVm {
     }
 
     /// The mesh to the peers of a multi-node guest (for its statistics).
-    pub fn mesh(&self) -> Option<Arc<transport::TcpMesh>> {
+    pub fn mesh(&self) -> Option<Arc<dyn transport::Transport>> {
         self.distributed.as_ref().map(|d| d.mesh.clone())
     }
 

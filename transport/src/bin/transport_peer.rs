@@ -17,7 +17,9 @@ use std::process::ExitCode;
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
-use transport::{Channel, Frame, FrameHandler, Liveness, MeshConfig, NodeId, TcpMesh, Transport};
+use transport::{
+    Channel, FrameHandler, FrameRef, Liveness, MeshConfig, NodeId, TcpMesh, Transport,
+};
 
 struct Options {
     cfg: MeshConfig,
@@ -105,7 +107,7 @@ struct Peer {
 }
 
 impl FrameHandler for Peer {
-    fn on_frame(&self, from: NodeId, channel: Channel, frame: Frame) {
+    fn on_frame(&self, from: NodeId, channel: Channel, frame: FrameRef<'_>) {
         if self.print_frames {
             say(&format!(
                 "frame from {from} on {channel}: kind {} flags {} id {} arg {} payload {} bytes",
@@ -118,7 +120,7 @@ impl FrameHandler for Peer {
         }
         if self.echo {
             if let Some(mesh) = self.mesh.get().and_then(Weak::upgrade) {
-                if let Err(e) = mesh.send(from, channel, &frame) {
+                if let Err(e) = mesh.send_ref(from, channel, frame) {
                     eprintln!("echo to node {from} failed: {e}");
                 }
             }

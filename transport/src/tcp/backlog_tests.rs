@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use super::*;
 use crate::config::Liveness;
-use crate::frame::Frame;
+use crate::frame::{Frame, FrameRef};
 
 const NODES: u32 = 3;
 /// Frames each node starts, each a page-sized payload.
@@ -43,7 +43,8 @@ fn pattern(id: u64) -> Vec<u8> {
 }
 
 impl FrameHandler for RingNode {
-    fn on_frame(&self, _from: NodeId, channel: Channel, frame: Frame) {
+    fn on_frame(&self, _from: NodeId, channel: Channel, frame: FrameRef<'_>) {
+        let frame = frame.to_frame();
         if frame.arg > 0 {
             let Some(mesh) = self.mesh.get().and_then(Weak::upgrade) else {
                 return;
@@ -203,7 +204,7 @@ struct StuckReceiver {
 }
 
 impl FrameHandler for StuckReceiver {
-    fn on_frame(&self, _from: NodeId, _channel: Channel, _frame: Frame) {
+    fn on_frame(&self, _from: NodeId, _channel: Channel, _frame: FrameRef<'_>) {
         let released = self.released.lock().unwrap();
         let _ = self
             .release

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::api::{FrameHandler, Transport, TransportStats};
-use crate::channel::{Channel, NodeId};
+use crate::channel::{Channel, NodeId, TransportKind};
 use crate::config::MeshConfig;
 use crate::error::TransportError;
 use crate::frame::FrameRef;
@@ -101,25 +101,6 @@ impl TcpMesh {
         }
         Ok(mesh)
     }
-
-    /// How this node's sends went so far, over every connection.
-    pub fn stats(&self) -> TransportStats {
-        let mut total = TransportStats::default();
-        for link in self.inner.links.values() {
-            for conn in link.conns() {
-                total.add(conn.stats());
-            }
-        }
-        total
-    }
-
-    /// Whether `peer` has been declared lost.
-    pub fn is_lost(&self, peer: NodeId) -> bool {
-        self.inner
-            .links
-            .get(&peer)
-            .is_some_and(|link| link.is_lost())
-    }
 }
 
 impl Transport for TcpMesh {
@@ -138,6 +119,27 @@ impl Transport for TcpMesh {
         frame: FrameRef<'_>,
     ) -> Result<(), TransportError> {
         self.inner.send_ref(to, channel, frame)
+    }
+
+    fn stats(&self) -> TransportStats {
+        let mut total = TransportStats::default();
+        for link in self.inner.links.values() {
+            for conn in link.conns() {
+                total.add(conn.stats());
+            }
+        }
+        total
+    }
+
+    fn is_lost(&self, peer: NodeId) -> bool {
+        self.inner
+            .links
+            .get(&peer)
+            .is_some_and(|link| link.is_lost())
+    }
+
+    fn kind(&self) -> TransportKind {
+        TransportKind::Tcp
     }
 
     fn shutdown(&self) {

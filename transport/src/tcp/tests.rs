@@ -23,8 +23,12 @@ struct Recorder {
 }
 
 impl FrameHandler for Recorder {
-    fn on_frame(&self, from: NodeId, channel: Channel, frame: Frame) {
-        self.events.lock().unwrap().0.push((from, channel, frame));
+    fn on_frame(&self, from: NodeId, channel: Channel, frame: FrameRef<'_>) {
+        self.events
+            .lock()
+            .unwrap()
+            .0
+            .push((from, channel, frame.to_frame()));
         self.changed.notify_all();
     }
     fn on_peer_lost(&self, peer: NodeId, why: &str) {

@@ -7,7 +7,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread;
 use std::time::Duration;
 
-use transport::{Channel, Frame, FrameHandler, Liveness, MeshConfig, NodeId, TcpMesh};
+use transport::{Channel, Frame, FrameHandler, FrameRef, Liveness, MeshConfig, NodeId, TcpMesh};
 
 /// Long enough for a loaded 2-core machine, short enough to fail instead of hanging.
 pub const PATIENCE: Duration = Duration::from_secs(20);
@@ -29,12 +29,12 @@ pub struct Recorder {
 }
 
 impl FrameHandler for Recorder {
-    fn on_frame(&self, from: NodeId, channel: Channel, frame: Frame) {
+    fn on_frame(&self, from: NodeId, channel: Channel, frame: FrameRef<'_>) {
         self.seen
             .lock()
             .unwrap()
             .frames
-            .push((from, channel, frame));
+            .push((from, channel, frame.to_frame()));
         self.changed.notify_all();
     }
 

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use dsm::{Dsm, DsmConfig, UffdGuestPages};
 use resources::{node_index, NodeId};
 use transport::bench::{loopback_round_trip, RoundTripBench};
-use transport::{MeshConfig, TcpMesh, Transport};
+use transport::{MeshConfig, Transport, TransportKind};
 
 use crate::commands::CommandError;
 use crate::distributed::control::Control;
@@ -27,7 +27,7 @@ const THROUGHPUT_PAGES_PER_THREAD: u64 = 3000;
 struct BenchNode {
     pages: Arc<UffdGuestPages>,
     dsm: Arc<Dsm>,
-    mesh: Arc<TcpMesh>,
+    mesh: Arc<dyn Transport>,
     control: Arc<Control>,
 }
 
@@ -104,7 +104,8 @@ fn pair(busy_poll: bool) -> Result<(BenchNode, BenchNode), CommandError> {
                     liveness: Default::default(),
                     socket_buffer: None,
                 };
-                let mesh = TcpMesh::establish_on(listener, cfg, handler).map_err(bench_err)?;
+                let mesh = transport::establish_on(TransportKind::Tcp, listener, cfg, handler)
+                    .map_err(bench_err)?;
                 link.set(&mesh);
                 Ok(BenchNode {
                     pages,

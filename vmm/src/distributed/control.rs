@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use clock::{ClockError, ClockReply, MasterClock, MasterLink};
 use resources::node_index;
-use transport::{Channel, Frame, FrameRef, NodeId, Transport};
+use transport::{Channel, FrameRef, NodeId, Transport};
 
 use crate::platform::Platform;
 use crate::stop::StopReason;
@@ -286,12 +286,12 @@ impl Control {
     }
 
     /// Others: a CLOCK_REPLY from the master.
-    fn on_clock_reply(&self, from: NodeId, frame: &Frame) {
+    fn on_clock_reply(&self, from: NodeId, frame: FrameRef<'_>) {
         let seq = frame.arg;
         let reply = if frame.flags == FLAG_CLOCK_ERROR {
             Err(ClockError::MasterFailed {
                 seq,
-                why: String::from_utf8_lossy(&frame.payload).into_owned(),
+                why: String::from_utf8_lossy(frame.payload).into_owned(),
             })
         } else if frame.flags != 0 {
             Err(ClockError::BadFrame {
@@ -300,7 +300,7 @@ impl Control {
                 why: format!("unknown flags {:#x}", frame.flags),
             })
         } else {
-            ClockReply::decode(from, &frame.payload).and_then(|r| {
+            ClockReply::decode(from, frame.payload).and_then(|r| {
                 if r.seq == seq {
                     Ok(r)
                 } else {
@@ -367,13 +367,13 @@ impl Control {
     }
 
     /// A control frame from `from`.
-    pub fn on_frame(&self, from: NodeId, frame: &Frame) {
-        let text = String::from_utf8_lossy(&frame.payload).into_owned();
+    pub fn on_frame(&self, from: NodeId, frame: FrameRef<'_>) {
+        let text = String::from_utf8_lossy(frame.payload).into_owned();
         match frame.kind {
             KIND_START if from == 0 => {
                 {
                     let mut st = self.lock();
-                    st.start_clock = Some(MasterClock::decode(from, &frame.payload));
+                    st.start_clock = Some(MasterClock::decode(from, frame.payload));
                     st.started = true;
                 }
                 self.changed.notify_all();
@@ -564,16 +564,22 @@ mod tests {
             if let Some(peer) = peer {
                 peer.on_frame(
                     self.me,
-                    &Frame {
-                        kind: frame.kind,
-                        flags: frame.flags,
-                        id: frame.id,
-                        arg: frame.arg,
-                        payload,
+                    FrameRef {
+                        payload: &payload,
+                        ..frame
                     },
                 );
             }
             Ok(())
+        }
+        fn stats(&self) -> transport::TransportStats {
+            Default::default()
+        }
+        fn is_lost(&self, _peer: NodeId) -> bool {
+            false
+        }
+        fn kind(&self) -> transport::TransportKind {
+            transport::TransportKind::Tcp
         }
         fn shutdown(&self) {}
     }
@@ -626,10 +632,11 @@ mod tests {
         let (_, node, _, _w) = pair();
         node.on_frame(
             0,
-            &Frame {
+            transport::Frame {
                 kind: KIND_START,
                 ..Default::default()
-            },
+            }
+            .view(),
         );
         let e = node
             .wait_for_start(Duration::from_secs(1))
@@ -644,11 +651,12 @@ mod tests {
         let (_, node, _, _w) = pair();
         node.on_frame(
             1,
-            &Frame {
+            transport::Frame {
                 kind: KIND_START,
                 payload: master_clock(1).encode().to_vec(),
                 ..Default::default()
-            },
+            }
+            .view(),
         );
         assert!(node.wait_for_start(Duration::from_millis(50)).is_none());
     }

@@ -5,10 +5,10 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use dsm::{DsmLink, DsmMessage, LinkError, NodeId};
-use transport::{Channel, FrameRef, TcpMesh, Transport};
+use transport::{Channel, FrameRef, Transport};
 
 /// How long a DSM message waits for the mesh to come up: a peer may ask for a page while
-/// this node's `TcpMesh::establish` has not returned yet (its receivers already run); the
+/// this node's `transport::establish` has not returned yet (its receivers already run); the
 /// answer waits until the mesh is there instead of failing.
 const MESH_UP_WAIT: Duration = Duration::from_secs(60);
 
@@ -20,21 +20,21 @@ const MESH_UP_WAIT: Duration = Duration::from_secs(60);
 /// released, see `crate::memory`).
 #[derive(Default)]
 pub struct MeshLink {
-    mesh: OnceLock<Weak<TcpMesh>>,
+    mesh: OnceLock<Weak<dyn Transport>>,
     up: Mutex<bool>,
     set: Condvar,
 }
 
 impl MeshLink {
     /// Gives the link its mesh.
-    pub fn set(&self, mesh: &Arc<TcpMesh>) {
+    pub fn set(&self, mesh: &Arc<dyn Transport>) {
         let _ = self.mesh.set(Arc::downgrade(mesh));
         *self.up.lock().unwrap_or_else(|p| p.into_inner()) = true;
         self.set.notify_all();
     }
 
     /// The mesh, waiting (bounded) for it during setup; `Err` says why there is none.
-    fn mesh(&self) -> Result<Arc<TcpMesh>, String> {
+    fn mesh(&self) -> Result<Arc<dyn Transport>, String> {
         if let Some(m) = self.mesh.get() {
             return m.upgrade().ok_or_else(gone);
         }

@@ -12,7 +12,7 @@ use std::time::Duration;
 use dsm::{Dsm, DsmConfig, UffdGuestPages};
 use forward::Forwarder;
 use resources::NodeConfig;
-use transport::{Channel, Frame, FrameHandler, FrameRef, MeshConfig, NodeId, TcpMesh, Transport};
+use transport::{Channel, FrameHandler, FrameRef, MeshConfig, NodeId, Transport};
 
 use crate::memory::GuestMemory;
 use crate::platform::Platform;
@@ -144,7 +144,7 @@ impl NodeHandler {
 /// Forwarding frames out on the Forward connection. Weak, for the reason `MeshLink` is: the
 /// platform holds the forwarder, and a strong reference would keep the mesh, its handler and
 /// the DSM alive as long as the platform.
-struct MeshForwardLink(Weak<TcpMesh>);
+struct MeshForwardLink(Weak<dyn Transport>);
 
 impl forward::ForwardLink for MeshForwardLink {
     fn send(&self, to: forward::NodeId, frame: &forward::WireFrame) -> Result<(), String> {
@@ -168,7 +168,7 @@ impl forward::ForwardLink for MeshForwardLink {
 }
 
 impl FrameHandler for NodeHandler {
-    fn on_frame(&self, from: NodeId, channel: Channel, frame: Frame) {
+    fn on_frame(&self, from: NodeId, channel: Channel, frame: FrameRef<'_>) {
         match channel {
             Channel::DsmRequest | Channel::DsmBulk => {
                 if !self.dsm_serving.load(Ordering::SeqCst) {
@@ -177,7 +177,7 @@ impl FrameHandler for NodeHandler {
                 if let Some(dsm) = self.dsm.get() {
                     dsm.on_frame(
                         from,
-                        dsm::Frame {
+                        dsm::FrameView {
                             kind: frame.kind,
                             flags: frame.flags,
                             id: frame.id,
@@ -187,7 +187,7 @@ impl FrameHandler for NodeHandler {
                     );
                 }
             }
-            Channel::Control => self.control.on_frame(from, &frame),
+            Channel::Control => self.control.on_frame(from, frame),
             Channel::Forward => self.on_forward(
                 from,
                 forward::WireFrame {
@@ -195,7 +195,9 @@ impl FrameHandler for NodeHandler {
                     flags: frame.flags,
                     id: frame.id,
                     arg: frame.arg,
-                    payload: frame.payload,
+                    // Kept past this call when it arrives before the forwarder is attached;
+                    // forwarding payloads are a few bytes.
+                    payload: frame.payload.to_vec(),
                 },
             ),
         }
@@ -224,7 +226,7 @@ pub struct Distributed {
     /// The DSM over this node's guest memory.
     pub dsm: Arc<Dsm>,
     /// The mesh to the peers.
-    pub mesh: Arc<TcpMesh>,
+    pub mesh: Arc<dyn Transport>,
     /// Start/finish/stop coordination.
     pub control: Arc<Control>,
     handler: Arc<NodeHandler>,
@@ -318,9 +320,9 @@ impl Distributed {
             liveness: Default::default(),
             socket_buffer: test_socket_buffer(),
         };
-        let mesh = TcpMesh::establish(mesh_config, handler.clone())?;
+        let mesh = transport::establish(layout.transport, mesh_config, handler.clone())?;
         link.set(&mesh);
-        control.set_mesh(Arc::downgrade(&(mesh.clone() as Arc<dyn Transport>)));
+        control.set_mesh(Arc::downgrade(&mesh));
         Ok(Self {
             dsm,
             mesh,

@@ -6,7 +6,7 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use dsm::{Dsm, NodeId, UffdGuestPages};
-use transport::TcpMesh;
+use transport::Transport;
 
 use crate::distributed::shadow_zap::ShadowZap;
 use crate::platform::Platform;
@@ -19,7 +19,7 @@ use crate::vm::NodeVm;
 pub struct NodeSources {
     platform: Weak<Platform>,
     dsm: Option<Weak<Dsm>>,
-    mesh: Option<Weak<TcpMesh>>,
+    mesh: Option<Weak<dyn Transport>>,
     shadow_zap: Option<Weak<ShadowZap<UffdGuestPages>>>,
 }
 
