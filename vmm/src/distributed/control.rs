@@ -179,8 +179,9 @@ impl Control {
     }
 
     fn stop_platform(&self, reason: StopReason) {
-        self.lock().stop_requested = true;
-        self.changed.notify_all();
+        // The platform hears the reason before any waiter wakes: a node woken from waiting for
+        // START by this stop reads the platform's reason to say why it stopped, and must not
+        // find none (which it would report as a START that never came).
         let platform = {
             let slot = self.platform.lock().unwrap_or_else(|p| p.into_inner());
             let platform = slot.as_ref().and_then(Weak::upgrade);
@@ -196,6 +197,8 @@ impl Control {
         if let Some(p) = platform {
             p.request_stop(reason);
         }
+        self.lock().stop_requested = true;
+        self.changed.notify_all();
     }
 
     /// Something on this node makes the guest unable to go on (a peer broke a protocol):
