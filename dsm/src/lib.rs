@@ -31,6 +31,7 @@ mod nodeset;
 pub mod protocol;
 pub mod runtime;
 pub mod stats;
+pub mod trace;
 pub mod uffd;
 mod uffd_sys;
 
@@ -47,6 +48,7 @@ pub use protocol::{
 };
 pub use runtime::{Dsm, DsmConfig, DsmError, DsmLink, FailureHook, LinkError, PinGuard};
 pub use stats::{NodeStats, StatsSnapshot};
+pub use trace::{FaultTrace, Stage};
 pub use uffd::{FaultSource, PageFault, UffdError, UffdGuestPages};
 
 /// Index of a node in the cluster, `0..node_count`; counts of nodes are `NodeId`s too, so that

@@ -25,8 +25,12 @@ use thiserror::Error;
 use crate::directory::{DirectoryView, HomeDirectory};
 use crate::memory::GuestPages;
 use crate::node::{LocalOutcome, NodeError, NodePages, PageState, PinOutcome};
-use crate::protocol::{Access, DsmMessage, FrameView, Outgoing, RequestIds, WireLimits};
+use crate::protocol::{
+    Access, DsmMessage, FrameView, Outgoing, RequestIds, WireLimits, KIND_FETCH, KIND_GRANT,
+    KIND_PAGE_DATA, KIND_REQUEST,
+};
 use crate::stats::{NodeStats, StatsSnapshot};
+use crate::trace::{FaultTrace, Stage, TracedPages};
 use crate::uffd::{FaultSource, PageFault};
 use crate::{HomeFn, NodeId, MAX_NODES, PAGE_SHIFT};
 
@@ -131,6 +135,8 @@ struct Inner {
     stopping: AtomicBool,
     /// Told once when the node fails on its own (not when the VMM fails it).
     on_failure: OnceLock<FailureHook>,
+    /// Timestamps of one page's fault path, for the benchmark's breakdown.
+    trace: OnceLock<Arc<FaultTrace>>,
 }
 
 /// The first failure of a node.
@@ -241,6 +247,7 @@ impl Dsm {
             failed: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
             on_failure: OnceLock::new(),
+            trace: OnceLock::new(),
         });
         let thread_inner = inner.clone();
         let fault_thread = std::thread::Builder::new()
@@ -284,10 +291,39 @@ impl Dsm {
     /// A frame from node `from`: decoded and validated against the layout, then handled as by
     /// [`Dsm::on_message`]. A frame that fails validation is logged, counted and dropped.
     pub fn on_frame(&self, from: NodeId, frame: FrameView<'_>) {
+        let Some(trace) = self.inner.trace.get() else {
+            match DsmMessage::from_frame(frame, &self.inner.limits) {
+                Ok(msg) => self.inner.receive(from, msg),
+                Err(e) => self.inner.reject(from, &e),
+            }
+            return;
+        };
+        let page = frame.arg >> PAGE_SHIFT;
+        let carries_page = frame.payload.len() >= crate::PAGE_SIZE;
+        let arrived = match frame.kind {
+            KIND_REQUEST => Some(Stage::HomeReceived),
+            KIND_FETCH => Some(Stage::OwnerReceived),
+            KIND_GRANT | KIND_PAGE_DATA if carries_page => Some(Stage::DataArrived),
+            _ => None,
+        };
+        if let Some(stage) = arrived {
+            trace.mark(page, stage);
+        }
         match DsmMessage::from_frame(frame, &self.inner.limits) {
-            Ok(msg) => self.inner.receive(from, msg),
+            Ok(msg) => {
+                if carries_page {
+                    trace.mark(page, Stage::DataDecoded);
+                }
+                self.inner.receive(from, msg);
+            }
             Err(e) => self.inner.reject(from, &e),
         }
+    }
+
+    /// Records the fault path of the page armed in `trace` (see [`FaultTrace`]); for
+    /// benchmarks. Set once; later calls are ignored.
+    pub fn set_trace(&self, trace: Arc<FaultTrace>) {
+        let _ = self.inner.trace.set(trace);
     }
 
     /// Makes the pages of guest range `gpa..gpa+len` present here in a state allowing `access`
@@ -519,6 +555,10 @@ impl Inner {
 
     fn handle_fault(&self, fault: PageFault, scratch: &mut Scratch) {
         let PageFault { page, access } = fault;
+        let trace = self.trace.get();
+        if let Some(trace) = trace {
+            trace.mark(page, Stage::FaultRead);
+        }
         let result = {
             let mut pages = lock(&self.shard(page).pages);
             match pages.fault(page, access, Instant::now(), &mut scratch.out) {
@@ -606,7 +646,18 @@ impl Inner {
         } else {
             let result = {
                 let mut pages = lock(&shard.pages);
-                let result = pages.on_message(from, msg, Instant::now(), &*self.memory, out);
+                let traced;
+                let memory: &dyn GuestPages = match self.trace.get() {
+                    Some(trace) => {
+                        traced = TracedPages {
+                            pages: &*self.memory,
+                            trace,
+                        };
+                        &traced
+                    }
+                    None => &*self.memory,
+                };
+                let result = pages.on_message(from, msg, Instant::now(), memory, out);
                 if let Ok(Some(_)) = result {
                     shard.completed.notify_all();
                 }

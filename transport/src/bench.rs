@@ -13,11 +13,11 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::api::{FrameHandler, Transport};
-use crate::channel::{Channel, NodeId};
+use crate::channel::{Channel, NodeId, TransportKind};
 use crate::config::{Liveness, MeshConfig};
 use crate::error::TransportError;
 use crate::frame::{FrameRef, MAX_PAYLOAD};
-use crate::tcp::TcpMesh;
+use crate::select::establish_on;
 
 const KIND_REQUEST: u16 = 1;
 const KIND_REPLY: u16 = 2;
@@ -35,6 +35,8 @@ pub struct RoundTripBench {
     pub payload_len: usize,
     /// Whether both meshes busy-poll their [`Channel::DsmRequest`] sockets.
     pub busy_poll: bool,
+    /// The backend measured.
+    pub kind: TransportKind,
 }
 
 impl Default for RoundTripBench {
@@ -44,6 +46,7 @@ impl Default for RoundTripBench {
             warmup: 200,
             payload_len: 4096,
             busy_poll: false,
+            kind: TransportKind::Tcp,
         }
     }
 }
@@ -51,6 +54,8 @@ impl Default for RoundTripBench {
 /// The measured distribution.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RoundTripReport {
+    /// The backend measured.
+    pub kind: TransportKind,
     /// Whether the fault-path sockets were busy-polled.
     pub busy_poll: bool,
     /// Bytes in each reply.
@@ -76,9 +81,10 @@ impl fmt::Display for RoundTripReport {
         let us = |d: Duration| d.as_secs_f64() * 1e6;
         write!(
             f,
-            "{}-byte request/response over loopback TCP, busy-poll {}: median {:.1} µs, \
+            "{}-byte request/response over loopback {}, busy-poll {}: median {:.1} µs, \
              p90 {:.1} µs, p99 {:.1} µs, min {:.1} µs, max {:.1} µs, mean {:.1} µs ({} samples)",
             self.payload_len,
+            self.kind,
             if self.busy_poll { "on" } else { "off" },
             us(self.median),
             us(self.p90),
@@ -137,7 +143,7 @@ pub fn loopback_round_trip(params: &RoundTripBench) -> Result<RoundTripReport, B
         page: vec![0xA5; params.payload_len],
     });
     let requester = Arc::new(Requester::default());
-    let (mesh0, mesh1) = establish_pair(params.busy_poll, responder.clone(), requester.clone())?;
+    let [mesh0, mesh1] = establish_pair(params, responder.clone(), requester.clone())?;
     // The transport owns the handler, so the handler only holds a weak reference back.
     let _ = responder.mesh.set(Arc::downgrade(&mesh0));
 
@@ -173,10 +179,13 @@ pub fn loopback_round_trip(params: &RoundTripBench) -> Result<RoundTripReport, B
 }
 
 fn establish_pair(
-    busy_poll: bool,
+    params: &RoundTripBench,
     responder: Arc<Responder>,
     requester: Arc<Requester>,
-) -> Result<(Arc<TcpMesh>, Arc<TcpMesh>), BenchError> {
+) -> Result<[Arc<dyn Transport>; 2], BenchError> {
+    let RoundTripBench {
+        busy_poll, kind, ..
+    } = *params;
     let listener0 = TcpListener::bind("127.0.0.1:0").map_err(BenchError::Listen)?;
     let listener1 = TcpListener::bind("127.0.0.1:0").map_err(BenchError::Listen)?;
     let addr0 = listener0.local_addr().map_err(BenchError::Listen)?;
@@ -195,10 +204,10 @@ fn establish_pair(
     let cfg0 = config(0, addr0, (1, addr1));
     let cfg1 = config(1, addr1, (0, addr0));
     thread::scope(|s| {
-        let node0 = s.spawn(move || TcpMesh::establish_on(listener0, cfg0, responder));
-        let mesh1 = TcpMesh::establish_on(listener1, cfg1, requester);
+        let node0 = s.spawn(move || establish_on(kind, listener0, cfg0, responder));
+        let mesh1 = establish_on(kind, listener1, cfg1, requester);
         let mesh0 = node0.join().unwrap_or(Err(TransportError::SetupAbandoned));
-        Ok((mesh0?, mesh1?))
+        Ok([mesh0?, mesh1?])
     })
 }
 
@@ -212,6 +221,7 @@ fn summarise(params: &RoundTripBench, mut times: Vec<Duration>) -> RoundTripRepo
     };
     let sum: Duration = times.iter().sum();
     RoundTripReport {
+        kind: params.kind,
         busy_poll: params.busy_poll,
         payload_len: params.payload_len,
         samples: times.len(),
@@ -227,7 +237,7 @@ fn summarise(params: &RoundTripBench, mut times: Vec<Duration>) -> RoundTripRepo
 
 /// Node 0: answers every request with a page.
 struct Responder {
-    mesh: OnceLock<Weak<TcpMesh>>,
+    mesh: OnceLock<Weak<dyn Transport>>,
     page: Vec<u8>,
 }
 

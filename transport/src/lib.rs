@@ -71,6 +71,7 @@ mod handshake;
 mod handshake_wire;
 mod layout_diff;
 mod select;
+mod spin_budget;
 mod tcp;
 
 pub use api::{FrameHandler, Transport, TransportStats};
@@ -81,4 +82,5 @@ pub use frame::{
     Frame, FrameError, FrameHeader, FrameRef, FIRST_RESERVED_KIND, HEADER_LEN, MAX_PAYLOAD,
 };
 pub use select::{establish, establish_on};
+pub use spin_budget::spinning_receivers;
 pub use tcp::TcpMesh;

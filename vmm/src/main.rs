@@ -74,9 +74,15 @@ enum Command {
 enum BenchWhat {
     /// Exit round trips (port I/O, MMIO, MSR) and IPI latency against a raw KVM loop.
     Exits,
-    /// DSM fault latency (read, write with invalidation, upgrade) and throughput between two
-    /// nodes on loopback, against a local fault and a raw TCP round trip.
-    Dsm,
+    /// DSM fault latency (read, write with invalidation, upgrade), a remote read fault broken
+    /// down by stage, and throughput between two nodes on loopback, against a local fault and
+    /// a raw round trip of the same transport.
+    Dsm {
+        /// The transport between the two nodes: tcp or rdma (rdma needs an `rdma` build and a
+        /// verbs device).
+        #[arg(long, default_value = "tcp", value_parser = parse_transport)]
+        transport: resources::TransportKind,
+    },
     /// The virtio disk from a CPU on the master and on another node, against the host's own
     /// file I/O (sysbench fileio, O_DIRECT).
     Io,
@@ -111,6 +117,14 @@ enum BenchWhat {
     },
 }
 
+fn parse_transport(text: &str) -> Result<resources::TransportKind, String> {
+    match text {
+        "tcp" => Ok(resources::TransportKind::Tcp),
+        "rdma" => Ok(resources::TransportKind::Rdma),
+        other => Err(format!("unknown transport {other:?}; use tcp or rdma")),
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -137,8 +151,8 @@ fn main() -> ExitCode {
             what: BenchWhat::Exits,
         } => vmm::bench::exits::run().map(|()| StopReason::PowerOff),
         Command::Bench {
-            what: BenchWhat::Dsm,
-        } => vmm::bench::dsm::run().map(|()| StopReason::PowerOff),
+            what: BenchWhat::Dsm { transport },
+        } => vmm::bench::dsm::run(transport).map(|()| StopReason::PowerOff),
         Command::Bench {
             what: BenchWhat::Io,
         } => vmm::bench::io::run().map(|()| StopReason::PowerOff),

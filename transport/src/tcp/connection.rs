@@ -10,6 +10,7 @@ use std::thread;
 use crate::api::TransportStats;
 use crate::frame::{FrameRef, HEADER_LEN, MAX_PAYLOAD};
 use crate::frame_reader::{ByteSource, FrameReader};
+use crate::spin_budget::SpinClaim;
 
 /// Socket options every connection gets before its handshake (which sets its own timeouts).
 pub(crate) fn prepare_socket(stream: &TcpStream) -> io::Result<()> {
@@ -206,13 +207,15 @@ impl Connection {
         let _ = self.stream.shutdown(Shutdown::Both);
     }
 
-    /// A reader of this connection for its receiver thread; `spinning` makes it busy-poll.
-    pub(crate) fn reader(&self, spinning: bool) -> io::Result<FrameReader<SocketSource>> {
+    /// A reader of this connection for its receiver thread; with a claim it busy-polls.
+    pub(crate) fn reader(
+        &self,
+        spinning: Option<SpinClaim>,
+    ) -> io::Result<FrameReader<SocketSource>> {
         let stream = self.stream.try_clone()?;
-        Ok(FrameReader::new(if spinning {
-            SocketSource::Spinning(stream)
-        } else {
-            SocketSource::Blocking(stream)
+        Ok(FrameReader::new(match spinning {
+            Some(claim) => SocketSource::Spinning(stream, claim),
+            None => SocketSource::Blocking(stream),
         }))
     }
 }
@@ -254,14 +257,14 @@ pub(crate) enum SocketSource {
     /// Sleeps in the kernel until data arrives.
     Blocking(TcpStream),
     /// Polls with non-blocking reads, yielding between attempts: no wake-up latency, and a
-    /// core kept busy whenever nothing else wants it.
-    Spinning(TcpStream),
+    /// core kept busy whenever nothing else wants it (the claim on that core goes with it).
+    Spinning(TcpStream, SpinClaim),
 }
 
 impl SocketSource {
     pub(crate) fn stream(&self) -> &TcpStream {
         match self {
-            SocketSource::Blocking(stream) | SocketSource::Spinning(stream) => stream,
+            SocketSource::Blocking(stream) | SocketSource::Spinning(stream, _) => stream,
         }
     }
 }
@@ -270,7 +273,7 @@ impl ByteSource for SocketSource {
     fn fill(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match self {
             SocketSource::Blocking(stream) => stream.read(buf),
-            SocketSource::Spinning(stream) => spin_read(stream, buf),
+            SocketSource::Spinning(stream, _) => spin_read(stream, buf),
         }
     }
 }

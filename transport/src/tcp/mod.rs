@@ -19,6 +19,7 @@ use crate::config::MeshConfig;
 use crate::error::TransportError;
 use crate::frame::FrameRef;
 use crate::handshake::Credentials;
+use crate::spin_budget;
 
 use inner::MeshInner;
 
@@ -79,7 +80,21 @@ impl TcpMesh {
                 let reader = match from_barrier {
                     Some(reader) => reader,
                     None => {
-                        let spinning = inner.busy_poll && channel == Channel::DsmRequest;
+                        let spinning = if inner.busy_poll && channel == Channel::DsmRequest {
+                            match spin_budget::claim() {
+                                Ok(claim) => Some(claim),
+                                Err(refused) => {
+                                    eprintln!(
+                                        "spanvm transport: node {}, receiver from node {}: \
+                                         {refused}",
+                                        inner.me, link.id
+                                    );
+                                    None
+                                }
+                            }
+                        } else {
+                            None
+                        };
                         link.conn(channel).reader(spinning).map_err(|source| {
                             TransportError::Socket {
                                 peer: link.id,

@@ -559,7 +559,7 @@ pub(crate) fn await_mesh_ready(
         let peer = link.id;
         let mut reader = link
             .conn(Channel::Control)
-            .reader(false)
+            .reader(None)
             .map_err(|e| incomplete(peer, format!("cannot read its control connection: {e}")))?;
         loop {
             let remaining = deadline.saturating_duration_since(Instant::now());

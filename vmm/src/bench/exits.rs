@@ -217,7 +217,7 @@ fn tcp_round_trip_us() -> Result<f64, CommandError> {
         samples: 2000,
         warmup: 200,
         payload_len: 16,
-        busy_poll: false,
+        ..Default::default()
     })
     .map_err(|e| CommandError::Bench(format!("TCP round trip: {e}")))?;
     Ok(report.median.as_secs_f64() * 1e6)
