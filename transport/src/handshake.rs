@@ -68,6 +68,38 @@ impl Credentials {
     }
 }
 
+/// The byte stream a handshake runs on: a TCP connection, or the RDMA backend's message
+/// channel. Every read and write is bounded by the timeout set just before it.
+pub(crate) trait HandshakeLink: Read + Write {
+    /// Bounds the next read to `left` (never zero).
+    fn set_read_limit(&mut self, left: Duration) -> io::Result<()>;
+    /// Bounds the next write to `left` (never zero).
+    fn set_write_limit(&mut self, left: Duration) -> io::Result<()>;
+    /// Tells the other end nothing more follows (best effort).
+    fn shutdown_write(&mut self);
+    /// This end's address, as named in messages.
+    fn local_name(&self) -> String;
+}
+
+impl HandshakeLink for TcpStream {
+    fn set_read_limit(&mut self, left: Duration) -> io::Result<()> {
+        self.set_read_timeout(Some(left))
+    }
+
+    fn set_write_limit(&mut self, left: Duration) -> io::Result<()> {
+        self.set_write_timeout(Some(left))
+    }
+
+    fn shutdown_write(&mut self) {
+        let _ = self.shutdown(Shutdown::Write);
+    }
+
+    fn local_name(&self) -> String {
+        self.local_addr()
+            .map_or_else(|_| "this node".to_string(), |a| a.to_string())
+    }
+}
+
 /// What the accepting end asks about the node that is connecting.
 pub(crate) trait Admission {
     /// Whether `peer` may open `channel` now. Asked as soon as the hello names them, before the
@@ -84,7 +116,7 @@ pub(crate) trait Admission {
 /// Runs the dialing end of the handshake with `peer` for `channel`; it fails once `deadline`
 /// passes.
 pub(crate) fn dial(
-    stream: &mut TcpStream,
+    stream: &mut impl HandshakeLink,
     creds: &Credentials,
     peer: NodeId,
     addr: SocketAddr,
@@ -170,7 +202,7 @@ pub(crate) fn dial(
 /// channel (known peer, not a duplicate). Returns who connected and for which channel; if it
 /// fails after the claim, the caller must give the claimed channel up.
 pub(crate) fn accept(
-    stream: &mut TcpStream,
+    stream: &mut impl HandshakeLink,
     creds: &Credentials,
     from_addr: SocketAddr,
     deadline: Instant,
@@ -213,7 +245,7 @@ pub(crate) fn accept(
     if hello.to != me {
         let detail = format!(
             "node {peer} dialed {} expecting node {}, but this is node {me}; check its peer addresses",
-            ex.stream.local_addr().map_or_else(|_| "this node".to_string(), |a| a.to_string()),
+            ex.stream.local_name(),
             hello.to
         );
         refuse(&mut ex, RefusalCode::UnexpectedNode, &detail);
@@ -272,8 +304,8 @@ pub(crate) fn accept(
 
 /// A connection being handshaken. Each read and write waits at most until the deadline, so
 /// that the whole handshake is bounded, not each step of it.
-struct Exchange<'a> {
-    stream: &'a mut TcpStream,
+struct Exchange<'a, S: HandshakeLink> {
+    stream: &'a mut S,
     started: Instant,
     deadline: Instant,
 }
@@ -283,8 +315,8 @@ struct Exchange<'a> {
 #[error("the handshake deadline passed")]
 struct DeadlinePassed;
 
-impl<'a> Exchange<'a> {
-    fn new(stream: &'a mut TcpStream, deadline: Instant) -> Exchange<'a> {
+impl<'a, S: HandshakeLink> Exchange<'a, S> {
+    fn new(stream: &'a mut S, deadline: Instant) -> Exchange<'a, S> {
         Exchange {
             stream,
             started: Instant::now(),
@@ -361,18 +393,18 @@ fn deadline_if_timed_out(e: io::Error) -> io::Error {
     }
 }
 
-impl Read for Exchange<'_> {
+impl<S: HandshakeLink> Read for Exchange<'_, S> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let left = self.time_left()?;
-        self.stream.set_read_timeout(Some(left))?;
+        self.stream.set_read_limit(left)?;
         self.stream.read(buf).map_err(deadline_if_timed_out)
     }
 }
 
-impl Write for Exchange<'_> {
+impl<S: HandshakeLink> Write for Exchange<'_, S> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let left = self.time_left()?;
-        self.stream.set_write_timeout(Some(left))?;
+        self.stream.set_write_limit(left)?;
         self.stream.write(buf).map_err(deadline_if_timed_out)
     }
 
@@ -422,7 +454,7 @@ fn refused(refusal: Refusal, peer: NodeId, remote: Remote, channel: Channel) -> 
 
 /// Refuses a node the admission said no to; the error is this node's side of the refusal.
 fn turn_away(
-    ex: &mut Exchange<'_>,
+    ex: &mut Exchange<'_, impl HandshakeLink>,
     refusal: Refusal,
     remote: Remote,
     peer: NodeId,
@@ -442,7 +474,11 @@ fn turn_away(
     }
 }
 
-fn refuse_wrong_secret(ex: &mut Exchange<'_>, me: NodeId, peer: NodeId) -> TransportError {
+fn refuse_wrong_secret(
+    ex: &mut Exchange<'_, impl HandshakeLink>,
+    me: NodeId,
+    peer: NodeId,
+) -> TransportError {
     refuse(
         ex,
         RefusalCode::WrongSecret,
@@ -456,7 +492,7 @@ fn refuse_wrong_secret(ex: &mut Exchange<'_>, me: NodeId, peer: NodeId) -> Trans
 
 /// Tells the other end why it is refused, then closes gently. Best effort: the caller reports
 /// the refusal itself whatever happens to this courtesy message.
-fn refuse(ex: &mut Exchange<'_>, code: RefusalCode, message: &str) {
+fn refuse(ex: &mut Exchange<'_, impl HandshakeLink>, code: RefusalCode, message: &str) {
     let refusal = Record::Refused(Refusal {
         code,
         message: message.to_string(),
@@ -464,7 +500,7 @@ fn refuse(ex: &mut Exchange<'_>, code: RefusalCode, message: &str) {
     if write_records(ex, &[refusal]).is_err() {
         return;
     }
-    let _ = ex.stream.shutdown(Shutdown::Write);
+    ex.stream.shutdown_write();
     // Read until the other end closes: closing with unread data would send a reset, which
     // can destroy the refusal before the other end has read it. Bounded in bytes and in total
     // time, so that a stranger streaming bytes at us cannot hold the connection.
