@@ -13,6 +13,9 @@ packages=(
   nftables        # partitions and segment loss injected inside those namespaces
   acpica-tools    # iasl -d: the ACPI table tests disassemble what the VMM generates
   fonts-dejavu-core  # the font of spanvm bench sysbench's PNG plot
+  libibverbs-dev  # the RDMA transport (cargo feature rdma): verbs, linked by rdma-sys
+  librdmacm-dev   # ... and the RDMA connection manager
+  libclang-dev    # ... whose bindings rdma-sys generates with bindgen at build time
 )
 
 missing=()
