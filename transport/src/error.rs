@@ -267,6 +267,21 @@ pub enum TransportError {
          `--features rdma`, or set transport = \"tcp\""
     )]
     RdmaNotBuilt,
+    /// The cluster asks for the RDMA transport, but this machine has no RDMA device.
+    #[error("no RDMA device: {detail}; load a verbs driver or soft-RoCE (rdma link add rxe0 type rxe netdev eth0), or set transport = \"tcp\"")]
+    NoRdmaDevice {
+        /// What the verbs library reported.
+        detail: String,
+    },
+    /// Setting up an RDMA connection failed in the verbs or connection-manager library.
+    #[error("RDMA setup failed while {step}: {source}")]
+    RdmaSetup {
+        /// What this node was doing.
+        step: String,
+        /// What the library said.
+        #[source]
+        source: io::Error,
+    },
 }
 
 impl TransportError {

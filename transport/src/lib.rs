@@ -70,6 +70,8 @@ mod frame_reader;
 mod handshake;
 mod handshake_wire;
 mod layout_diff;
+#[cfg(feature = "rdma")]
+mod rdma;
 mod select;
 mod spin_budget;
 mod tcp;
@@ -81,6 +83,8 @@ pub use error::{Remote, TransportError};
 pub use frame::{
     Frame, FrameError, FrameHeader, FrameRef, FIRST_RESERVED_KIND, HEADER_LEN, MAX_PAYLOAD,
 };
+#[cfg(feature = "rdma")]
+pub use rdma::RdmaMesh;
 pub use select::{establish, establish_on};
 pub use spin_budget::spinning_receivers;
 pub use tcp::TcpMesh;
