@@ -37,6 +37,9 @@ struct Side {
     outbound: VecDeque<Work>,
     completions: VecDeque<Completion>,
     gone: bool,
+    /// A frozen process: its posts wait and its polls find nothing, while its adapter still
+    /// takes what the other end sends into its posted receives.
+    frozen: bool,
 }
 
 #[derive(Default)]
@@ -77,6 +80,19 @@ impl FakeWire {
             .unwrap_or_else(PoisonError::into_inner);
         wire.error.get_or_insert_with(|| why.to_string());
         flush(&mut wire);
+        self.shared.changed.notify_all();
+    }
+
+    /// Freezes (or thaws) end `side` (0 is the first end [`pair`] returns), as a stopped
+    /// process would be: no error anywhere, only silence.
+    pub(crate) fn freeze(&self, side: usize, frozen: bool) {
+        let mut wire = self
+            .shared
+            .wire
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        wire.sides[side].frozen = frozen;
+        pump(&mut wire);
         self.shared.changed.notify_all();
     }
 
@@ -143,6 +159,9 @@ fn pump(wire: &mut Wire) {
     }
     for from in 0..2 {
         let to = 1 - from;
+        if wire.sides[from].frozen {
+            continue;
+        }
         while let Some(work) = wire.sides[from].outbound.pop_front() {
             if wire.sides[to].gone {
                 let wr_id = match work {
@@ -298,6 +317,9 @@ impl Verbs for FakeEnd {
 
     fn poll(&self, out: &mut Vec<Completion>, max: usize) -> Result<(), VerbsError> {
         let mut wire = self.wire();
+        if wire.sides[self.side].frozen {
+            return Ok(());
+        }
         let completions = &mut wire.sides[self.side].completions;
         let n = max.min(completions.len());
         out.extend(completions.drain(..n));
@@ -317,6 +339,10 @@ impl Verbs for FakeEnd {
     }
 
     fn disconnect(&self) {
+        if self.wire().sides[self.side].frozen {
+            // A stopped process disconnects nothing (its own watchdog does not run either).
+            return;
+        }
         self.wire_handle().fail("disconnected");
     }
 

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use super::conn::{Conn, ConnEvents, RECV_RING, STAGING_SLOTS};
+use super::conn::{Conn, ConnError, ConnEvents, BACKLOG_LIMIT, RECV_RING, STAGING_SLOTS};
 use super::fake::{self, FakeWire};
 use super::stream::HandshakeStream;
 use super::RdmaMesh;
@@ -268,6 +268,35 @@ fn frames_and_pages_arrive_whole_and_in_order_past_every_ring_and_pool() {
 }
 
 #[test]
+fn a_peer_that_never_reads_is_refused_past_the_backlog_limit() {
+    let (conn1, conn0, _wire) = connect(
+        Channel::DsmBulk,
+        &creds(0, b"secret", LAYOUT),
+        &creds(1, b"secret", LAYOUT),
+    )
+    .unwrap();
+    let (got1, got0) = (Collected::default(), Collected::default());
+    run_until((&conn1, &got1), (&conn0, &got0), || {
+        conn1.progress(&got1).unwrap() == 0 && conn0.progress(&got0).unwrap() == 0
+    });
+    let page = frame(1, vec![5; 4096]);
+    let mut sent = 0usize;
+    let refused = loop {
+        match conn1.send(page.view()) {
+            Ok(()) => sent += 1,
+            Err(e) => break e,
+        }
+        conn1.progress(&got1).unwrap();
+        assert!(sent < 2 * BACKLOG_LIMIT / 4096, "never refused");
+    };
+    assert!(
+        matches!(refused, ConnError::Backlog(queued) if queued + 4096 + 24 > BACKLOG_LIMIT),
+        "{refused}"
+    );
+    assert!(conn1.stats().peak_backlog_bytes > BACKLOG_LIMIT - 4200);
+}
+
+#[test]
 fn a_queue_pair_error_makes_progress_fail_with_the_reason() {
     let (conn1, conn0, wire) = connect(
         Channel::Forward,
@@ -311,6 +340,7 @@ impl FrameHandler for Recorder {
 struct TwoNodes {
     meshes: [Arc<RdmaMesh>; 2],
     seen: [Arc<Recorder>; 2],
+    /// Per channel; side 0 of each is node 1's end.
     wires: BTreeMap<Channel, FakeWire>,
 }
 
@@ -443,4 +473,37 @@ fn a_shut_down_peer_is_lost_to_the_other_and_a_shutdown_reports_nothing() {
         nodes.seen[1].lost.lock().unwrap().is_empty(),
         "a node that shuts down reports no one lost"
     );
+}
+
+#[test]
+fn a_frozen_peer_is_found_by_its_silence_and_reported_once() {
+    let nodes = two_nodes(|cfg| {
+        cfg.liveness = Liveness {
+            heartbeat_interval: Duration::from_millis(20),
+            silence_timeout: Duration::from_millis(300),
+        };
+    });
+    // Node 1 stops as a stopped process would: no error on any queue pair, only silence.
+    for wire in nodes.wires.values() {
+        wire.freeze(0, true);
+    }
+    let frozen_at = Instant::now();
+    wait_for("node 0 to lose node 1", || {
+        !nodes.seen[0].lost.lock().unwrap().is_empty()
+    });
+    // Silence counts from node 1's last heartbeat, which went about one interval before the
+    // freeze (later on a loaded machine): the loss cannot come much before the limit.
+    assert!(frozen_at.elapsed() >= Duration::from_millis(150));
+    thread::sleep(Duration::from_millis(200));
+    let lost = nodes.seen[0].lost.lock().unwrap().clone();
+    assert_eq!(lost.len(), 1, "{lost:?}");
+    assert_eq!(lost[0].0, 1);
+    assert!(
+        lost[0].1.contains("nothing (no frame, no heartbeat)"),
+        "{}",
+        lost[0].1
+    );
+    for wire in nodes.wires.values() {
+        wire.freeze(0, false);
+    }
 }
