@@ -1,15 +1,18 @@
 //! One reliable connection (peer, channel) over RDMA, above the [`Verbs`] trait.
 //!
 //! The connection's registered region holds, in this order:
+//! - the incoming staging ring: [`STAGING_SLOTS`] payload slots the peer RDMA WRITEs pages
+//!   into, used in order and freed in order once delivered;
+//! - the incoming credit mailbox: two words the peer writes (its receives posted and its
+//!   staging slots freed, both counted since the connection began);
+//!
+//!   these two alone are registered for remote writes; the rest only for this end's device:
 //! - a ring of [`RECV_RING`] receive buffers, all posted from the start and each reposted as
 //!   soon as the frame in it was handed over;
 //! - a pool of [`SEND_BUFS`] send buffers, taken for a SEND and given back on its completion;
-//! - the incoming staging ring: [`STAGING_SLOTS`] payload slots the peer RDMA WRITEs pages
-//!   into, used in order and freed in order once delivered;
 //! - the outgoing staging pool: as many slots, holding a page from the caller's memory until
 //!   the RDMA WRITE that carries it completes;
-//! - the credit mailboxes: two words the peer writes (its receives posted, its staging slots
-//!   freed, both counted since the connection began) and the two this end writes to it.
+//! - the outgoing credit mailbox: the two words this end writes to the peer's.
 //!
 //! A frame with a small payload is one SEND. A page is an RDMA WRITE into the peer's next
 //! staging slot followed by a SEND of the header naming that slot; a reliable connection
@@ -53,12 +56,15 @@ const TAG_SEND: u64 = 2;
 const TAG_STAGE: u64 = 3;
 const TAG_CREDIT: u64 = 4;
 
-const RECV_BASE: usize = 0;
+// What the peer may write comes first, in its own registration.
+const STAGE_IN_BASE: usize = 0;
+const MAILBOX_IN: usize = STAGE_IN_BASE + STAGING_SLOTS as usize * STAGING_SLOT_LEN;
+const REMOTE_END: usize = MAILBOX_IN + 16;
+// Then what only this end's device touches.
+const RECV_BASE: usize = REMOTE_END.next_multiple_of(4096);
 const SEND_BASE: usize = RECV_BASE + RECV_RING as usize * MESSAGE_LEN;
-const STAGE_IN_BASE: usize = (SEND_BASE + SEND_BUFS as usize * MESSAGE_LEN).next_multiple_of(64);
-const STAGE_OUT_BASE: usize = STAGE_IN_BASE + STAGING_SLOTS as usize * STAGING_SLOT_LEN;
-const MAILBOX_IN: usize = STAGE_OUT_BASE + STAGING_SLOTS as usize * STAGING_SLOT_LEN;
-const MAILBOX_OUT: usize = MAILBOX_IN + 16;
+const STAGE_OUT_BASE: usize = (SEND_BASE + SEND_BUFS as usize * MESSAGE_LEN).next_multiple_of(64);
+const MAILBOX_OUT: usize = STAGE_OUT_BASE + STAGING_SLOTS as usize * STAGING_SLOT_LEN;
 /// Bytes of registered memory per connection.
 pub(crate) const REGION_LEN: usize = MAILBOX_OUT + 16;
 
@@ -146,7 +152,7 @@ impl Conn {
         verbs: Box<dyn Verbs>,
     ) -> Result<Conn, VerbsError> {
         let region = Arc::new(Region::new(REGION_LEN));
-        let keys = verbs.register(&region)?;
+        let keys = verbs.register(&region, STAGE_IN_BASE..REMOTE_END)?;
         let conn = Conn {
             peer,
             channel,

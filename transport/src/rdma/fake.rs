@@ -11,6 +11,7 @@
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
+use std::ops::Range;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -33,6 +34,8 @@ enum Work {
 struct Side {
     region: Option<Arc<Region>>,
     keys: Option<Keys>,
+    /// The bytes registered for the peer's writes.
+    remote: Range<usize>,
     recvs: VecDeque<(u64, Local)>,
     outbound: VecDeque<Work>,
     completions: VecDeque<Completion>,
@@ -189,12 +192,12 @@ fn pump(wire: &mut Wire) {
                         break;
                     };
                     if data.len() > buf.len as usize {
-                        wire.error = Some(format!(
-                            "a SEND of {} bytes hit a receive buffer of {}",
+                        let why = format!(
+                            "local length error: a SEND of {} bytes hit a receive buffer of {}",
                             data.len(),
                             buf.len
-                        ));
-                        flush(wire);
+                        );
+                        fail_with(wire, from, wr_id, Op::Send, why);
                         return;
                     }
                     place(wire, to, buf.addr, &data);
@@ -217,18 +220,21 @@ fn pump(wire: &mut Wire) {
                 } => {
                     let target = &wire.sides[to];
                     let allowed = target.keys.is_some_and(|k| k.rkey == range.rkey)
-                        && target
-                            .region
-                            .as_ref()
-                            .is_some_and(|r| r.offset_of(range.addr, data.len()).is_some());
+                        && target.region.as_ref().is_some_and(|r| {
+                            r.offset_of(range.addr, data.len()).is_some_and(|offset| {
+                                offset >= target.remote.start
+                                    && offset + data.len() <= target.remote.end
+                            })
+                        });
                     if !allowed {
-                        wire.error = Some(format!(
-                            "remote access error: an RDMA WRITE of {} bytes to {:#x} with rkey {:#x} is outside what the peer registered",
+                        let why = format!(
+                            "remote access error: an RDMA WRITE of {} bytes to {:#x} with rkey \
+                             {:#x} is outside what the peer registered",
                             data.len(),
                             range.addr,
                             range.rkey
-                        ));
-                        flush(wire);
+                        );
+                        fail_with(wire, from, wr_id, Op::Write, why);
                         return;
                     }
                     place(wire, to, range.addr, &data);
@@ -241,6 +247,18 @@ fn pump(wire: &mut Wire) {
             }
         }
     }
+}
+
+/// The work request `wr_id` of end `from` failed: it completes with `why`, and the pair goes
+/// to the error state.
+fn fail_with(wire: &mut Wire, from: usize, wr_id: u64, op: Op, why: String) {
+    wire.sides[from].completions.push_back(Completion {
+        wr_id,
+        op,
+        result: Err(why.clone()),
+    });
+    wire.error = Some(why);
+    flush(wire);
 }
 
 fn place(wire: &Wire, side: usize, addr: u64, data: &[u8]) {
@@ -284,7 +302,7 @@ fn flush(wire: &mut Wire) {
 }
 
 impl Verbs for FakeEnd {
-    fn register(&self, region: &Arc<Region>) -> Result<Keys, VerbsError> {
+    fn register(&self, region: &Arc<Region>, remote: Range<usize>) -> Result<Keys, VerbsError> {
         let keys = Keys {
             lkey: 0x100 + u32::try_from(self.side).unwrap_or(0),
             rkey: 0x200 + u32::try_from(self.side).unwrap_or(0),
@@ -292,6 +310,7 @@ impl Verbs for FakeEnd {
         let mut wire = self.wire();
         wire.sides[self.side].region = Some(Arc::clone(region));
         wire.sides[self.side].keys = Some(keys);
+        wire.sides[self.side].remote = remote;
         Ok(keys)
     }
 
@@ -365,5 +384,47 @@ impl Drop for FakeEnd {
         wire.sides[self.side].gone = true;
         pump(&mut wire);
         self.shared.changed.notify_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writes_land_only_where_the_peer_registered_them_for_remote_access() {
+        let (a, b) = pair();
+        let (ra, rb) = (Arc::new(Region::new(8192)), Arc::new(Region::new(8192)));
+        let ka = a.register(&ra, 0..0).unwrap();
+        let kb = b.register(&rb, 0..4096).unwrap();
+        // SAFETY: nothing is posted from this range yet.
+        unsafe { ra.write(100, b"page") };
+        let src = Local {
+            addr: ra.addr(100),
+            len: 4,
+            lkey: ka.lkey,
+        };
+        let inside = RemoteRange {
+            addr: rb.addr(4092),
+            rkey: kb.rkey,
+        };
+        // SAFETY: the source stays untouched until the completions are read below.
+        unsafe { a.post_write(1, src, inside).unwrap() };
+        let mut done = Vec::new();
+        a.poll(&mut done, 8).unwrap();
+        assert_eq!(done[0].result, Ok(4));
+        // SAFETY: the write completed; nothing else writes there.
+        assert_eq!(unsafe { rb.bytes(4092, 4) }, b"page");
+
+        let outside = RemoteRange {
+            addr: rb.addr(4094),
+            rkey: kb.rkey,
+        };
+        // SAFETY: as above.
+        unsafe { a.post_write(2, src, outside).unwrap() };
+        done.clear();
+        a.poll(&mut done, 8).unwrap();
+        let error = done[0].result.clone().unwrap_err();
+        assert!(error.contains("remote access error"), "{error}");
     }
 }

@@ -4,6 +4,7 @@
 use std::ffi::CStr;
 use std::io;
 use std::net::SocketAddr;
+use std::ops::Range;
 use std::os::raw::c_int;
 use std::ptr;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -56,7 +57,8 @@ pub(crate) struct CmEndpoint {
     peer: SocketAddr,
     /// Made by a listener: `connect` accepts instead of connecting.
     passive: bool,
-    registration: Mutex<Option<(Arc<Region>, *mut ibv_mr)>>,
+    /// The region and its two registrations (all of it locally, the peer's part remotely).
+    registration: Mutex<Option<(Arc<Region>, [*mut ibv_mr; 2])>>,
     /// Completions polled while arming the queues in `wait`, handed out by the next `poll`.
     stash: Mutex<Vec<Completion>>,
 }
@@ -149,37 +151,29 @@ fn sge(buf: Local) -> ibv_sge {
 }
 
 impl Verbs for CmEndpoint {
-    fn register(&self, region: &Arc<Region>) -> Result<Keys, VerbsError> {
-        let access =
-            ibv_access_flags::IBV_ACCESS_LOCAL_WRITE | ibv_access_flags::IBV_ACCESS_REMOTE_WRITE;
-        // SAFETY: the protection domain is the endpoint's; the region is a live allocation of
-        // `len` bytes that the endpoint keeps alive (below) until the registration is dropped.
-        let mr = unsafe {
-            ibv_reg_mr(
-                (*self.id).pd,
-                region.base().cast(),
-                region.len(),
-                c_int::try_from(access.0).unwrap_or(c_int::MAX),
-            )
+    fn register(&self, region: &Arc<Region>, remote: Range<usize>) -> Result<Keys, VerbsError> {
+        assert!(remote.start <= remote.end && remote.end <= region.len());
+        let local = self.register_range(region, 0..region.len(), false)?;
+        let remote = match self.register_range(region, remote, true) {
+            Ok(mr) => mr,
+            Err(e) => {
+                // SAFETY: `local` is the live registration just made, deregistered once.
+                unsafe { ibv_dereg_mr(local) };
+                return Err(e);
+            }
         };
-        if mr.is_null() {
-            return Err(VerbsError::Register {
-                len: region.len(),
-                source: io::Error::last_os_error(),
-            });
-        }
-        // SAFETY: `mr` is the live registration just made.
+        // SAFETY: both are live registrations just made.
         let keys = unsafe {
             Keys {
-                lkey: (*mr).lkey,
-                rkey: (*mr).rkey,
+                lkey: (*local).lkey,
+                rkey: (*remote).rkey,
             }
         };
         let old = self
             .registration
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .replace((Arc::clone(region), mr));
+            .replace((Arc::clone(region), [local, remote]));
         debug_assert!(old.is_none(), "a connection registers its region once");
         Ok(keys)
     }
@@ -299,6 +293,38 @@ impl Verbs for CmEndpoint {
 }
 
 impl CmEndpoint {
+    /// Registers bytes `range` of `region`, for local writes and, with `remote`, the peer's.
+    fn register_range(
+        &self,
+        region: &Arc<Region>,
+        range: Range<usize>,
+        remote: bool,
+    ) -> Result<*mut ibv_mr, VerbsError> {
+        let mut access = ibv_access_flags::IBV_ACCESS_LOCAL_WRITE;
+        if remote {
+            access |= ibv_access_flags::IBV_ACCESS_REMOTE_WRITE;
+        }
+        let len = range.len();
+        // SAFETY: the protection domain is the endpoint's; the range lies inside the region (the
+        // caller checked), a live allocation that the endpoint keeps alive until the
+        // registration is dropped.
+        let mr = unsafe {
+            ibv_reg_mr(
+                (*self.id).pd,
+                region.base().add(range.start).cast(),
+                len,
+                c_int::try_from(access.0).unwrap_or(c_int::MAX),
+            )
+        };
+        if mr.is_null() {
+            return Err(VerbsError::Register {
+                len,
+                source: io::Error::last_os_error(),
+            });
+        }
+        Ok(mr)
+    }
+
     /// Posts one signaled work request of `opcode` on `buf` (to `to` for an RDMA WRITE).
     ///
     /// # Safety
@@ -355,9 +381,11 @@ impl Drop for CmEndpoint {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .take();
-        if let Some((region, mr)) = registration {
-            // SAFETY: `mr` is this endpoint's live registration, deregistered once.
-            unsafe { ibv_dereg_mr(mr) };
+        if let Some((region, mrs)) = registration {
+            for mr in mrs {
+                // SAFETY: `mr` is one of this endpoint's live registrations, deregistered once.
+                unsafe { ibv_dereg_mr(mr) };
+            }
             drop(region);
         }
     }

@@ -4,6 +4,7 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::ops::Range;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -85,9 +86,10 @@ pub(crate) enum VerbsError {
 /// [`Completion`]; the posts are `unsafe` because nothing but the caller's bookkeeping (the
 /// pools and rings of `conn.rs`) keeps the program from touching that range meanwhile.
 pub(crate) trait Verbs: Send + Sync {
-    /// Registers `region` for local access and for the peer's RDMA WRITEs; called once, before
-    /// any post. The endpoint keeps the region alive for as long as it is registered.
-    fn register(&self, region: &Arc<Region>) -> Result<Keys, VerbsError>;
+    /// Registers `region` for this end's posts (`lkey`), and its bytes `remote` also for the
+    /// peer's RDMA WRITEs (`rkey`); called once, before any post. The endpoint keeps the region
+    /// alive for as long as it is registered.
+    fn register(&self, region: &Arc<Region>, remote: Range<usize>) -> Result<Keys, VerbsError>;
 
     /// Posts a receive into `buf`.
     ///
