@@ -14,6 +14,7 @@ use crate::channel::{Channel, NodeId};
 use crate::config::Liveness;
 use crate::error::TransportError;
 use crate::frame::{FrameRef, FIRST_RESERVED_KIND, KIND_HEARTBEAT, MAX_PAYLOAD};
+use crate::spin_budget;
 
 use super::conn::{Conn, ConnError, ConnEvents};
 
@@ -222,8 +223,8 @@ impl MeshCore {
     }
 
     /// Starts one progress loop per connection: it polls the connection's completions (busy,
-    /// for the DSM request channel with `busy_poll`; otherwise sleeping in the completion
-    /// channel) and hands frames to the handler, in order per (peer, channel).
+    /// for the DSM request channel with `busy_poll` while the process-wide spin budget has a
+    /// core to spare; otherwise sleeping in the completion channel) and hands frames to the handler, in order per (peer, channel).
     pub(crate) fn start_progress(self: &Arc<Self>) -> Result<(), TransportError> {
         for &peer in self.links.keys() {
             for channel in Channel::ALL {
@@ -239,7 +240,20 @@ impl MeshCore {
             return;
         };
         let conn = link.conn(channel);
-        let spinning = self.busy_poll && channel == Channel::DsmRequest;
+        // Held for as long as this loop spins; dropping it gives the core back.
+        let spin_claim = if self.busy_poll && channel == Channel::DsmRequest {
+            spin_budget::claim()
+                .map_err(|refused| {
+                    eprintln!(
+                        "spanvm transport: node {}, RDMA receiver from node {peer}: {refused}",
+                        self.me
+                    );
+                })
+                .ok()
+        } else {
+            None
+        };
+        let spinning = spin_claim.is_some();
         let events = LinkEvents { core: self, link };
         loop {
             if self.is_shutting_down() || link.is_lost() {

@@ -30,7 +30,7 @@
 //! # Threads
 //! One progress thread per (peer, channel) polls that queue pair's completions. It sleeps in
 //! the completion channel, or, with [`MeshConfig::busy_poll`], the DSM request channel's polls
-//! without sleeping.
+//! without sleeping (as far as the process-wide spin budget allows, as on TCP).
 //!
 //! # Testing
 //! The verbs sit behind a small trait (`verbs.rs`); the unit tests run everything above it on
