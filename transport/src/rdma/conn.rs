@@ -466,14 +466,19 @@ impl Conn {
             .map_err(|why| self.failed(completion.op, &why))?;
         let mut state = self.state();
         let given = match tag {
-            TAG_RECV => return Ok(Some(Received { slot, len })),
+            TAG_RECV if slot < RECV_RING => return Ok(Some(Received { slot, len })),
             TAG_SEND => state.bufs.give_back(slot),
             TAG_STAGE => state.stage_out.give_back(slot),
             TAG_CREDIT => {
                 state.credit_write_busy = false;
                 Ok(())
             }
-            other => return Err(format!("a completion carries unknown work id tag {other}")),
+            _ => {
+                return Err(format!(
+                    "a completion carries a work id ({:#x}) this connection never posted",
+                    completion.wr_id
+                ))
+            }
         };
         given.map_err(|e| e.to_string())?;
         Ok(None)
