@@ -18,7 +18,7 @@
 //! buffers; page payloads are RDMA WRITTEN straight into a registered, pre-allocated staging
 //! ring of the receiver, then announced by a SEND; the receiver lends the payload to the
 //! handler from where it landed. Credits keep every SEND matched by a posted receive
-//! (`conn.rs` has the details).
+//! (`conn/mod.rs` has the details).
 //!
 //! # Lost peers
 //! A failed work completion (the queue pair went to the error state: the peer's adapter

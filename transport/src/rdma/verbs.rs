@@ -84,7 +84,7 @@ pub(crate) enum VerbsError {
 ///
 /// Posting hands a range of the registered region to the device until the matching
 /// [`Completion`]; the posts are `unsafe` because nothing but the caller's bookkeeping (the
-/// pools and rings of `conn.rs`) keeps the program from touching that range meanwhile.
+/// pools and rings of `conn/`) keeps the program from touching that range meanwhile.
 pub(crate) trait Verbs: Send + Sync {
     /// Registers `region` for this end's posts (`lkey`), and its bytes `remote` also for the
     /// peer's RDMA WRITEs (`rkey`); called once, before any post. The endpoint keeps the region
