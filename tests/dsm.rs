@@ -224,3 +224,54 @@ fn two_vcpus_per_node_share_the_counter() {
         assert_eq!(run.get(v, "CNTR"), CI_OPS);
     }
 }
+
+// --- The same probes over RDMA (`transport = "rdma"`).
+
+/// Why the RDMA runs are ignored here.
+const NO_RDMA: &str = "needs a build with --features rdma, an RDMA device (any verbs device, \
+                       soft-RoCE included) and SPANVM_RDMA_ADDR=<IP of its interface>; this \
+                       host has no device";
+
+/// Every coherence probe of the TCP tests above on 2 nodes over RDMA, on the interface
+/// whose address `SPANVM_RDMA_ADDR` names.
+fn coherence_over_rdma(probe: Coherence, arg: u64) {
+    if !cfg!(feature = "rdma") {
+        panic!("this test binary was built without the rdma feature: {NO_RDMA}");
+    }
+    let ip: std::net::IpAddr = std::env::var("SPANVM_RDMA_ADDR")
+        .unwrap_or_else(|_| panic!("SPANVM_RDMA_ADDR is not set: {NO_RDMA}"))
+        .parse()
+        .expect("SPANVM_RDMA_ADDR is not an IP address");
+    // Free ports on loopback; RDMA's port space is its own, and these are free there too
+    // unless another RDMA service holds them.
+    let addrs: Vec<std::net::SocketAddr> = common::free_addrs(2)
+        .into_iter()
+        .map(|a| std::net::SocketAddr::new(ip, a.port()))
+        .collect();
+    let text = format!(
+        "transport = \"rdma\"\n{}",
+        common::cluster_text_on(&addrs, 1, probe.name(), arg, probe.memory_mib(2))
+    );
+    let run = run_cluster(&text);
+    run.assert_success(2);
+    run.assert_placement(2, |v| v as u64);
+    probe.check(&run, 2, arg);
+}
+
+#[test]
+#[ignore = "needs an RDMA device and SPANVM_RDMA_ADDR (see NO_RDMA); this host has none"]
+fn shared_counter_is_exact_on_2_nodes_over_rdma() {
+    coherence_over_rdma(Coherence::Counter, CI_OPS / 2);
+}
+
+#[test]
+#[ignore = "needs an RDMA device and SPANVM_RDMA_ADDR (see NO_RDMA); this host has none"]
+fn store_buffer_litmus_with_mfence_on_2_nodes_over_rdma() {
+    coherence_over_rdma(Coherence::StoreBuffer, CI_OPS / 2);
+}
+
+#[test]
+#[ignore = "needs an RDMA device and SPANVM_RDMA_ADDR (see NO_RDMA); this host has none"]
+fn message_passing_ring_on_2_nodes_over_rdma() {
+    coherence_over_rdma(Coherence::MessageRing, CI_OPS);
+}
