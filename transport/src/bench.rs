@@ -7,7 +7,7 @@
 //! waiting thread through a condition variable, as a fault thread would be woken.
 
 use std::fmt;
-use std::net::{SocketAddr, TcpListener};
+use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::sync::{Arc, Condvar, Mutex, OnceLock, PoisonError, Weak};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -104,8 +104,20 @@ pub enum BenchError {
     #[error("round-trip benchmark: {0}")]
     Transport(#[from] TransportError),
     /// No loopback port could be bound.
-    #[error("round-trip benchmark: cannot listen on 127.0.0.1: {0}")]
-    Listen(#[source] std::io::Error),
+    #[error("round-trip benchmark: cannot listen on {ip}: {source}")]
+    Listen {
+        /// The address asked for.
+        ip: IpAddr,
+        /// What the OS said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// RDMA does not run over loopback: the benchmark needs the RDMA interface's address.
+    #[error(
+        "benchmarks over RDMA need SPANVM_RDMA_ADDR=<IP address of the RDMA interface> \
+         (RDMA does not run over loopback){0}"
+    )]
+    NoRdmaAddress(String),
     /// Nothing to measure, or a reply too large for a frame.
     #[error("round-trip benchmark: need at least 1 sample and a reply of at most {MAX_PAYLOAD} bytes (asked for {samples} samples of {payload_len} bytes)")]
     BadParameters {
@@ -186,10 +198,15 @@ fn establish_pair(
     let RoundTripBench {
         busy_poll, kind, ..
     } = *params;
-    let listener0 = TcpListener::bind("127.0.0.1:0").map_err(BenchError::Listen)?;
-    let listener1 = TcpListener::bind("127.0.0.1:0").map_err(BenchError::Listen)?;
-    let addr0 = listener0.local_addr().map_err(BenchError::Listen)?;
-    let addr1 = listener1.local_addr().map_err(BenchError::Listen)?;
+    let ip = bench_ip(kind)?;
+    let listen = || -> Result<(TcpListener, SocketAddr), BenchError> {
+        let failed = |source| BenchError::Listen { ip, source };
+        let listener = TcpListener::bind((ip, 0)).map_err(failed)?;
+        let addr = listener.local_addr().map_err(failed)?;
+        Ok((listener, addr))
+    };
+    let (listener0, addr0) = listen()?;
+    let (listener1, addr1) = listen()?;
     let config = |me: NodeId, listen: SocketAddr, peer: (NodeId, SocketAddr)| MeshConfig {
         me,
         listen,
@@ -209,6 +226,20 @@ fn establish_pair(
         let mesh0 = node0.join().unwrap_or(Err(TransportError::SetupAbandoned));
         Ok([mesh0?, mesh1?])
     })
+}
+
+/// Where a benchmark's nodes listen: loopback for TCP; for RDMA the interface that
+/// `SPANVM_RDMA_ADDR` names.
+pub fn bench_ip(kind: TransportKind) -> Result<IpAddr, BenchError> {
+    match kind {
+        TransportKind::Tcp => Ok(IpAddr::from([127, 0, 0, 1])),
+        TransportKind::Rdma => {
+            let text = std::env::var("SPANVM_RDMA_ADDR")
+                .map_err(|_| BenchError::NoRdmaAddress(String::new()))?;
+            text.parse()
+                .map_err(|e| BenchError::NoRdmaAddress(format!("; {text:?} is not one: {e}")))
+        }
+    }
 }
 
 fn summarise(params: &RoundTripBench, mut times: Vec<Duration>) -> RoundTripReport {

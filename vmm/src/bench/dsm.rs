@@ -3,7 +3,8 @@
 //! round trip between two meshes of the same transport.
 //!
 //! Both nodes live in this process (each with its own mapping, userfaultfd, DSM and mesh,
-//! talking over real loopback connections); host threads play the vCPUs, so a fault here is
+//! talking over real connections: loopback TCP, or RDMA on the interface `SPANVM_RDMA_ADDR`
+//! names); host threads play the vCPUs, so a fault here is
 //! the DSM's cost without KVM's. Run once with blocking reads on the fault-path connections
 //! and once with busy polling. Both DSMs share one [`FaultTrace`], so a remote read fault is
 //! also broken down by stage on one clock: where the time goes between the access and its
@@ -63,8 +64,9 @@ fn pair(
     busy_poll: bool,
     trace: &Arc<FaultTrace>,
 ) -> Result<(BenchNode, BenchNode), CommandError> {
+    let ip = transport::bench::bench_ip(kind).map_err(bench_err)?;
     let listeners: Vec<std::net::TcpListener> = (0..2)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+        .map(|_| std::net::TcpListener::bind((ip, 0)))
         .collect::<Result<_, _>>()
         .map_err(bench_err)?;
     let addrs: Vec<_> = listeners
@@ -438,8 +440,9 @@ fn run_mode(kind: TransportKind, busy_poll: bool) -> Result<(), CommandError> {
 /// Runs the benchmark over `kind` (blocking, then busy-polling receivers) and prints its
 /// tables.
 pub fn run(kind: TransportKind) -> Result<(), CommandError> {
+    let ip = transport::bench::bench_ip(kind).map_err(bench_err)?;
     println!(
-        "spanvm bench dsm: 2 nodes in one process, real userfaultfd, {kind} on loopback; \
+        "spanvm bench dsm: 2 nodes in one process, real userfaultfd, {kind} on {ip}; \
          {SAMPLES} samples each"
     );
     run_mode(kind, false)?;
