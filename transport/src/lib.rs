@@ -70,6 +70,7 @@ mod frame_reader;
 mod handshake;
 mod handshake_wire;
 mod layout_diff;
+mod mesh;
 #[cfg(feature = "rdma")]
 mod rdma;
 mod select;

@@ -3,7 +3,6 @@
 mod connection;
 mod dial;
 mod inner;
-mod liveness;
 mod receiver;
 mod setup;
 mod setup_watch;
@@ -19,6 +18,7 @@ use crate::config::MeshConfig;
 use crate::error::TransportError;
 use crate::frame::FrameRef;
 use crate::handshake::Credentials;
+use crate::mesh;
 use crate::spin_budget;
 
 use inner::MeshInner;
@@ -60,14 +60,14 @@ impl TcpMesh {
         // Nobody else may connect once the mesh is complete.
         drop(listener);
 
-        let inner = Arc::new(MeshInner::new(&cfg, handler, streams)?);
+        let inner = Arc::new(inner::build(&cfg, handler, streams)?);
         // From here on, an early return drops `mesh`, which closes everything and stops the
         // threads started so far.
         let mesh = Arc::new(TcpMesh {
             inner: Arc::clone(&inner),
         });
         writer::start_writers(&inner)?;
-        liveness::start_heartbeats(&inner)?;
+        mesh::liveness::start_heartbeats(&inner)?;
         let mut control_readers = setup::await_mesh_ready(&inner, deadline, cfg.connect_timeout)?;
 
         inner.set_running();
@@ -107,7 +107,7 @@ impl TcpMesh {
                 receiver::start_receiver(&inner, link.id, channel, reader)?;
             }
         }
-        liveness::start_watchdog(&inner)?;
+        mesh::liveness::start_watchdog(&inner)?;
         if let Some(peer) = inner.first_lost() {
             return Err(TransportError::LostDuringSetup {
                 peer,
@@ -124,7 +124,7 @@ impl Transport for TcpMesh {
     }
 
     fn peers(&self) -> Vec<NodeId> {
-        self.inner.links.keys().copied().collect()
+        self.inner.peers()
     }
 
     fn send_ref(
@@ -137,20 +137,11 @@ impl Transport for TcpMesh {
     }
 
     fn stats(&self) -> TransportStats {
-        let mut total = TransportStats::default();
-        for link in self.inner.links.values() {
-            for conn in link.conns() {
-                total.add(conn.stats());
-            }
-        }
-        total
+        self.inner.stats()
     }
 
     fn is_lost(&self, peer: NodeId) -> bool {
-        self.inner
-            .links
-            .get(&peer)
-            .is_some_and(|link| link.is_lost())
+        self.inner.is_lost(peer)
     }
 
     fn kind(&self) -> TransportKind {
