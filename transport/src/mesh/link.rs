@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use crate::api::TransportStats;
 use crate::channel::{Channel, NodeId};
+use crate::error::TransportError;
 use crate::frame::FrameRef;
 
 /// What the shared mesh code needs of a backend's connection.
@@ -22,8 +23,23 @@ pub(crate) trait LinkConn: Send + Sync + 'static {
     /// What went through this connection so far.
     fn stats(&self) -> TransportStats;
 
+    /// Sends (or queues) a frame of the consumer.
+    fn send_frame(&self, frame: FrameRef<'_>) -> Result<(), Self::SendError>;
+
     /// Sends a heartbeat frame, as the backend's liveness wants it sent.
     fn send_heartbeat(&self, beat: FrameRef<'_>) -> Result<(), Self::SendError>;
+
+    /// What a failed [`LinkConn::send_frame`] to `peer` on `channel` means.
+    fn send_failure(error: Self::SendError, peer: NodeId, channel: Channel) -> SendFailure;
+}
+
+/// What a failed send means for the caller.
+pub(crate) struct SendFailure {
+    /// What the caller gets.
+    pub error: TransportError,
+    /// Whether the connection is unusable, so that the peer is to be declared lost (not
+    /// for a connection that was already closed: its peer is lost already).
+    pub loses_peer: bool,
 }
 
 /// Everything about one peer.

@@ -7,3 +7,4 @@ pub(crate) mod link;
 pub(crate) mod liveness;
 pub(crate) mod state;
 pub(crate) mod threads;
+pub(crate) mod transport;

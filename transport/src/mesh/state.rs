@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::api::{FrameHandler, TransportStats};
-use crate::channel::NodeId;
+use crate::channel::{Channel, NodeId};
 use crate::config::Liveness;
 use crate::error::TransportError;
 use crate::frame::{FrameRef, FIRST_RESERVED_KIND, MAX_PAYLOAD};
@@ -118,9 +118,27 @@ impl<C: LinkConn> MeshState<C> {
         total
     }
 
+    /// Sends a frame of the consumer; a connection that fails makes its peer lost.
+    pub(crate) fn send_ref(
+        &self,
+        to: NodeId,
+        channel: Channel,
+        frame: FrameRef<'_>,
+    ) -> Result<(), TransportError> {
+        let link = self.link_to_send(to, frame)?;
+        link.conn(channel).send_frame(frame).map_err(|error| {
+            let why = format!("sending on the {channel} channel failed: {error}");
+            let failure = C::send_failure(error, to, channel);
+            if failure.loses_peer {
+                self.declare_lost(to, &why);
+            }
+            failure.error
+        })
+    }
+
     /// Checks a frame of the consumer and finds the link it goes on: refuses a reserved kind,
     /// an oversized payload, an unknown or lost peer, and a mesh that is shutting down.
-    pub(crate) fn link_to_send(
+    fn link_to_send(
         &self,
         to: NodeId,
         frame: FrameRef<'_>,

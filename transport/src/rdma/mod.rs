@@ -56,15 +56,17 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::api::{FrameHandler, Transport, TransportStats};
+use crate::api::FrameHandler;
 use crate::channel::{Channel, NodeId, TransportKind};
 use crate::config::MeshConfig;
 use crate::error::TransportError;
-use crate::frame::{FrameRef, KIND_MESH_READY};
+use crate::frame::KIND_MESH_READY;
 use crate::handshake::Credentials;
 
+use crate::mesh::liveness;
+use crate::mesh::transport::MeshBackend;
 use conn::{transport_frame, Conn};
-use mesh::MeshCore;
+use mesh::{MeshCore, ReadyPeers};
 
 /// The barrier waits at least this long even when `connect_timeout` is used up by then.
 const MIN_BARRIER_WAIT: Duration = Duration::from_secs(1);
@@ -106,14 +108,15 @@ impl RdmaMesh {
             handler,
             cfg.liveness,
             cfg.busy_poll,
-            conns,
+            mesh::links(conns),
         ));
+        let ready_peers = Arc::new(ReadyPeers::new(core.peers()));
         // From here on, an early return drops `mesh`, which stops the threads started so far.
         let mesh = Arc::new(RdmaMesh {
             core: Arc::clone(&core),
         });
-        core.start_progress()?;
-        core.start_heartbeats()?;
+        core.start_progress(&ready_peers)?;
+        liveness::start_heartbeats(&core)?;
         let ready = transport_frame(KIND_MESH_READY, &[]);
         for link in core.links.values() {
             if let Err(e) = link.conn(Channel::Control).send_control(ready) {
@@ -132,12 +135,12 @@ impl RdmaMesh {
                     why: "one of its queue pairs failed while the mesh was starting".to_string(),
                 });
             }
-            let Some(waiting) = core.links.values().find(|l| !l.is_ready()) else {
+            let Some(waiting) = ready_peers.first_waiting() else {
                 break;
             };
             if Instant::now() >= until {
                 return Err(TransportError::MeshIncomplete {
-                    peer: waiting.id,
+                    peer: waiting,
                     waited: started.elapsed(),
                     detail: "it never said it had all its connections".to_string(),
                 });
@@ -145,43 +148,18 @@ impl RdmaMesh {
             thread::sleep(BARRIER_POLL);
         }
         core.set_running();
-        core.start_watchdog()?;
+        liveness::start_watchdog(&core)?;
         Ok(mesh)
     }
 }
 
-impl Transport for RdmaMesh {
-    fn me(&self) -> NodeId {
-        self.core.me
-    }
+impl MeshBackend for RdmaMesh {
+    type Conn = Conn;
 
-    fn peers(&self) -> Vec<NodeId> {
-        self.core.links.keys().copied().collect()
-    }
+    const KIND: TransportKind = TransportKind::Rdma;
 
-    fn send_ref(
-        &self,
-        to: NodeId,
-        channel: Channel,
-        frame: FrameRef<'_>,
-    ) -> Result<(), TransportError> {
-        self.core.send_ref(to, channel, frame)
-    }
-
-    fn stats(&self) -> TransportStats {
-        self.core.stats()
-    }
-
-    fn is_lost(&self, peer: NodeId) -> bool {
-        self.core.is_lost(peer)
-    }
-
-    fn kind(&self) -> TransportKind {
-        TransportKind::Rdma
-    }
-
-    fn shutdown(&self) {
-        self.core.shutdown();
+    fn state(&self) -> &MeshCore {
+        &self.core
     }
 }
 

@@ -8,6 +8,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use super::*;
+use crate::api::Transport;
+use crate::channel::NodeId;
 use crate::config::Liveness;
 use crate::frame::{Frame, FrameRef};
 

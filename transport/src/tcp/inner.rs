@@ -1,5 +1,5 @@
 //! The TCP mesh's shared state ([`MeshState`] over TCP [`Connection`]s): how it is built from
-//! the sockets setup made, and how a frame is sent on it.
+//! the sockets setup made, and what the shared code needs of a TCP connection.
 
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, TcpStream};
@@ -12,7 +12,7 @@ use crate::channel::{Channel, NodeId};
 use crate::config::MeshConfig;
 use crate::error::TransportError;
 use crate::frame::FrameRef;
-use crate::mesh::link::{LinkConn, PeerLink};
+use crate::mesh::link::{LinkConn, PeerLink, SendFailure};
 use crate::mesh::state::MeshState;
 
 use super::connection::{Connection, SendError};
@@ -32,9 +32,38 @@ impl LinkConn for Connection {
         Connection::stats(self)
     }
 
+    fn send_frame(&self, frame: FrameRef<'_>) -> Result<(), SendError> {
+        self.write_frame(frame)
+    }
+
     /// Only when nothing is queued: bytes on their way are proof of life too.
     fn send_heartbeat(&self, beat: FrameRef<'_>) -> Result<(), SendError> {
         self.try_write_frame(beat).map(|_| ())
+    }
+
+    fn send_failure(error: SendError, peer: NodeId, channel: Channel) -> SendFailure {
+        match error {
+            SendError::Closed => SendFailure {
+                error: TransportError::PeerLost { peer },
+                loses_peer: false,
+            },
+            SendError::Io(source) => SendFailure {
+                error: TransportError::SendFailed {
+                    peer,
+                    channel,
+                    source,
+                },
+                loses_peer: true,
+            },
+            SendError::Backlog(queued) => SendFailure {
+                error: TransportError::NotReading {
+                    peer,
+                    channel,
+                    queued,
+                },
+                loses_peer: true,
+            },
+        }
     }
 }
 
@@ -76,39 +105,6 @@ pub(crate) fn build(
         cfg.busy_poll,
         links,
     ))
-}
-
-impl MeshState<Connection> {
-    pub(crate) fn send_ref(
-        &self,
-        to: NodeId,
-        channel: Channel,
-        frame: FrameRef<'_>,
-    ) -> Result<(), TransportError> {
-        let link = self.link_to_send(to, frame)?;
-        link.conn(channel).write_frame(frame).map_err(|error| {
-            let why = format!("sending on the {channel} channel failed: {error}");
-            match error {
-                SendError::Closed => TransportError::PeerLost { peer: to },
-                SendError::Io(source) => {
-                    self.declare_lost(to, &why);
-                    TransportError::SendFailed {
-                        peer: to,
-                        channel,
-                        source,
-                    }
-                }
-                SendError::Backlog(queued) => {
-                    self.declare_lost(to, &why);
-                    TransportError::NotReading {
-                        peer: to,
-                        channel,
-                        queued,
-                    }
-                }
-            }
-        })
-    }
 }
 
 /// Sets both socket buffer sizes (the kernel doubles them and enforces a minimum).

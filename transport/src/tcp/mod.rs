@@ -12,13 +12,13 @@ use std::net::TcpListener;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::api::{FrameHandler, Transport, TransportStats};
-use crate::channel::{Channel, NodeId, TransportKind};
+use crate::api::FrameHandler;
+use crate::channel::{Channel, TransportKind};
 use crate::config::MeshConfig;
 use crate::error::TransportError;
-use crate::frame::FrameRef;
 use crate::handshake::Credentials;
 use crate::mesh;
+use crate::mesh::transport::MeshBackend;
 use crate::spin_budget;
 
 use inner::MeshInner;
@@ -118,38 +118,13 @@ impl TcpMesh {
     }
 }
 
-impl Transport for TcpMesh {
-    fn me(&self) -> NodeId {
-        self.inner.me
-    }
+impl MeshBackend for TcpMesh {
+    type Conn = connection::Connection;
 
-    fn peers(&self) -> Vec<NodeId> {
-        self.inner.peers()
-    }
+    const KIND: TransportKind = TransportKind::Tcp;
 
-    fn send_ref(
-        &self,
-        to: NodeId,
-        channel: Channel,
-        frame: FrameRef<'_>,
-    ) -> Result<(), TransportError> {
-        self.inner.send_ref(to, channel, frame)
-    }
-
-    fn stats(&self) -> TransportStats {
-        self.inner.stats()
-    }
-
-    fn is_lost(&self, peer: NodeId) -> bool {
-        self.inner.is_lost(peer)
-    }
-
-    fn kind(&self) -> TransportKind {
-        TransportKind::Tcp
-    }
-
-    fn shutdown(&self) {
-        self.inner.shutdown();
+    fn state(&self) -> &MeshInner {
+        &self.inner
     }
 }
 

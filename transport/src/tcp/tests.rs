@@ -9,7 +9,10 @@ use std::time::{Duration, Instant};
 
 use super::connection::prepare_socket;
 use super::*;
+use crate::api::Transport;
+use crate::channel::NodeId;
 use crate::config::Liveness;
+use crate::frame::FrameRef;
 use crate::frame::{Frame, FrameHeader, KIND_MESH_READY, MAX_PAYLOAD};
 use crate::handshake;
 
