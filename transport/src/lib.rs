@@ -76,6 +76,8 @@ mod rdma;
 mod select;
 mod spin_budget;
 mod tcp;
+#[cfg(test)]
+mod test_recorder;
 
 pub use api::{FrameHandler, Transport, TransportStats};
 pub use channel::{Channel, NodeId, TransportKind};

@@ -4,7 +4,7 @@
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -19,6 +19,7 @@ use crate::error::TransportError;
 use crate::frame::{Frame, FrameRef, MAX_PAYLOAD};
 use crate::handshake::{self, Admission, Credentials};
 use crate::handshake_wire::Refusal;
+use crate::test_recorder::Recorder;
 
 const LAYOUT: &str = "spanvm-layout 1\nnodes 2\nvcpu 0 node 0\nvcpu 1 node 1\n";
 
@@ -88,6 +89,30 @@ fn connect(
     }
 }
 
+/// Both ends of `channel`, connected with the same secret and layout.
+fn connected(channel: Channel) -> (Conn, Conn, FakeWire) {
+    connect(
+        channel,
+        &creds(0, b"secret", LAYOUT),
+        &creds(1, b"secret", LAYOUT),
+    )
+    .unwrap()
+}
+
+/// The dialer's and the acceptor's errors of a connection that must be refused (`what` says
+/// what was accepted, if it was).
+fn refused(
+    channel: Channel,
+    creds0: &Credentials,
+    creds1: &Credentials,
+    what: &str,
+) -> (TransportError, TransportError) {
+    match connect(channel, creds0, creds1) {
+        Err(refused) => *refused,
+        Ok(_) => panic!("{what}"),
+    }
+}
+
 fn creds(me: NodeId, secret: &[u8], layout: &str) -> Credentials {
     Credentials::new(&config(me, secret, layout))
 }
@@ -122,6 +147,15 @@ fn run_until(a: (&Conn, &Collected), b: (&Conn, &Collected), done: impl Fn() -> 
     }
 }
 
+/// Collectors for both ends, once both pool adverts have arrived.
+fn past_adverts(conn1: &Conn, conn0: &Conn) -> (Collected, Collected) {
+    let (got1, got0) = (Collected::default(), Collected::default());
+    run_until((conn1, &got1), (conn0, &got0), || {
+        conn1.progress(&got1).unwrap() == 0 && conn0.progress(&got0).unwrap() == 0
+    });
+    (got1, got0)
+}
+
 fn frame(id: u64, payload: Vec<u8>) -> Frame {
     Frame {
         kind: 3,
@@ -134,25 +168,18 @@ fn frame(id: u64, payload: Vec<u8>) -> Frame {
 
 #[test]
 fn the_tcp_handshake_passes_over_rdma_with_the_right_secret_and_layout() {
-    let (conn1, conn0, _) = connect(
-        Channel::DsmRequest,
-        &creds(0, b"secret", LAYOUT),
-        &creds(1, b"secret", LAYOUT),
-    )
-    .unwrap();
+    let (conn1, conn0, _) = connected(Channel::DsmRequest);
     assert_eq!((conn1.peer, conn0.peer), (0, 1));
 }
 
 #[test]
 fn a_wrong_secret_is_refused_on_both_ends_as_on_tcp() {
-    let Err(refused) = connect(
+    let (dialer, acceptor) = refused(
         Channel::Control,
         &creds(0, b"secret", LAYOUT),
         &creds(1, b"other", LAYOUT),
-    ) else {
-        panic!("a wrong secret was accepted");
-    };
-    let (dialer, acceptor) = *refused;
+        "a wrong secret was accepted",
+    );
     assert!(
         matches!(dialer, TransportError::WrongSecret { peer: 0, .. }),
         "{dialer}"
@@ -166,14 +193,12 @@ fn a_wrong_secret_is_refused_on_both_ends_as_on_tcp() {
 #[test]
 fn a_layout_mismatch_names_the_first_differing_line_on_both_ends() {
     let theirs = LAYOUT.replace("vcpu 1 node 1", "vcpu 1 node 0");
-    let Err(refused) = connect(
+    let (dialer, acceptor) = refused(
         Channel::Forward,
         &creds(0, b"secret", LAYOUT),
         &creds(1, b"secret", &theirs),
-    ) else {
-        panic!("a different layout was accepted");
-    };
-    let (dialer, acceptor) = *refused;
+        "a different layout was accepted",
+    );
     let TransportError::LayoutMismatch { difference, .. } = &dialer else {
         panic!("dialer: {dialer}");
     };
@@ -191,30 +216,20 @@ fn a_layout_mismatch_names_the_first_differing_line_on_both_ends() {
 fn a_large_layout_text_crosses_in_many_sends() {
     let ours = format!("{LAYOUT}{}", "memory 0x1000\n".repeat(2000));
     let theirs = format!("{LAYOUT}{}x\n", "memory 0x1000\n".repeat(2000));
-    let Err(refused) = connect(
+    let (dialer, _) = refused(
         Channel::Forward,
         &creds(0, b"secret", &ours),
         &creds(1, b"secret", &theirs),
-    ) else {
-        panic!("a different layout was accepted");
-    };
-    let (dialer, _) = *refused;
+        "a different layout was accepted",
+    );
     assert!(dialer.to_string().contains("line 2005"), "{dialer}");
 }
 
 #[test]
 fn frames_and_pages_arrive_whole_and_in_order_past_every_ring_and_pool() {
-    let (conn1, conn0, wire) = connect(
-        Channel::DsmBulk,
-        &creds(0, b"secret", LAYOUT),
-        &creds(1, b"secret", LAYOUT),
-    )
-    .unwrap();
-    let (got1, got0) = (Collected::default(), Collected::default());
+    let (conn1, conn0, wire) = connected(Channel::DsmBulk);
     // Both pool adverts arrive first.
-    run_until((&conn1, &got1), (&conn0, &got0), || {
-        conn1.progress(&got1).unwrap() == 0 && conn0.progress(&got0).unwrap() == 0
-    });
+    let (got1, got0) = past_adverts(&conn1, &conn0);
     let not_ready_before = wire.not_ready();
 
     // Far more than the receive ring and the staging ring hold, mixed, sent without the
@@ -269,16 +284,8 @@ fn frames_and_pages_arrive_whole_and_in_order_past_every_ring_and_pool() {
 
 #[test]
 fn a_peer_that_never_reads_is_refused_past_the_backlog_limit() {
-    let (conn1, conn0, _wire) = connect(
-        Channel::DsmBulk,
-        &creds(0, b"secret", LAYOUT),
-        &creds(1, b"secret", LAYOUT),
-    )
-    .unwrap();
-    let (got1, got0) = (Collected::default(), Collected::default());
-    run_until((&conn1, &got1), (&conn0, &got0), || {
-        conn1.progress(&got1).unwrap() == 0 && conn0.progress(&got0).unwrap() == 0
-    });
+    let (conn1, conn0, _wire) = connected(Channel::DsmBulk);
+    let (got1, _got0) = past_adverts(&conn1, &conn0);
     let page = frame(1, vec![5; 4096]);
     let mut sent = 0usize;
     let refused = loop {
@@ -298,12 +305,7 @@ fn a_peer_that_never_reads_is_refused_past_the_backlog_limit() {
 
 #[test]
 fn a_queue_pair_error_makes_progress_fail_with_the_reason() {
-    let (conn1, conn0, wire) = connect(
-        Channel::Forward,
-        &creds(0, b"secret", LAYOUT),
-        &creds(1, b"secret", LAYOUT),
-    )
-    .unwrap();
+    let (conn1, conn0, wire) = connected(Channel::Forward);
     wire.fail("injected fault");
     let got = Collected::default();
     let until = Instant::now() + Duration::from_secs(2);
@@ -315,26 +317,6 @@ fn a_queue_pair_error_makes_progress_fail_with_the_reason() {
     };
     assert!(why.contains("injected fault"), "{why}");
     drop(conn1);
-}
-
-/// What a mesh's handler saw.
-#[derive(Default)]
-struct Recorder {
-    frames: Mutex<Vec<(NodeId, Channel, Frame)>>,
-    lost: Mutex<Vec<(NodeId, String)>>,
-}
-
-impl FrameHandler for Recorder {
-    fn on_frame(&self, from: NodeId, channel: Channel, frame: FrameRef<'_>) {
-        self.frames
-            .lock()
-            .unwrap()
-            .push((from, channel, frame.to_frame()));
-    }
-
-    fn on_peer_lost(&self, peer: NodeId, why: &str) {
-        self.lost.lock().unwrap().push((peer, why.to_string()));
-    }
 }
 
 struct TwoNodes {
@@ -403,10 +385,10 @@ fn a_mesh_on_fake_queue_pairs_carries_frames_on_every_channel() {
             .unwrap();
     }
     wait_for("every frame", || {
-        nodes.seen[0].frames.lock().unwrap().len() == Channel::COUNT
-            && nodes.seen[1].frames.lock().unwrap().len() == Channel::COUNT
+        nodes.seen[0].frames().len() == Channel::COUNT
+            && nodes.seen[1].frames().len() == Channel::COUNT
     });
-    let mut at0 = nodes.seen[0].frames.lock().unwrap().clone();
+    let mut at0 = nodes.seen[0].frames();
     at0.sort_by_key(|(_, channel, _)| *channel);
     for (i, (from, channel, got)) in at0.into_iter().enumerate() {
         assert_eq!((from, channel), (1, Channel::ALL[i]));
@@ -427,7 +409,7 @@ fn a_mesh_on_fake_queue_pairs_carries_frames_on_every_channel() {
         ),
         Err(TransportError::ReservedKind { kind: 0xFFFF })
     ));
-    assert!(nodes.seen[0].lost.lock().unwrap().is_empty());
+    assert!(nodes.seen[0].lost().is_empty());
     assert!(nodes.meshes[0].stats().frames_sent >= 4);
 }
 
@@ -436,13 +418,12 @@ fn a_queue_pair_error_is_reported_exactly_once_per_peer() {
     let nodes = two_nodes(|_| {});
     nodes.wires[&Channel::DsmBulk].fail("injected queue pair fault");
     wait_for("both losses", || {
-        !nodes.seen[0].lost.lock().unwrap().is_empty()
-            && !nodes.seen[1].lost.lock().unwrap().is_empty()
+        !nodes.seen[0].lost().is_empty() && !nodes.seen[1].lost().is_empty()
     });
     // The other channels' queue pairs are closed too; none of that is a second report.
     thread::sleep(Duration::from_millis(300));
     for (node, peer) in [(0, 1), (1, 0)] {
-        let lost = nodes.seen[node].lost.lock().unwrap().clone();
+        let lost = nodes.seen[node].lost();
         assert_eq!(lost.len(), 1, "node {node}: {lost:?}");
         assert_eq!(lost[0].0, peer);
         assert!(nodes.meshes[node].is_lost(peer));
@@ -451,7 +432,7 @@ fn a_queue_pair_error_is_reported_exactly_once_per_peer() {
             Err(TransportError::PeerLost { .. })
         ));
     }
-    let why = &nodes.seen[0].lost.lock().unwrap()[0].1;
+    let why = &nodes.seen[0].lost()[0].1;
     assert!(why.contains("injected queue pair fault"), "{why}");
 }
 
@@ -464,13 +445,11 @@ fn a_shut_down_peer_is_lost_to_the_other_and_a_shutdown_reports_nothing() {
         };
     });
     nodes.meshes[1].shutdown();
-    wait_for("node 0 to lose node 1", || {
-        !nodes.seen[0].lost.lock().unwrap().is_empty()
-    });
+    wait_for("node 0 to lose node 1", || !nodes.seen[0].lost().is_empty());
     thread::sleep(Duration::from_millis(300));
-    assert_eq!(nodes.seen[0].lost.lock().unwrap().len(), 1);
+    assert_eq!(nodes.seen[0].lost().len(), 1);
     assert!(
-        nodes.seen[1].lost.lock().unwrap().is_empty(),
+        nodes.seen[1].lost().is_empty(),
         "a node that shuts down reports no one lost"
     );
 }
@@ -488,14 +467,12 @@ fn a_frozen_peer_is_found_by_its_silence_and_reported_once() {
         wire.freeze(0, true);
     }
     let frozen_at = Instant::now();
-    wait_for("node 0 to lose node 1", || {
-        !nodes.seen[0].lost.lock().unwrap().is_empty()
-    });
+    wait_for("node 0 to lose node 1", || !nodes.seen[0].lost().is_empty());
     // Silence counts from node 1's last heartbeat, which went about one interval before the
     // freeze (later on a loaded machine): the loss cannot come much before the limit.
     assert!(frozen_at.elapsed() >= Duration::from_millis(150));
     thread::sleep(Duration::from_millis(200));
-    let lost = nodes.seen[0].lost.lock().unwrap().clone();
+    let lost = nodes.seen[0].lost();
     assert_eq!(lost.len(), 1, "{lost:?}");
     assert_eq!(lost[0].0, 1);
     assert!(

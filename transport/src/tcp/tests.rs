@@ -3,7 +3,6 @@
 
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::{Condvar, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -12,45 +11,9 @@ use super::*;
 use crate::api::Transport;
 use crate::channel::NodeId;
 use crate::config::Liveness;
-use crate::frame::FrameRef;
 use crate::frame::{Frame, FrameHeader, KIND_MESH_READY, MAX_PAYLOAD};
 use crate::handshake;
-
-/// Frames delivered, and losses reported.
-type Events = (Vec<(NodeId, Channel, Frame)>, Vec<(NodeId, String)>);
-
-#[derive(Default)]
-struct Recorder {
-    events: Mutex<Events>,
-    changed: Condvar,
-}
-
-impl FrameHandler for Recorder {
-    fn on_frame(&self, from: NodeId, channel: Channel, frame: FrameRef<'_>) {
-        self.events
-            .lock()
-            .unwrap()
-            .0
-            .push((from, channel, frame.to_frame()));
-        self.changed.notify_all();
-    }
-    fn on_peer_lost(&self, peer: NodeId, why: &str) {
-        self.events.lock().unwrap().1.push((peer, why.to_string()));
-        self.changed.notify_all();
-    }
-}
-
-impl Recorder {
-    /// The losses, once there is at least one (or after 20 s, to fail instead of hanging).
-    fn wait_for_loss(&self) -> Vec<(NodeId, String)> {
-        let guard = self.events.lock().unwrap();
-        let (guard, _) = self
-            .changed
-            .wait_timeout_while(guard, Duration::from_secs(20), |e| e.1.is_empty())
-            .unwrap();
-        guard.1.clone()
-    }
-}
+use crate::test_recorder::Recorder;
 
 const LAYOUT: &str = "spanvm-layout 1\nnodes 2\n";
 
@@ -131,13 +94,10 @@ fn frames_from_a_hand_driven_peer_are_delivered() {
     let mut bytes = Vec::new();
     frame.encode_into(&mut bytes);
     streams[Channel::DsmBulk.index()].write_all(&bytes).unwrap();
-    let events = recorder.events.lock().unwrap();
-    let (events, _) = recorder
-        .changed
-        .wait_timeout_while(events, Duration::from_secs(20), |e| e.0.is_empty())
-        .unwrap();
-    assert_eq!(events.0, vec![(1, Channel::DsmBulk, frame)]);
-    drop(events);
+    assert_eq!(
+        recorder.wait_for_frame(),
+        vec![(1, Channel::DsmBulk, frame)]
+    );
     mesh.shutdown();
 }
 
@@ -163,7 +123,7 @@ fn an_oversized_length_is_rejected_and_the_peer_dropped() {
         mesh.send(1, Channel::Forward, &Frame::default()),
         Err(TransportError::PeerLost { peer: 1 })
     ));
-    assert!(recorder.events.lock().unwrap().0.is_empty());
+    assert!(recorder.frames().is_empty());
 }
 
 #[test]
