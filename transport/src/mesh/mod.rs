@@ -3,6 +3,7 @@
 //! heartbeats and the silence watchdog ([`liveness`]). Each backend only brings its connection
 //! type, which implements [`link::LinkConn`].
 
+pub(crate) mod dial_retry;
 pub(crate) mod link;
 pub(crate) mod liveness;
 pub(crate) mod state;

@@ -13,6 +13,7 @@ use crate::config::MeshConfig;
 use crate::error::TransportError;
 use crate::handshake::{self, Admission, Credentials, HANDSHAKE_DEADLINE};
 use crate::handshake_wire::{Refusal, RefusalCode};
+use crate::mesh::dial_retry::dial_until_deadline;
 
 use super::cm::{self, Listener};
 use super::conn::Conn;
@@ -20,8 +21,6 @@ use super::ibverbs::CmEndpoint;
 use super::stream::HandshakeStream;
 use super::verbs::Verbs;
 
-/// Pause between attempts to reach a peer that is not up yet.
-const RETRY_PAUSE: Duration = Duration::from_millis(50);
 /// Longest wait for a connection request before the acceptor looks at the clock again.
 const ACCEPT_POLL: Duration = Duration::from_millis(50);
 
@@ -123,26 +122,9 @@ fn dial_one(
     deadline: Instant,
     abandon: &AtomicBool,
 ) -> Result<Conn, TransportError> {
-    let mut last_problem = String::from("no connection attempt could be made");
-    loop {
-        if abandon.load(Ordering::Acquire) {
-            return Err(TransportError::SetupAbandoned);
-        }
-        if Instant::now() >= deadline {
-            return Err(TransportError::PeerUnreachable {
-                peer,
-                addr,
-                waited: cfg.connect_timeout,
-                detail: last_problem,
-            });
-        }
-        match try_dial(creds, peer, addr, channel, deadline) {
-            Ok(conn) => return Ok(conn),
-            Err(e) if e.is_definitive() => return Err(e),
-            Err(e) => last_problem = e.to_string(),
-        }
-        thread::sleep(RETRY_PAUSE);
-    }
+    dial_until_deadline(cfg, peer, addr, deadline, abandon, |_| {
+        Ok(try_dial(creds, peer, addr, channel, deadline)?)
+    })
 }
 
 fn try_dial(

@@ -18,6 +18,7 @@ use crate::frame::{FrameRef, KIND_HEARTBEAT, KIND_MESH_READY};
 use crate::frame_reader::{FrameReader, ReceiveError};
 use crate::handshake::{self, Admission, Credentials, HANDSHAKE_DEADLINE};
 use crate::handshake_wire::{Refusal, RefusalCode};
+use crate::mesh::dial_retry::{dial_until_deadline, AttemptFailed};
 
 use super::connection::{prepare_socket, SocketSource};
 use super::dial;
@@ -26,8 +27,6 @@ use super::setup_watch::SetupWatch;
 
 /// Longest single connect attempt, so that an abandoned setup is noticed soon.
 const CONNECT_ATTEMPT: Duration = Duration::from_secs(1);
-/// Pause between attempts to reach a peer that is not up yet.
-const RETRY_PAUSE: Duration = Duration::from_millis(50);
 /// Pause between polls of the listener.
 const ACCEPT_POLL: Duration = Duration::from_millis(10);
 /// The barrier waits at least this long even when `connect_timeout` is used up by then.
@@ -120,42 +119,18 @@ fn dial_one(
     deadline: Instant,
     abandon: &AtomicBool,
 ) -> Result<TcpStream, TransportError> {
-    let mut last_problem = String::from("no connection attempt could be made");
-    loop {
-        if abandon.load(Ordering::Acquire) {
-            return Err(TransportError::SetupAbandoned);
-        }
-        let remaining = deadline.saturating_duration_since(Instant::now());
-        if remaining.is_zero() {
-            return Err(TransportError::PeerUnreachable {
-                peer,
-                addr,
-                waited: cfg.connect_timeout,
-                detail: last_problem,
-            });
-        }
-        match dial::connect_from(cfg.listen.ip(), addr, remaining.min(CONNECT_ATTEMPT)) {
-            Ok(mut stream) => {
-                let shaken = prepare_socket(&stream)
-                    .map_err(|source| TransportError::HandshakeIo {
-                        remote: crate::Remote::node(peer, addr),
-                        source,
-                    })
-                    .and_then(|()| {
-                        // Not past the setup deadline either, so that setup ends when it says.
-                        let by = deadline.min(Instant::now() + HANDSHAKE_DEADLINE);
-                        handshake::dial(&mut stream, creds, peer, addr, channel, by)
-                    });
-                match shaken {
-                    Ok(()) => return Ok(stream),
-                    Err(e) if e.is_definitive() => return Err(e),
-                    Err(e) => last_problem = e.to_string(),
-                }
-            }
-            Err(e) => last_problem = format!("connecting failed: {e}"),
-        }
-        thread::sleep(RETRY_PAUSE.min(deadline.saturating_duration_since(Instant::now())));
-    }
+    dial_until_deadline(cfg, peer, addr, deadline, abandon, |remaining| {
+        let mut stream = dial::connect_from(cfg.listen.ip(), addr, remaining.min(CONNECT_ATTEMPT))
+            .map_err(|e| AttemptFailed::Passing(format!("connecting failed: {e}")))?;
+        prepare_socket(&stream).map_err(|source| TransportError::HandshakeIo {
+            remote: crate::Remote::node(peer, addr),
+            source,
+        })?;
+        // Not past the setup deadline either, so that setup ends when it says.
+        let by = deadline.min(Instant::now() + HANDSHAKE_DEADLINE);
+        handshake::dial(&mut stream, creds, peer, addr, channel, by)?;
+        Ok(stream)
+    })
 }
 
 /// Accepts connections until every higher-id peer has all its channels, handshaking each on its
