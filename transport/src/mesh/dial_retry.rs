@@ -1,12 +1,14 @@
-//! Dialing one (peer, channel) during setup, whatever the backend: attempts until one
-//! succeeds, the peer refuses for good, setup is abandoned, or the deadline passes.
+//! Dialing during setup, whatever the backend: every channel of every peer this node dials,
+//! each with attempts until one succeeds, the peer refuses for good, setup is abandoned, or
+//! the deadline passes.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::channel::NodeId;
+use crate::channel::{Channel, NodeId};
 use crate::config::MeshConfig;
 use crate::error::TransportError;
 
@@ -31,10 +33,31 @@ impl From<TransportError> for AttemptFailed {
     }
 }
 
+/// Dials every channel of every peer that this node dials, in order, with
+/// [`dial_until_deadline`]; `attempt` makes one attempt at a (peer, address, channel) with the
+/// time left. Stops at the first failure.
+pub(crate) fn dial_all<T>(
+    cfg: &MeshConfig,
+    deadline: Instant,
+    abandon: &AtomicBool,
+    mut attempt: impl FnMut(NodeId, SocketAddr, Channel, Duration) -> Result<T, AttemptFailed>,
+) -> Result<BTreeMap<(NodeId, Channel), T>, TransportError> {
+    let mut dialed = BTreeMap::new();
+    for (peer, addr) in cfg.dialed_peers() {
+        for channel in Channel::ALL {
+            let done = dial_until_deadline(cfg, peer, addr, deadline, abandon, |remaining| {
+                attempt(peer, addr, channel, remaining)
+            })?;
+            dialed.insert((peer, channel), done);
+        }
+    }
+    Ok(dialed)
+}
+
 /// Runs `attempt` (given the time left until `deadline`) until it succeeds or fails
 /// definitively; fails with [`TransportError::SetupAbandoned`] once `abandon` is set, and with
 /// [`TransportError::PeerUnreachable`] (naming the last problem) once the deadline passed.
-pub(crate) fn dial_until_deadline<T>(
+fn dial_until_deadline<T>(
     cfg: &MeshConfig,
     peer: NodeId,
     addr: SocketAddr,

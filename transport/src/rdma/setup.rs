@@ -13,7 +13,7 @@ use crate::config::MeshConfig;
 use crate::error::TransportError;
 use crate::handshake::{self, Admission, Credentials, HANDSHAKE_DEADLINE};
 use crate::handshake_wire::{Refusal, RefusalCode};
-use crate::mesh::dial_retry::dial_until_deadline;
+use crate::mesh::dial_retry;
 
 use super::cm::{self, Listener};
 use super::conn::Conn;
@@ -95,34 +95,15 @@ pub(crate) fn connect_all(
     Ok(per_peer)
 }
 
+/// Connects and handshakes every channel to every peer this node dials, retrying while a peer
+/// is not up, failing at once when one refused us for a reason that will not pass.
 fn dial_all(
     cfg: &MeshConfig,
     creds: &Credentials,
     deadline: Instant,
     abandon: &AtomicBool,
 ) -> Result<Conns, TransportError> {
-    let mut conns = Conns::new();
-    for (peer, addr) in cfg.dialed_peers() {
-        for channel in Channel::ALL {
-            let conn = dial_one(cfg, creds, peer, addr, channel, deadline, abandon)?;
-            conns.insert((peer, channel), conn);
-        }
-    }
-    Ok(conns)
-}
-
-/// Connects and handshakes one channel, retrying while the peer is not up, failing at once
-/// when it refused us for a reason that will not pass.
-fn dial_one(
-    cfg: &MeshConfig,
-    creds: &Credentials,
-    peer: NodeId,
-    addr: SocketAddr,
-    channel: Channel,
-    deadline: Instant,
-    abandon: &AtomicBool,
-) -> Result<Conn, TransportError> {
-    dial_until_deadline(cfg, peer, addr, deadline, abandon, |_| {
+    dial_retry::dial_all(cfg, deadline, abandon, |peer, addr, channel, _| {
         Ok(try_dial(creds, peer, addr, channel, deadline)?)
     })
 }

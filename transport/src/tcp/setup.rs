@@ -18,7 +18,7 @@ use crate::frame::{FrameRef, KIND_HEARTBEAT, KIND_MESH_READY};
 use crate::frame_reader::{FrameReader, ReceiveError};
 use crate::handshake::{self, Admission, Credentials, HANDSHAKE_DEADLINE};
 use crate::handshake_wire::{Refusal, RefusalCode};
-use crate::mesh::dial_retry::{dial_until_deadline, AttemptFailed};
+use crate::mesh::dial_retry::{self, AttemptFailed};
 
 use super::connection::{prepare_socket, SocketSource};
 use super::dial;
@@ -90,6 +90,9 @@ pub(crate) fn connect_all(
     })
 }
 
+/// Connects and handshakes every channel to every peer this node dials, retrying while a peer
+/// is not up (or failed in a way that may pass), failing at once when one refused us for a
+/// reason that will not pass.
 fn dial_all(
     cfg: &MeshConfig,
     creds: &Credentials,
@@ -97,29 +100,7 @@ fn dial_all(
     abandon: &AtomicBool,
     watch: &SetupWatch,
 ) -> Result<Streams, TransportError> {
-    let mut streams = Streams::new();
-    for (peer, addr) in cfg.dialed_peers() {
-        for channel in Channel::ALL {
-            let stream = dial_one(cfg, creds, peer, addr, channel, deadline, abandon)?;
-            watch.add(peer, &stream);
-            streams.insert((peer, channel), stream);
-        }
-    }
-    Ok(streams)
-}
-
-/// Connects and handshakes one channel, retrying while the peer is not up (or failed in a
-/// way that may pass), failing at once when it refused us for a reason that will not pass.
-fn dial_one(
-    cfg: &MeshConfig,
-    creds: &Credentials,
-    peer: NodeId,
-    addr: SocketAddr,
-    channel: Channel,
-    deadline: Instant,
-    abandon: &AtomicBool,
-) -> Result<TcpStream, TransportError> {
-    dial_until_deadline(cfg, peer, addr, deadline, abandon, |remaining| {
+    dial_retry::dial_all(cfg, deadline, abandon, |peer, addr, channel, remaining| {
         let mut stream = dial::connect_from(cfg.listen.ip(), addr, remaining.min(CONNECT_ATTEMPT))
             .map_err(|e| AttemptFailed::Passing(format!("connecting failed: {e}")))?;
         prepare_socket(&stream).map_err(|source| TransportError::HandshakeIo {
@@ -129,6 +110,7 @@ fn dial_one(
         // Not past the setup deadline either, so that setup ends when it says.
         let by = deadline.min(Instant::now() + HANDSHAKE_DEADLINE);
         handshake::dial(&mut stream, creds, peer, addr, channel, by)?;
+        watch.add(peer, &stream);
         Ok(stream)
     })
 }
