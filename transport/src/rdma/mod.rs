@@ -46,6 +46,8 @@ mod ibverbs;
 mod mesh;
 mod message;
 mod pool;
+mod progress;
+mod ready;
 mod region;
 mod setup;
 mod stream;
@@ -66,7 +68,8 @@ use crate::handshake::Credentials;
 use crate::mesh::liveness;
 use crate::mesh::transport::MeshBackend;
 use conn::{transport_frame, Conn};
-use mesh::{MeshCore, ReadyPeers};
+use mesh::MeshCore;
+use ready::ReadyPeers;
 
 /// The barrier waits at least this long even when `connect_timeout` is used up by then.
 const MIN_BARRIER_WAIT: Duration = Duration::from_secs(1);
