@@ -432,8 +432,14 @@ fn a_queue_pair_error_is_reported_exactly_once_per_peer() {
             Err(TransportError::PeerLost { .. })
         ));
     }
-    let why = &nodes.seen[0].lost()[0].1;
-    assert!(why.contains("injected queue pair fault"), "{why}");
+    // The node that notices the fault first closes its queue pairs; the other may then see
+    // that close on another channel before its bulk channel's completion: either reason is
+    // the loss, but the first to notice names the fault.
+    let whys: Vec<String> = (0..2).map(|n| nodes.seen[n].lost()[0].1.clone()).collect();
+    assert!(
+        whys.iter().any(|why| why.contains("injected queue pair fault")),
+        "{whys:?}"
+    );
 }
 
 #[test]
