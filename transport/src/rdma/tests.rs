@@ -437,7 +437,8 @@ fn a_queue_pair_error_is_reported_exactly_once_per_peer() {
     // the loss, but the first to notice names the fault.
     let whys: Vec<String> = (0..2).map(|n| nodes.seen[n].lost()[0].1.clone()).collect();
     assert!(
-        whys.iter().any(|why| why.contains("injected queue pair fault")),
+        whys.iter()
+            .any(|why| why.contains("injected queue pair fault")),
         "{whys:?}"
     );
 }
