@@ -58,7 +58,10 @@
 //! [`establish`] picks the backend from the config's `transport` key: [`TcpMesh`] (described
 //! above) or, in a build with the `rdma` feature, RDMA. Everything past setup holds it as
 //! `Arc<dyn Transport>`; receivers lend each payload to the [`FrameHandler`] from their own
-//! buffer instead of allocating one per frame.
+//! buffer instead of allocating one per frame. What does not depend on the backend (the
+//! peers' state and lost-peer bookkeeping, the thread registry, heartbeats and the watchdog,
+//! dialing with retries, the one `Transport` impl) lives in `mesh/`; a backend supplies its
+//! connections. Busy polling asks `spin_budget` for a core first.
 
 mod api;
 pub mod bench;
