@@ -17,6 +17,14 @@ pub enum TransportKind {
 }
 
 impl TransportKind {
+    /// Every backend, in the order the config's documentation lists them.
+    pub const ALL: [TransportKind; 2] = [TransportKind::Tcp, TransportKind::Rdma];
+
+    /// The backend spelled `text` as in config files, if one is.
+    pub fn from_config(text: &str) -> Option<TransportKind> {
+        Self::ALL.into_iter().find(|kind| kind.as_str() == text)
+    }
+
     /// The spelling used in config files.
     pub fn as_str(self) -> &'static str {
         match self {

@@ -127,13 +127,14 @@ pub(crate) fn resolve(config: &Path, rel: &str) -> PathBuf {
 
 fn validate_transport(path: &Path, transport: Option<&str>) -> Result<TransportKind, ConfigError> {
     match transport {
-        None | Some("tcp") => Ok(TransportKind::Tcp),
-        Some("rdma") => Ok(TransportKind::Rdma),
-        Some(other) => Err(ConfigError::invalid(
-            path,
-            "transport",
-            format!("unknown transport {other:?}; use \"tcp\" or \"rdma\""),
-        )),
+        None => Ok(TransportKind::Tcp),
+        Some(text) => TransportKind::from_config(text).ok_or_else(|| {
+            ConfigError::invalid(
+                path,
+                "transport",
+                format!("unknown transport {text:?}; use \"tcp\" or \"rdma\""),
+            )
+        }),
     }
 }
 

@@ -118,11 +118,8 @@ enum BenchWhat {
 }
 
 fn parse_transport(text: &str) -> Result<resources::TransportKind, String> {
-    match text {
-        "tcp" => Ok(resources::TransportKind::Tcp),
-        "rdma" => Ok(resources::TransportKind::Rdma),
-        other => Err(format!("unknown transport {other:?}; use tcp or rdma")),
-    }
+    resources::TransportKind::from_config(text)
+        .ok_or_else(|| format!("unknown transport {text:?}; use tcp or rdma"))
 }
 
 fn main() -> ExitCode {
