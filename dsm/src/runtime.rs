@@ -20,6 +20,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
+use resources::ServicePriority;
 use thiserror::Error;
 
 use crate::directory::{DirectoryView, HomeDirectory};
@@ -51,6 +52,8 @@ pub struct DsmConfig {
     pub home_of: HomeFn,
     /// How many of the most-faulted pages the statistics report.
     pub top_pages: usize,
+    /// How the fault thread is scheduled (see [`ServicePriority`]).
+    pub service_priority: ServicePriority,
 }
 
 /// Sends DSM messages to other nodes; the VMM implements it over the transport (bulk messages,
@@ -193,6 +196,7 @@ impl Dsm {
             page_count,
             home_of,
             top_pages,
+            service_priority,
         } = config;
         if node_count == 0 || node_count > MAX_NODES {
             return Err(DsmError::BadConfig(format!(
@@ -255,6 +259,7 @@ impl Dsm {
             .spawn(move || {
                 // A panic here would leave every fault unanswered: fail the node instead, so
                 // that the VMM stops the cluster and says why.
+                service_priority.apply_to_current_thread(&format!("node {node}"));
                 let run = std::panic::AssertUnwindSafe(|| thread_inner.fault_loop());
                 if let Err(panic) = std::panic::catch_unwind(run) {
                     let what = panic

@@ -109,6 +109,7 @@ impl Cluster {
                 page_count: PAGES,
                 home_of: Arc::new(move |page| NodeId::try_from(page % u64::from(nodes)).unwrap()),
                 top_pages: 4,
+                service_priority: resources::ServicePriority::Normal,
             };
             let dsm = Dsm::start(config, memory.clone(), link.clone()).expect("start DSM node");
             dsms.push(Arc::new(dsm));

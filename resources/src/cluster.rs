@@ -6,7 +6,10 @@ use std::path::{Path, PathBuf};
 
 use crate::layout::{default_homes, ram_regions};
 use crate::validate::{validate, FileKind};
-use crate::{raw, ConfigError, Disk, GuestImage, Layout, NodeId, NodeSpec, TransportKind, MIB};
+use crate::{
+    raw, ConfigError, Disk, GuestImage, Layout, NodeId, NodeSpec, ServicePriority, TransportKind,
+    MIB,
+};
 
 /// A cluster description: the node-file schema without `node`, with `secret` optional.
 #[derive(Debug, Clone)]
@@ -17,6 +20,8 @@ pub struct ClusterDescription {
     pub secret_path: Option<PathBuf>,
     /// What every node of the cluster will agree on.
     pub layout: Layout,
+    /// How every node schedules its fault-service threads, written into each node file.
+    pub service_priority: ServicePriority,
 }
 
 impl ClusterDescription {
@@ -37,6 +42,7 @@ impl ClusterDescription {
             path: Some(path.to_path_buf()),
             secret_path: validated.secret_path,
             layout: validated.layout,
+            service_priority: validated.service_priority,
         })
     }
 
@@ -91,6 +97,7 @@ impl ClusterDescription {
         ClusterDescription {
             path: None,
             secret_path: None,
+            service_priority: ServicePriority::default(),
             layout: Layout {
                 nodes,
                 vcpu_count: 2,
@@ -123,6 +130,11 @@ impl ClusterDescription {
         let _ = writeln!(out, "node = {id}");
         let _ = writeln!(out, "secret = {}", toml_path(&absolute(secret_path)));
         let _ = writeln!(out, "transport = {}", toml_str(layout.transport.as_str()));
+        let _ = writeln!(
+            out,
+            "service_priority = {}",
+            toml_str(self.service_priority.as_str())
+        );
         let _ = writeln!(out);
         let _ = writeln!(out, "[guest]");
         let _ = writeln!(out, "vcpus = {}", layout.vcpu_count);

@@ -26,6 +26,7 @@ fn assert_round_trip(t: &TestDir, cluster: &ClusterDescription) {
         assert_eq!(config.layout.canonical(), cluster.layout.canonical());
         assert_eq!(config.layout.hash(), cluster.layout.hash());
         assert_eq!(config.layout, cluster.layout, "paths or homes differ");
+        assert_eq!(config.service_priority, cluster.service_priority);
     }
 }
 
@@ -82,6 +83,7 @@ fn described_cluster_round_trips() {
     let t = TestDir::new();
     let text = r#"
 transport = "rdma"
+service_priority = "normal"
 
 [guest]
 vcpus = 4
@@ -120,6 +122,7 @@ vcpus = [1]
 "#;
     let cluster = ClusterDescription::parse(text, &t.file("cluster.toml")).unwrap();
     assert_eq!(cluster.secret_path, None);
+    assert_eq!(cluster.service_priority, crate::ServicePriority::Normal);
     assert_eq!(cluster.node_count(), 3);
     let ids: Vec<u32> = cluster.layout.nodes.iter().map(|n| n.id).collect();
     assert_eq!(ids, vec![0, 1, 2]);

@@ -18,6 +18,7 @@ mod homes;
 mod layout;
 mod node_config;
 mod raw;
+mod service_priority;
 mod validate;
 
 #[cfg(test)]
@@ -35,6 +36,7 @@ pub use layout::{
     format_mac, Disk, GuestImage, HomeRange, Layout, NetDevice, NodeSpec, RamRegion, TransportKind,
 };
 pub use node_config::NodeConfig;
+pub use service_priority::{current_thread_policy, ServicePriority};
 
 /// Index of a node in the cluster; node ids are exactly `0..n`.
 ///

@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::validate::{check_secret_len, validate, FileKind};
-use crate::{node_index, raw, ConfigError, Layout, NodeId, NodeSpec};
+use crate::{node_index, raw, ConfigError, Layout, NodeId, NodeSpec, ServicePriority};
 
 /// A validated node file.
 #[derive(Debug, Clone)]
@@ -16,6 +16,8 @@ pub struct NodeConfig {
     pub secret_path: Option<PathBuf>,
     /// What all nodes agree on.
     pub layout: Layout,
+    /// How this node schedules its fault-service threads (`service_priority`).
+    pub service_priority: ServicePriority,
 }
 
 impl NodeConfig {
@@ -39,6 +41,7 @@ impl NodeConfig {
             node: validated.node.unwrap_or(0),
             secret_path: validated.secret_path,
             layout: validated.layout,
+            service_priority: validated.service_priority,
         })
     }
 

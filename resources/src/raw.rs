@@ -15,6 +15,8 @@ pub(crate) struct RawConfig {
     pub secret: Option<String>,
     /// `"tcp"` or `"rdma"`.
     pub transport: Option<String>,
+    /// `"realtime"` or `"normal"`: this node's own choice, not part of the layout.
+    pub service_priority: Option<String>,
     /// The guest machine.
     pub guest: RawGuest,
     /// Every node of the cluster.

@@ -9,9 +9,9 @@ use crate::homes::validate_homes;
 use crate::layout::{default_homes, ram_regions};
 use crate::raw::{RawConfig, RawDisk, RawGuest, RawLinux, RawNet, RawNode};
 use crate::{
-    node_index, ConfigError, Disk, GuestImage, Layout, NetDevice, NodeId, NodeSpec, TransportKind,
-    VcpuId, MAX_CMDLINE_LEN, MAX_DISKS, MAX_MEMORY_MIB, MAX_VCPUS, MIB, MIN_MEMORY_MIB,
-    MIN_SECRET_LEN,
+    node_index, ConfigError, Disk, GuestImage, Layout, NetDevice, NodeId, NodeSpec,
+    ServicePriority, TransportKind, VcpuId, MAX_CMDLINE_LEN, MAX_DISKS, MAX_MEMORY_MIB, MAX_VCPUS,
+    MIB, MIN_MEMORY_MIB, MIN_SECRET_LEN,
 };
 
 /// Which of the two file forms is being validated.
@@ -32,6 +32,8 @@ pub(crate) struct Validated {
     pub secret_path: Option<PathBuf>,
     /// The derived layout.
     pub layout: Layout,
+    /// How the fault-service threads are scheduled.
+    pub service_priority: ServicePriority,
 }
 
 /// Checks every rule of the format and derives the layout; relative paths are resolved
@@ -42,6 +44,7 @@ pub(crate) fn validate(
     kind: FileKind,
 ) -> Result<Validated, ConfigError> {
     let transport = validate_transport(path, raw.transport.as_deref())?;
+    let service_priority = validate_service_priority(path, raw.service_priority.as_deref())?;
     let vcpu_count = validate_vcpu_count(path, raw.guest.vcpus)?;
     let memory_size = validate_memory(path, raw.guest.memory_mib)?;
     let guest = validate_image(path, &raw.guest)?;
@@ -105,6 +108,7 @@ pub(crate) fn validate(
     Ok(Validated {
         node,
         secret_path,
+        service_priority,
         layout: Layout {
             nodes,
             vcpu_count,
@@ -123,6 +127,22 @@ pub(crate) fn resolve(config: &Path, rel: &str) -> PathBuf {
     let dir = config.parent().unwrap_or(Path::new(""));
     let joined = dir.join(rel);
     std::path::absolute(&joined).unwrap_or(joined)
+}
+
+fn validate_service_priority(
+    path: &Path,
+    text: Option<&str>,
+) -> Result<ServicePriority, ConfigError> {
+    match text {
+        None => Ok(ServicePriority::default()),
+        Some(text) => ServicePriority::from_config(text).ok_or_else(|| {
+            ConfigError::invalid(
+                path,
+                "service_priority",
+                format!("unknown service priority {text:?}; use \"realtime\" or \"normal\""),
+            )
+        }),
+    }
 }
 
 fn validate_transport(path: &Path, transport: Option<&str>) -> Result<TransportKind, ConfigError> {

@@ -521,6 +521,28 @@ fn unknown_transport() {
 }
 
 #[test]
+fn service_priority_defaults_to_realtime_and_refuses_unknown_values() {
+    let t = TestDir::new();
+    let config = t.parse(TWO_NODES).unwrap();
+    assert_eq!(config.service_priority, crate::ServicePriority::Realtime);
+    let text = TWO_NODES.replace("secret =", "service_priority = \"normal\"\nsecret =");
+    let config = t.parse(&text).unwrap();
+    assert_eq!(config.service_priority, crate::ServicePriority::Normal);
+    // Node-local: not part of what the nodes compare at the handshake.
+    assert_eq!(
+        config.layout.canonical(),
+        t.parse(TWO_NODES).unwrap().layout.canonical()
+    );
+    let text = TWO_NODES.replace("secret =", "service_priority = \"fifo\"\nsecret =");
+    invalid_field(
+        &t,
+        &text,
+        "service_priority",
+        "unknown service priority \"fifo\"",
+    );
+}
+
+#[test]
 fn rdma_transport_accepted() {
     let t = TestDir::new();
     let text = TWO_NODES.replace("secret =", "transport = \"rdma\"\nsecret =");

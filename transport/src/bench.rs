@@ -18,6 +18,7 @@ use crate::config::{Liveness, MeshConfig};
 use crate::error::TransportError;
 use crate::frame::{FrameRef, MAX_PAYLOAD};
 use crate::select::establish_on;
+use crate::ServicePriority;
 
 const KIND_REQUEST: u16 = 1;
 const KIND_REPLY: u16 = 2;
@@ -37,6 +38,9 @@ pub struct RoundTripBench {
     pub busy_poll: bool,
     /// The backend measured.
     pub kind: TransportKind,
+    /// How both meshes' receivers are scheduled (the DSM's default, so that the anchor
+    /// matches the fault path it stands beside).
+    pub service_priority: ServicePriority,
 }
 
 impl Default for RoundTripBench {
@@ -47,6 +51,7 @@ impl Default for RoundTripBench {
             payload_len: 4096,
             busy_poll: false,
             kind: TransportKind::Tcp,
+            service_priority: ServicePriority::default(),
         }
     }
 }
@@ -196,7 +201,10 @@ fn establish_pair(
     requester: Arc<Requester>,
 ) -> Result<[Arc<dyn Transport>; 2], BenchError> {
     let RoundTripBench {
-        busy_poll, kind, ..
+        busy_poll,
+        kind,
+        service_priority,
+        ..
     } = *params;
     let ip = bench_ip(kind)?;
     let listen = || -> Result<(TcpListener, SocketAddr), BenchError> {
@@ -215,6 +223,7 @@ fn establish_pair(
         layout_canonical: "round-trip benchmark\n".to_string(),
         connect_timeout: Duration::from_secs(10),
         busy_poll,
+        service_priority,
         liveness: Liveness::default(),
         socket_buffer: None,
     };

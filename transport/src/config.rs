@@ -6,6 +6,8 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use resources::ServicePriority;
+
 use crate::channel::NodeId;
 use crate::error::TransportError;
 use crate::handshake_wire::MAX_LAYOUT_TEXT;
@@ -53,6 +55,10 @@ pub struct MeshConfig {
     /// (yielding the CPU between attempts) instead of sleeping in the kernel: lower fault
     /// latency, for one core per peer kept busy whenever nothing else wants it.
     pub busy_poll: bool,
+    /// How the receivers of the fault path (DSM and forwarding channels, not the control
+    /// channel) are scheduled; a busy-polling receiver keeps normal priority, since a
+    /// real-time spinner would own its core.
+    pub service_priority: ServicePriority,
     /// Heartbeat period and silence limit.
     pub liveness: Liveness,
     /// `SO_SNDBUF` and `SO_RCVBUF` of every connection; `None` leaves the kernel's
@@ -71,6 +77,7 @@ impl fmt::Debug for MeshConfig {
             .field("layout_canonical", &self.layout_canonical)
             .field("connect_timeout", &self.connect_timeout)
             .field("busy_poll", &self.busy_poll)
+            .field("service_priority", &self.service_priority)
             .field("liveness", &self.liveness)
             .field("socket_buffer", &self.socket_buffer)
             .finish()
@@ -161,6 +168,7 @@ mod tests {
             layout_canonical: "layout\n".into(),
             connect_timeout: Duration::from_secs(1),
             busy_poll: false,
+            service_priority: ServicePriority::Normal,
             liveness: Liveness::default(),
             socket_buffer: None,
         }

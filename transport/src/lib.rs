@@ -91,6 +91,7 @@ pub use frame::{
 };
 #[cfg(feature = "rdma")]
 pub use rdma::RdmaMesh;
+pub use resources::ServicePriority;
 pub use select::{establish, establish_on};
 pub use spin_budget::spinning_receivers;
 pub use tcp::TcpMesh;

@@ -87,6 +87,7 @@ mod tests {
             layout_canonical: "layout".into(),
             connect_timeout: std::time::Duration::from_secs(1),
             busy_poll: false,
+            service_priority: crate::ServicePriority::Normal,
             liveness: Default::default(),
             socket_buffer: None,
         };

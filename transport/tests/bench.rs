@@ -12,6 +12,7 @@ fn the_round_trip_benchmark_measures_every_sample_in_both_modes() {
             payload_len: 4096,
             busy_poll,
             kind: transport::TransportKind::Tcp,
+            service_priority: transport::ServicePriority::default(),
         };
         let report = loopback_round_trip(&params).unwrap();
         assert_eq!(report.samples, 50);

@@ -86,6 +86,7 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<Options, String> {
             layout_canonical: layout,
             connect_timeout,
             busy_poll,
+            service_priority: transport::ServicePriority::default(),
             liveness: Liveness::default(),
             socket_buffer,
         },

@@ -7,6 +7,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use resources::ServicePriority;
+
 use crate::api::{FrameHandler, TransportStats};
 use crate::channel::{Channel, NodeId};
 use crate::config::Liveness;
@@ -23,6 +25,7 @@ pub(crate) struct MeshState<C> {
     pub handler: Arc<dyn FrameHandler>,
     pub liveness: Liveness,
     pub busy_poll: bool,
+    pub service_priority: ServicePriority,
     epoch: Instant,
     /// Set once setup is over: from then on, losses are reported to the handler.
     running: AtomicBool,
@@ -36,6 +39,7 @@ impl<C: LinkConn> MeshState<C> {
         handler: Arc<dyn FrameHandler>,
         liveness: Liveness,
         busy_poll: bool,
+        service_priority: ServicePriority,
         links: BTreeMap<NodeId, PeerLink<C>>,
     ) -> MeshState<C> {
         MeshState {
@@ -44,10 +48,20 @@ impl<C: LinkConn> MeshState<C> {
             handler,
             liveness,
             busy_poll,
+            service_priority,
             epoch: Instant::now(),
             running: AtomicBool::new(false),
             shutting_down: AtomicBool::new(false),
             threads: Threads::default(),
+        }
+    }
+
+    /// Gives the calling receiver of `channel` the configured priority, unless it spins or
+    /// serves the control channel (start/stop and heartbeats wait for nothing urgent).
+    pub(crate) fn raise_receiver(&self, channel: Channel, spinning: bool) {
+        if channel != Channel::Control && !spinning {
+            self.service_priority
+                .apply_to_current_thread(&format!("node {}", self.me));
         }
     }
 

@@ -111,6 +111,7 @@ impl RdmaMesh {
             handler,
             cfg.liveness,
             cfg.busy_poll,
+            cfg.service_priority,
             mesh::links(conns),
         ));
         let ready_peers = Arc::new(ReadyPeers::new(core.peers()));

@@ -62,6 +62,7 @@ impl MeshState<Conn> {
             None
         };
         let spinning = spin_claim.is_some();
+        self.raise_receiver(channel, spinning);
         let events = LinkEvents {
             core: self,
             link,

@@ -36,6 +36,7 @@ fn config(me: NodeId, secret: &[u8], layout: &str) -> MeshConfig {
         layout_canonical: layout.to_string(),
         connect_timeout: Duration::from_secs(5),
         busy_poll: false,
+        service_priority: crate::ServicePriority::Normal,
         liveness: Liveness::default(),
         socket_buffer: None,
     }

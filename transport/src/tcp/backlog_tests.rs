@@ -117,6 +117,7 @@ fn a_ring_of_receivers_that_forward_through_small_buffers_never_stalls() {
                 layout_canonical: "ring\n".to_string(),
                 connect_timeout: Duration::from_secs(20),
                 busy_poll: false,
+                service_priority: crate::ServicePriority::Normal,
                 liveness: Liveness::default(),
                 socket_buffer: Some(64 << 10),
             };
@@ -241,6 +242,7 @@ fn two_nodes(handlers: [Arc<StuckReceiver>; 2]) -> Vec<Arc<TcpMesh>> {
                 layout_canonical: "stuck\n".to_string(),
                 connect_timeout: Duration::from_secs(20),
                 busy_poll: false,
+                service_priority: crate::ServicePriority::Normal,
                 liveness: Liveness::default(),
                 socket_buffer: Some(64 << 10),
             };

@@ -103,6 +103,7 @@ pub(crate) fn build(
         handler,
         cfg.liveness,
         cfg.busy_poll,
+        cfg.service_priority,
         links,
     ))
 }

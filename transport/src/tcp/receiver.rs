@@ -31,6 +31,8 @@ fn receive(
     let Some(link) = inner.links.get(&peer) else {
         return;
     };
+    let spinning = matches!(reader.source(), SocketSource::Spinning(..));
+    inner.raise_receiver(channel, spinning);
     loop {
         match reader.next_frame() {
             Ok(frame) => {

@@ -34,6 +34,7 @@ fn config(me: NodeId, listen: SocketAddr, peers: Vec<(NodeId, SocketAddr)>) -> M
         layout_canonical: LAYOUT.to_string(),
         connect_timeout: Duration::from_secs(10),
         busy_poll: false,
+        service_priority: crate::ServicePriority::Normal,
         liveness: patient(),
         socket_buffer: None,
     }

@@ -91,6 +91,7 @@ pub fn config(me: NodeId, addrs: &[SocketAddr]) -> MeshConfig {
         layout_canonical: layout(addrs.len()),
         connect_timeout: Duration::from_secs(15),
         busy_poll: false,
+        service_priority: transport::ServicePriority::Normal,
         liveness: Liveness::default(),
         socket_buffer: None,
     }

@@ -14,7 +14,7 @@ use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use dsm::{Dsm, DsmConfig, FaultTrace, Stage, UffdGuestPages};
-use resources::{node_index, NodeId};
+use resources::{node_index, NodeId, ServicePriority};
 use transport::bench::{loopback_round_trip, RoundTripBench};
 use transport::{MeshConfig, Transport, TransportKind};
 
@@ -93,6 +93,7 @@ fn pair(
                             page_count: PAGES,
                             home_of: Arc::new(|p| NodeId::from(p >= PAGES / 2)),
                             top_pages: 0,
+                            service_priority: ServicePriority::default(),
                         },
                         pages.clone(),
                         link.clone(),
@@ -111,6 +112,7 @@ fn pair(
                     layout_canonical: "spanvm bench dsm".into(),
                     connect_timeout: Duration::from_secs(20),
                     busy_poll,
+                    service_priority: ServicePriority::default(),
                     liveness: Default::default(),
                     socket_buffer: None,
                 };

@@ -277,6 +277,7 @@ impl Distributed {
                 page_count: layout.page_count(),
                 home_of: Arc::new(move |page| home_layout.home_of(page << 12).unwrap_or(0)),
                 top_pages: hot_pages(),
+                service_priority: config.service_priority,
             },
             pages.clone(),
             link.clone(),
@@ -317,6 +318,7 @@ impl Distributed {
             layout_canonical: layout.canonical(),
             connect_timeout: connect_timeout(),
             busy_poll: false,
+            service_priority: config.service_priority,
             liveness: Default::default(),
             socket_buffer: test_socket_buffer(),
         };
