@@ -114,6 +114,10 @@ enum BenchWhat {
         /// Run sysbench fileio on a copy of this ext4 image (e.g. images/out/data.ext4).
         #[arg(long)]
         disk: Option<PathBuf>,
+        /// Only these workloads, comma-separated names as in the table (e.g.
+        /// cpu,memory-local-4m); default: all of the run.
+        #[arg(long)]
+        workloads: Option<String>,
     },
 }
 
@@ -166,12 +170,14 @@ fn main() -> ExitCode {
                     quick,
                     out,
                     disk,
+                    workloads,
                 },
         } => vmm::bench::sysbench::run(&vmm::bench::sysbench::Options {
             layouts,
             quick,
             out,
             disk,
+            workloads,
         })
         .map(|()| StopReason::PowerOff)
         .map_err(vmm::commands::CommandError::from),

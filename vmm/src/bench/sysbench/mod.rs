@@ -49,6 +49,9 @@ pub enum SysbenchError {
     /// `--layouts` is unusable.
     #[error(transparent)]
     Layout(#[from] LayoutError),
+    /// `--workloads` names a workload this run does not have.
+    #[error(transparent)]
+    Workloads(#[from] workload::SelectionError),
     /// A guest image is not built.
     #[error("{0} is missing: run `bash images/build.sh` first (or set SPANVM_IMAGES_DIR)")]
     MissingImage(PathBuf),
@@ -105,6 +108,8 @@ pub struct Options {
     pub out: Option<PathBuf>,
     /// `--disk`: an ext4 image whose copy the fileio workloads use (none: no fileio).
     pub disk: Option<PathBuf>,
+    /// `--workloads`: only these, by name, comma-separated (none: all of the run).
+    pub workloads: Option<String>,
 }
 
 /// The images a run boots.
@@ -560,7 +565,10 @@ pub fn run(opts: &Options) -> Result<(), SysbenchError> {
     } else {
         Durations::FULL
     };
-    let workloads = workload::workloads(opts.quick, opts.disk.is_some());
+    let mut workloads = workload::workloads(opts.quick, opts.disk.is_some());
+    if let Some(names) = &opts.workloads {
+        workloads = workload::select(workloads, names)?;
+    }
     let shown: Vec<String> = order.iter().map(ToString::to_string).collect();
     progress(
         start,

@@ -148,6 +148,45 @@ pub fn workloads(quick: bool, with_disk: bool) -> Vec<Workload> {
     kinds.into_iter().map(Workload::new).collect()
 }
 
+/// `--workloads` names something the run does not have.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SelectionError {
+    /// An unknown name (or one that needs `--disk`, or a full run).
+    #[error("--workloads: no workload {name:?} in this run; its workloads are: {known}")]
+    Unknown {
+        /// The name given.
+        name: String,
+        /// The run's workload names, comma-separated.
+        known: String,
+    },
+    /// Nothing selected.
+    #[error("--workloads: no workload named; give names such as cpu,memory-local-4m")]
+    Empty,
+}
+
+/// The workloads of `all` named in `names` (comma-separated), in the run's order.
+pub fn select(all: Vec<Workload>, names: &str) -> Result<Vec<Workload>, SelectionError> {
+    let wanted: Vec<&str> = names
+        .split(',')
+        .map(str::trim)
+        .filter(|n| !n.is_empty())
+        .collect();
+    if wanted.is_empty() {
+        return Err(SelectionError::Empty);
+    }
+    if let Some(name) = wanted.iter().find(|n| !all.iter().any(|w| w.name == **n)) {
+        let known: Vec<&str> = all.iter().map(|w| w.name.as_str()).collect();
+        return Err(SelectionError::Unknown {
+            name: (*name).to_string(),
+            known: known.join(","),
+        });
+    }
+    Ok(all
+        .into_iter()
+        .filter(|w| wanted.contains(&w.name.as_str()))
+        .collect())
+}
+
 /// How long each workload runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Durations {
@@ -419,6 +458,23 @@ mod tests {
 
     fn find(kind: Kind) -> Workload {
         Workload::new(kind)
+    }
+
+    #[test]
+    fn a_selection_keeps_the_run_order_and_refuses_unknown_names() {
+        let picked = select(workloads(true, false), " memory-local-4m,cpu ").unwrap();
+        let names: Vec<&str> = picked.iter().map(|w| w.name.as_str()).collect();
+        assert_eq!(names, ["cpu", "memory-local-4m"]);
+        let err = select(workloads(true, false), "cpu,fileio-seqrd").unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("\"fileio-seqrd\"") && text.contains("cpu,threads"),
+            "{text}"
+        );
+        assert_eq!(
+            select(workloads(true, false), " , ").unwrap_err(),
+            SelectionError::Empty
+        );
     }
 
     #[test]
