@@ -340,8 +340,11 @@ pub fn goals(results: &Results) -> String {
         let cells: Vec<String> = compared
             .iter()
             .map(|&l| {
-                let r = ratios(goal, l).first().and_then(|(_, r)| *r);
-                format!("{l} {}", verdict(r))
+                let each = ratios(goal, l);
+                match each.first() {
+                    None => format!("{l} not run"),
+                    Some((_, r)) => format!("{l} {}", verdict(*r)),
+                }
             })
             .collect();
         let _ = writeln!(out, "  {label}: {}", cells.join(", "));
@@ -350,6 +353,9 @@ pub fn goals(results: &Results) -> String {
         .iter()
         .map(|&l| {
             let each = ratios(Goal::StressNg, l);
+            if each.is_empty() {
+                return format!("{l} not run");
+            }
             let values: Vec<f64> = each.iter().filter_map(|(_, r)| *r).collect();
             let mean = if values.len() == each.len() {
                 geometric_mean(&values)
@@ -379,7 +385,12 @@ pub fn goals(results: &Results) -> String {
                     .map(move |r| format!("{} {l} {}", r.workload.name, fixed(results.ratio(r), 2)))
             })
             .collect();
-        let _ = writeln!(out, "  {prefix} (reported): {}", cells.join(", "));
+        let shown = if cells.is_empty() {
+            "not run".to_string()
+        } else {
+            cells.join(", ")
+        };
+        let _ = writeln!(out, "  {prefix} (reported): {shown}");
     }
     let _ = writeln!(out, "  4 KiB global write, GiantVM's \"slower is faster\":");
     for &l in &compared {
