@@ -213,6 +213,10 @@ impl Drop for PageLock<'_> {
     }
 }
 
+/// Takes a page's lock bit. The holder may be inside an ioctl, and the waiter may be a
+/// real-time receiver (`service_priority`) on the holder's core: `yield_now` would hand that
+/// core to no one of lower priority, so past a short spin the waiter sleeps, which lets a
+/// normally scheduled holder run.
 fn lock_cell(cell: &AtomicU8) -> u8 {
     let mut spins = 0u32;
     loop {
@@ -233,7 +237,7 @@ fn lock_cell(cell: &AtomicU8) -> u8 {
         if spins < 64 {
             std::hint::spin_loop();
         } else {
-            std::thread::yield_now();
+            std::thread::sleep(std::time::Duration::from_micros(20));
         }
     }
 }

@@ -668,6 +668,22 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn goals_of_workloads_left_out_say_not_run() {
+        let mut results = sample();
+        results.rows.retain(|r| r.workload.name == "cpu");
+        let g = goals(&results);
+        assert!(g.contains("sysbench cpu >= 0.9: 2x1 0.50 MISSED"), "{g}");
+        assert!(g.contains("memory, local scope >= 0.9: 2x1 not run"), "{g}");
+        assert!(
+            g.contains("(geometric mean; GiantVM 0.75 at 16 vCPUs): 2x1 not run"),
+            "{g}"
+        );
+        assert!(g.contains("threads (reported): not run"), "{g}");
+        assert!(g.contains("mutex (reported): not run"), "{g}");
+        assert!(g.contains("2x1: not run"), "{g}");
+    }
+
+    #[test]
     fn geometric_mean_of_ratios() {
         assert!((geometric_mean(&[0.5, 2.0]).unwrap() - 1.0).abs() < 1e-12);
         assert_eq!(geometric_mean(&[]), None);
