@@ -129,6 +129,28 @@ fn stats_of_a_running_node_grow_while_its_guest_faults_across_nodes() {
         "node 1's fault count did not grow: {faults:?}"
     );
 
+    // The threads a remote fault waits for run at real-time priority where the process may
+    // (this host runs the tests as root); the others, the control receiver included, do not.
+    let policies = thread_policies(nodes[1].child.id());
+    // SAFETY: geteuid takes no arguments and cannot fail.
+    let root = unsafe { libc::geteuid() } == 0;
+    let fifo = |name: &str| {
+        policies
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|&(_, p)| p == libc::SCHED_FIFO as u32)
+            .unwrap_or_else(|| panic!("no thread {name} in node 1: {policies:?}"))
+    };
+    for name in ["dsm-faults-1", "xport-rx0-0", "xport-rx0-1", "xport-rx0-2"] {
+        assert_eq!(fifo(name), root, "{name}: {policies:?}");
+    }
+    assert!(!fifo("xport-rx0-3"), "the control receiver: {policies:?}");
+    for (name, policy) in &policies {
+        if name.starts_with("vcpu") || name.starts_with("xport-tx") {
+            assert_ne!(*policy, libc::SCHED_FIFO as u32, "{name}: {policies:?}");
+        }
+    }
+
     // The master, twice, as the home of the counter's page.
     let first = running_stats(&configs[0], &[]);
     std::thread::sleep(Duration::from_millis(700));
@@ -175,6 +197,29 @@ fn stats_of_a_running_node_grow_while_its_guest_faults_across_nodes() {
     let (code, _, err) = stats(&configs[1], &[]);
     assert_eq!(code, Some(1));
     assert!(err.contains("no node is running from"), "{err}");
+}
+
+/// `(name, scheduling policy)` of every thread of process `pid` (`/proc/PID/task/*/stat`,
+/// field 41).
+fn thread_policies(pid: u32) -> Vec<(String, u32)> {
+    let mut out = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let Ok(stat) = std::fs::read_to_string(task.unwrap().path().join("stat")) else {
+            continue; // the thread ended meanwhile
+        };
+        // `pid (comm) state ...`: the name may hold spaces, so split at the last ')'.
+        let (head, rest) = stat.rsplit_once(')').unwrap();
+        let name = head.split_once('(').unwrap().1.to_string();
+        // Field 3 (state) is the first after the name; policy is field 41.
+        let policy = rest
+            .split_whitespace()
+            .nth(41 - 3)
+            .unwrap()
+            .parse()
+            .unwrap();
+        out.push((name, policy));
+    }
+    out
 }
 
 /// `(interrupts from other nodes, to other nodes, mmio_write exits)` of vCPU `vcpu` in a page
