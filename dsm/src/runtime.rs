@@ -257,9 +257,9 @@ impl Dsm {
         let fault_thread = std::thread::Builder::new()
             .name(format!("dsm-faults-{node}"))
             .spawn(move || {
+                service_priority.apply_to_current_thread(&format!("node {node}"));
                 // A panic here would leave every fault unanswered: fail the node instead, so
                 // that the VMM stops the cluster and says why.
-                service_priority.apply_to_current_thread(&format!("node {node}"));
                 let run = std::panic::AssertUnwindSafe(|| thread_inner.fault_loop());
                 if let Err(panic) = std::panic::catch_unwind(run) {
                     let what = panic
