@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use crate::layout::{default_homes, ram_regions};
 use crate::validate::{validate, FileKind};
 use crate::{
-    raw, ConfigError, Disk, GuestImage, Layout, NodeId, NodeSpec, ServicePriority, TransportKind,
-    MIB,
+    raw, ConfigError, ConfigWord, Disk, GuestImage, Layout, NodeId, NodeSpec, ServicePriority,
+    TransportKind, MIB,
 };
 
 /// A cluster description: the node-file schema without `node`, with `secret` optional.

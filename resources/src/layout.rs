@@ -4,7 +4,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use crate::{
-    node_index, NodeId, VcpuId, DEFAULT_HOME_ALIGN, MMIO_GAP_END, MMIO_GAP_START, PAGE_SIZE,
+    node_index, ConfigWord, NodeId, VcpuId, DEFAULT_HOME_ALIGN, MMIO_GAP_END, MMIO_GAP_START,
+    PAGE_SIZE,
 };
 
 /// How nodes talk to each other.
@@ -16,17 +17,10 @@ pub enum TransportKind {
     Rdma,
 }
 
-impl TransportKind {
-    /// Every backend, in the order the config's documentation lists them.
-    pub const ALL: [TransportKind; 2] = [TransportKind::Tcp, TransportKind::Rdma];
+impl ConfigWord for TransportKind {
+    const ALL: &'static [TransportKind] = &[TransportKind::Tcp, TransportKind::Rdma];
 
-    /// The backend spelled `text` as in config files, if one is.
-    pub fn from_config(text: &str) -> Option<TransportKind> {
-        Self::ALL.into_iter().find(|kind| kind.as_str() == text)
-    }
-
-    /// The spelling used in config files.
-    pub fn as_str(self) -> &'static str {
+    fn as_str(self) -> &'static str {
         match self {
             TransportKind::Tcp => "tcp",
             TransportKind::Rdma => "rdma",

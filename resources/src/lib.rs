@@ -12,6 +12,7 @@
 
 mod canonical;
 mod cluster;
+mod config_word;
 mod describe;
 mod error;
 mod homes;
@@ -31,12 +32,13 @@ mod test_support;
 mod validate_tests;
 
 pub use cluster::ClusterDescription;
+pub use config_word::ConfigWord;
 pub use error::ConfigError;
 pub use layout::{
     format_mac, Disk, GuestImage, HomeRange, Layout, NetDevice, NodeSpec, RamRegion, TransportKind,
 };
 pub use node_config::NodeConfig;
-pub use service_priority::{current_thread_policy, ServicePriority};
+pub use service_priority::ServicePriority;
 
 /// Index of a node in the cluster; node ids are exactly `0..n`.
 ///

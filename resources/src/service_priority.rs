@@ -13,6 +13,8 @@
 
 use std::sync::Once;
 
+use crate::ConfigWord;
+
 /// The host scheduling of the fault-service threads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ServicePriority {
@@ -24,23 +26,18 @@ pub enum ServicePriority {
     Normal,
 }
 
-impl ServicePriority {
-    /// Every choice, in the order the documentation lists them.
-    pub const ALL: [ServicePriority; 2] = [ServicePriority::Realtime, ServicePriority::Normal];
+impl ConfigWord for ServicePriority {
+    const ALL: &'static [ServicePriority] = &[ServicePriority::Realtime, ServicePriority::Normal];
 
-    /// The choice spelled `text` as in config files, if one is.
-    pub fn from_config(text: &str) -> Option<ServicePriority> {
-        Self::ALL.into_iter().find(|p| p.as_str() == text)
-    }
-
-    /// The spelling used in config files.
-    pub fn as_str(self) -> &'static str {
+    fn as_str(self) -> &'static str {
         match self {
             ServicePriority::Realtime => "realtime",
             ServicePriority::Normal => "normal",
         }
     }
+}
 
+impl ServicePriority {
     /// Applies the choice to the calling thread. With [`ServicePriority::Realtime`] and no
     /// permission the thread keeps normal scheduling and the first refusal of the process is
     /// printed (naming `who`), so that a slow cluster says why.
@@ -85,24 +82,24 @@ fn raise_current_thread() -> std::io::Result<()> {
     }
 }
 
-/// The calling thread's scheduling policy (`SCHED_*`, without `SCHED_RESET_ON_FORK`), for
-/// tests and statistics.
-pub fn current_thread_policy() -> i32 {
-    // SAFETY: sched_getscheduler reads the calling thread's policy (pid 0) and takes no
-    // pointers.
-    unsafe { libc::sched_getscheduler(0) & !libc::SCHED_RESET_ON_FORK }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// The calling thread's scheduling policy (`SCHED_*`, without `SCHED_RESET_ON_FORK`).
+    fn current_thread_policy() -> i32 {
+        // SAFETY: sched_getscheduler reads the calling thread's policy (pid 0) and takes no
+        // pointers.
+        unsafe { libc::sched_getscheduler(0) & !libc::SCHED_RESET_ON_FORK }
+    }
+
     #[test]
     fn spellings_round_trip_and_unknown_ones_are_refused() {
-        for p in ServicePriority::ALL {
+        for &p in ServicePriority::ALL {
             assert_eq!(ServicePriority::from_config(p.as_str()), Some(p));
         }
         assert_eq!(ServicePriority::from_config("fifo"), None);
+        assert_eq!(ServicePriority::choices(), "\"realtime\" or \"normal\"");
         assert_eq!(ServicePriority::default(), ServicePriority::Realtime);
     }
 

@@ -9,7 +9,7 @@ use crate::homes::validate_homes;
 use crate::layout::{default_homes, ram_regions};
 use crate::raw::{RawConfig, RawDisk, RawGuest, RawLinux, RawNet, RawNode};
 use crate::{
-    node_index, ConfigError, Disk, GuestImage, Layout, NetDevice, NodeId, NodeSpec,
+    node_index, ConfigError, ConfigWord, Disk, GuestImage, Layout, NetDevice, NodeId, NodeSpec,
     ServicePriority, TransportKind, VcpuId, MAX_CMDLINE_LEN, MAX_DISKS, MAX_MEMORY_MIB, MAX_VCPUS,
     MIB, MIN_MEMORY_MIB, MIN_SECRET_LEN,
 };
@@ -43,8 +43,20 @@ pub(crate) fn validate(
     path: &Path,
     kind: FileKind,
 ) -> Result<Validated, ConfigError> {
-    let transport = validate_transport(path, raw.transport.as_deref())?;
-    let service_priority = validate_service_priority(path, raw.service_priority.as_deref())?;
+    let transport = validate_word(
+        path,
+        "transport",
+        "transport",
+        raw.transport.as_deref(),
+        TransportKind::Tcp,
+    )?;
+    let service_priority = validate_word(
+        path,
+        "service_priority",
+        "service priority",
+        raw.service_priority.as_deref(),
+        ServicePriority::default(),
+    )?;
     let vcpu_count = validate_vcpu_count(path, raw.guest.vcpus)?;
     let memory_size = validate_memory(path, raw.guest.memory_mib)?;
     let guest = validate_image(path, &raw.guest)?;
@@ -129,30 +141,21 @@ pub(crate) fn resolve(config: &Path, rel: &str) -> PathBuf {
     std::path::absolute(&joined).unwrap_or(joined)
 }
 
-fn validate_service_priority(
+/// The choice `text` names for `field` (`what` in the refusal), or `default` when it is absent.
+fn validate_word<T: ConfigWord>(
     path: &Path,
+    field: &'static str,
+    what: &str,
     text: Option<&str>,
-) -> Result<ServicePriority, ConfigError> {
+    default: T,
+) -> Result<T, ConfigError> {
     match text {
-        None => Ok(ServicePriority::default()),
-        Some(text) => ServicePriority::from_config(text).ok_or_else(|| {
+        None => Ok(default),
+        Some(text) => T::from_config(text).ok_or_else(|| {
             ConfigError::invalid(
                 path,
-                "service_priority",
-                format!("unknown service priority {text:?}; use \"realtime\" or \"normal\""),
-            )
-        }),
-    }
-}
-
-fn validate_transport(path: &Path, transport: Option<&str>) -> Result<TransportKind, ConfigError> {
-    match transport {
-        None => Ok(TransportKind::Tcp),
-        Some(text) => TransportKind::from_config(text).ok_or_else(|| {
-            ConfigError::invalid(
-                path,
-                "transport",
-                format!("unknown transport {text:?}; use \"tcp\" or \"rdma\""),
+                field,
+                format!("unknown {what} {text:?}; use {}", T::choices()),
             )
         }),
     }

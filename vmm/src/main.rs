@@ -122,6 +122,7 @@ enum BenchWhat {
 }
 
 fn parse_transport(text: &str) -> Result<resources::TransportKind, String> {
+    use resources::ConfigWord;
     resources::TransportKind::from_config(text)
         .ok_or_else(|| format!("unknown transport {text:?}; use tcp or rdma"))
 }
